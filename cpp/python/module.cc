@@ -1,0 +1,212 @@
+// metagrad._runtime: a thin nanobind layer over the C++ runtime. The GIL is
+// released around everything that may block (compile, execute, waits, copies).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "runtime/buffer.h"
+#include "runtime/client.h"
+#include "runtime/executable.h"
+
+namespace nb = nanobind;
+using namespace metagrad;
+
+namespace {
+
+PJRT_Buffer_Type FromDLPack(nb::dlpack::dtype dtype) {
+  using nb::dlpack::dtype_code;
+  const auto code = static_cast<dtype_code>(dtype.code);
+  if (dtype.lanes != 1) throw InvalidArgument("vector dtypes are not supported");
+  if (code == dtype_code::Bool) return PJRT_Buffer_Type_PRED;
+  const std::pair<dtype_code, int> key{code, dtype.bits};
+  static const std::pair<std::pair<dtype_code, int>, PJRT_Buffer_Type> kTable[] = {
+      {{dtype_code::Int, 8}, PJRT_Buffer_Type_S8},       {{dtype_code::Int, 16}, PJRT_Buffer_Type_S16},
+      {{dtype_code::Int, 32}, PJRT_Buffer_Type_S32},     {{dtype_code::Int, 64}, PJRT_Buffer_Type_S64},
+      {{dtype_code::UInt, 8}, PJRT_Buffer_Type_U8},      {{dtype_code::UInt, 16}, PJRT_Buffer_Type_U16},
+      {{dtype_code::UInt, 32}, PJRT_Buffer_Type_U32},    {{dtype_code::UInt, 64}, PJRT_Buffer_Type_U64},
+      {{dtype_code::Float, 16}, PJRT_Buffer_Type_F16},   {{dtype_code::Float, 32}, PJRT_Buffer_Type_F32},
+      {{dtype_code::Float, 64}, PJRT_Buffer_Type_F64},   {{dtype_code::Bfloat, 16}, PJRT_Buffer_Type_BF16},
+      {{dtype_code::Complex, 64}, PJRT_Buffer_Type_C64}, {{dtype_code::Complex, 128}, PJRT_Buffer_Type_C128},
+  };
+  for (const auto& [k, type] : kTable) {
+    if (k == key) return type;
+  }
+  throw InvalidArgument("unsupported array dtype (code " + std::to_string(dtype.code) + ", " +
+                        std::to_string(dtype.bits) + " bits)");
+}
+
+nb::dlpack::dtype ToDLPack(PJRT_Buffer_Type type) {
+  using nb::dlpack::dtype_code;
+  nb::dlpack::dtype d{0, static_cast<uint8_t>(ElementSize(type) * 8), 1};
+  switch (type) {
+    case PJRT_Buffer_Type_PRED: d.code = static_cast<uint8_t>(dtype_code::Bool); break;
+    case PJRT_Buffer_Type_S8: case PJRT_Buffer_Type_S16: case PJRT_Buffer_Type_S32: case PJRT_Buffer_Type_S64:
+      d.code = static_cast<uint8_t>(dtype_code::Int); break;
+    case PJRT_Buffer_Type_U8: case PJRT_Buffer_Type_U16: case PJRT_Buffer_Type_U32: case PJRT_Buffer_Type_U64:
+      d.code = static_cast<uint8_t>(dtype_code::UInt); break;
+    case PJRT_Buffer_Type_BF16: d.code = static_cast<uint8_t>(dtype_code::Bfloat); break;
+    case PJRT_Buffer_Type_C64: case PJRT_Buffer_Type_C128: d.code = static_cast<uint8_t>(dtype_code::Complex); break;
+    default: d.code = static_cast<uint8_t>(dtype_code::Float); break;
+  }
+  return d;
+}
+
+using HostArray = nb::ndarray<nb::ro, nb::device::cpu>;
+
+BufferPtr Upload(Client& client, HostArray array, int device) {
+  ArraySpec spec;
+  spec.type = FromDLPack(array.dtype());
+  std::vector<int64_t> byte_strides;
+  bool dense = true;
+  int64_t expected = static_cast<int64_t>(ElementSize(spec.type));
+  for (size_t i = array.ndim(); i-- > 0;) {
+    if (array.shape(i) != 1 && array.stride(i) * static_cast<int64_t>(ElementSize(spec.type)) != expected) dense = false;
+    expected *= static_cast<int64_t>(array.shape(i));
+  }
+  for (size_t i = 0; i < array.ndim(); ++i) {
+    spec.dims.push_back(static_cast<int64_t>(array.shape(i)));
+    if (!dense) byte_strides.push_back(array.stride(i) * static_cast<int64_t>(ElementSize(spec.type)));
+  }
+  nb::gil_scoped_release release;
+  return client.BufferFromHost(array.data(), spec, byte_strides, device);
+}
+
+nb::object ToNumpy(const BufferPtr& buffer) {
+  const ArraySpec& spec = buffer->spec();
+  const size_t bytes = spec.num_bytes();
+  auto* data = new uint8_t[bytes > 0 ? bytes : 1];
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+  {
+    nb::gil_scoped_release release;
+    buffer->ToHost(data, bytes);
+  }
+  std::vector<size_t> shape(spec.dims.begin(), spec.dims.end());
+  return nb::cast(nb::ndarray<nb::numpy>(data, shape.size(), shape.data(), owner, nullptr, ToDLPack(spec.type)));
+}
+
+// A zero-copy view of the device memory that keeps the buffer pinned.
+nb::object DLPackView(const BufferPtr& buffer) {
+  void* data;
+  {
+    nb::gil_scoped_release release;
+    data = buffer->AcquireExternalPointer();
+  }
+  auto* keep = new BufferPtr(buffer);
+  nb::capsule owner(keep, [](void* p) noexcept {
+    auto* held = static_cast<BufferPtr*>(p);
+    try {
+      (*held)->ReleaseExternalPointer();
+    } catch (...) {
+    }
+    delete held;
+  });
+  const ArraySpec& spec = buffer->spec();
+  std::vector<size_t> shape(spec.dims.begin(), spec.dims.end());
+  const bool on_cpu = buffer->client()->platform_name() == "cpu";
+  return nb::cast(nb::ndarray<>(data, shape.size(), shape.data(), owner, nullptr, ToDLPack(spec.type),
+                                on_cpu ? nb::device::cpu::value : nb::device::cuda::value, 0));
+}
+
+std::vector<BufferPtr> Execute(const Executable& executable, const std::vector<BufferPtr>& args) {
+  std::vector<Buffer*> raw;
+  raw.reserve(args.size());
+  for (const auto& arg : args) raw.push_back(arg.get());
+  nb::gil_scoped_release release;
+  return executable.Execute(raw);
+}
+
+std::string SpecDType(const ArraySpec& spec) { return DTypeName(spec.type); }
+
+}  // namespace
+
+NB_MODULE(_runtime, m) {
+  m.doc() = "metagrad's C++ runtime: PJRT plugins, clients, device buffers and executables.";
+
+  nb::exception<PjrtError>(m, "PjrtError", PyExc_RuntimeError);
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.attr("PJRT_API_MAJOR") = PJRT_API_MAJOR;
+  m.attr("PJRT_API_MINOR") = PJRT_API_MINOR;
+
+  nb::class_<Api>(m, "Plugin", "A loaded PJRT plugin (never unloaded).")
+      .def_static("load", &Api::Load, nb::arg("path"), "dlopen a PJRT plugin and read its API table.")
+      .def_prop_ro("path", &Api::path)
+      .def_prop_ro("api_version", &Api::version, "(major, minor) PJRT C API version of the plugin.")
+      .def_prop_ro("attributes", &Api::attributes, "Plugin attributes, e.g. stablehlo_current_version.");
+
+  nb::class_<ArraySpec>(m, "ArraySpec")
+      .def(nb::init<>())
+      .def("__init__",
+           [](ArraySpec* self, std::vector<int64_t> dims, const std::string& dtype) {
+             new (self) ArraySpec{std::move(dims), ParseDType(dtype)};
+           },
+           nb::arg("shape"), nb::arg("dtype"))
+      .def_prop_ro("shape", [](const ArraySpec& s) { return s.dims; })
+      .def_prop_ro("dtype", &SpecDType)
+      .def_prop_ro("nbytes", &ArraySpec::num_bytes)
+      .def("__eq__", &ArraySpec::operator==)
+      .def("__repr__", &ArraySpec::ToString);
+
+  nb::class_<DeviceInfo>(m, "Device")
+      .def_ro("id", &DeviceInfo::id)
+      .def_ro("kind", &DeviceInfo::kind)
+      .def_ro("memory_kinds", &DeviceInfo::memory_kinds)
+      .def("__repr__", [](const DeviceInfo& d) { return "Device(id=" + std::to_string(d.id) + ", kind=" + d.kind + ")"; });
+
+  nb::class_<Client>(m, "Client", "A PJRT client: devices, compilation, uploads.")
+      .def_static("create", &Client::Create, nb::arg("plugin"), nb::arg("options") = std::map<std::string, Attribute>{},
+                  nb::call_guard<nb::gil_scoped_release>())
+      .def_prop_ro("plugin_path", [](const Client& c) { return c.api().path(); })
+      .def_prop_ro("plugin_api_version", [](const Client& c) { return c.api().version(); })
+      .def_prop_ro("plugin_attributes", [](const Client& c) { return c.api().attributes(); })
+      .def_prop_ro("platform_name", &Client::platform_name)
+      .def_prop_ro("platform_version", &Client::platform_version)
+      .def_prop_ro("devices", &Client::devices)
+      .def("compile",
+           [](Client& client, nb::bytes code, const std::string& format, std::vector<ArraySpec> inputs,
+              std::vector<bool> donated, int num_replicas, int num_partitions) {
+             std::string program(code.c_str(), code.size());
+             nb::gil_scoped_release release;
+             return client.Compile(program, format, std::move(inputs), std::move(donated), num_replicas,
+                                   num_partitions);
+           },
+           nb::arg("code"), nb::arg("format"), nb::arg("inputs"), nb::arg("donated"), nb::arg("num_replicas") = 1,
+           nb::arg("num_partitions") = 1,
+           "Compile MLIR (text or bytecode) with the signature `inputs` and donation flags.")
+      .def("buffer_from_array", &Upload, nb::arg("array"), nb::arg("device") = 0,
+           "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.");
+
+  nb::class_<Buffer>(m, "Buffer", "A device buffer owned by the runtime.")
+      .def_prop_ro("spec", &Buffer::spec)
+      .def_prop_ro("shape", [](const Buffer& b) { return b.spec().dims; })
+      .def_prop_ro("dtype", [](const Buffer& b) { return DTypeName(b.spec().type); })
+      .def_prop_ro("is_deleted", &Buffer::is_deleted)
+      .def_prop_ro("on_device_size", &Buffer::on_device_size)
+      .def("block_until_ready", &Buffer::Await, nb::call_guard<nb::gil_scoped_release>())
+      .def("to_numpy", &ToNumpy, "Copy the value to a new numpy array.")
+      .def("__dlpack__", [](const BufferPtr& b, nb::kwargs) { return DLPackView(b); },
+           "Zero-copy DLPack capsule of the device memory (the buffer stays pinned while it is used).")
+      .def("__dlpack_device__", [](const Buffer& b) {
+        const bool on_cpu = b.client()->platform_name() == "cpu";
+        return std::make_pair(on_cpu ? 1 : 2, 0);
+      });
+
+  nb::class_<Executable>(m, "Executable", "A compiled program.")
+      .def_prop_ro("inputs", &Executable::inputs)
+      .def_prop_ro("outputs", &Executable::outputs)
+      .def_prop_ro("donated", &Executable::donated)
+      .def("execute", &Execute, nb::arg("args"),
+           "Enqueue one execution; outputs are device buffers, ready asynchronously.");
+}

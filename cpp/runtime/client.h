@@ -1,0 +1,75 @@
+// A PJRT client: the devices it drives, compilation, and host-to-device uploads.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/pjrt.h"
+
+namespace metagrad {
+
+class Buffer;
+class Executable;
+
+struct ArraySpec {
+  std::vector<int64_t> dims;
+  PJRT_Buffer_Type type;
+  size_t num_elements() const;
+  size_t num_bytes() const;
+  std::string ToString() const;
+  bool operator==(const ArraySpec& other) const { return dims == other.dims && type == other.type; }
+};
+
+size_t ElementSize(PJRT_Buffer_Type type);
+std::string DTypeName(PJRT_Buffer_Type type);
+PJRT_Buffer_Type ParseDType(const std::string& name);
+
+struct DeviceInfo {
+  PJRT_Device* device;
+  int id;
+  std::string kind;
+  std::vector<std::string> memory_kinds;
+};
+
+class Client : public std::enable_shared_from_this<Client> {
+ public:
+  static std::shared_ptr<Client> Create(std::shared_ptr<const Api> api,
+                                        const std::map<std::string, Attribute>& options);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  const Api& api() const { return *api_; }
+  const std::shared_ptr<const Api>& api_ptr() const { return api_; }
+  PJRT_Client* raw() const { return client_; }
+  const std::string& platform_name() const { return platform_name_; }
+  const std::string& platform_version() const { return platform_version_; }
+  const std::vector<DeviceInfo>& devices() const { return devices_; }
+  const DeviceInfo& device(int index) const;
+
+  // Compiles `code` ("mlir": MLIR text or bytecode, including portable
+  // StableHLO artifacts). `inputs` is the program's signature, checked at
+  // every execution; `donated[i]` marks inputs the program aliases to outputs.
+  std::shared_ptr<Executable> Compile(const std::string& code, const std::string& format,
+                                      std::vector<ArraySpec> inputs, std::vector<bool> donated,
+                                      int num_replicas = 1, int num_partitions = 1);
+
+  // Copies dense host data (row-major, or with `byte_strides`) to a device.
+  std::shared_ptr<Buffer> BufferFromHost(const void* data, const ArraySpec& spec,
+                                         const std::vector<int64_t>& byte_strides, int device_index);
+
+ private:
+  Client(std::shared_ptr<const Api> api, PJRT_Client* client);
+  std::shared_ptr<const Api> api_;
+  PJRT_Client* client_;
+  std::string platform_name_;
+  std::string platform_version_;
+  std::vector<DeviceInfo> devices_;
+};
+
+// Serialized xla.CompileOptionsProto. Never empty: empty options abort the
+// CPU plugin inside its device assignment.
+std::string SerializeCompileOptions(int num_replicas, int num_partitions);
+
+}  // namespace metagrad

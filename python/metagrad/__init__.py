@@ -1,0 +1,1 @@
+"""metagrad: exact metagradients through whole training runs."""
