@@ -1,0 +1,153 @@
+"""MGD: step rules, projections, history save/resume, argument checking."""
+
+import numpy as np
+import pytest
+
+from metagrad import mgd
+
+
+def quadratic(target):
+    """phi(z) = 0.5 ||z - target||^2 on a dict pytree."""
+
+    def fn(z):
+        d = {k: z[k] - target[k] for k in z}
+        return 0.5 * sum(float(np.sum(v ** 2)) for v in d.values()), d
+
+    return fn
+
+
+TARGET = {"a": np.array([0.3, -2.0, 0.7, 2.5], np.float32), "b": np.array([[1.5, 0.25]], np.float32)}
+Z0 = {"a": np.zeros(4, np.float32), "b": np.zeros((1, 2), np.float32)}
+
+
+@pytest.mark.parametrize("rule", [mgd.sign_step(0.05), mgd.gradient_step(0.5), mgd.adam(0.1)])
+def test_rules_decrease_a_quadratic(rule):
+    h = mgd.run(quadratic(TARGET), Z0, steps=60, direction="minimize", step_rule=rule, progress=False)
+    assert h.values[-1] < 0.05 * h.values[0]
+    assert h.best_value == min(h.values)
+    np.testing.assert_allclose(h.best_z["a"], h.snapshots.get(h.best_step, h.best_z)["a"])
+
+
+def test_maximize_goes_uphill_and_projection_holds():
+    # maximize -phi = minimize phi... here maximize ||z - target||^2 inside a box: corners
+    h = mgd.run(quadratic(TARGET), Z0, steps=30, direction="maximize", step_rule=mgd.sign_step(0.2),
+                projection=mgd.box(-1.0, 1.0), progress=False)
+    assert h.values[-1] > h.values[0]
+    np.testing.assert_array_equal(h.z["a"], np.array([-1.0, 1.0, -1.0, -1.0], np.float32))
+    assert h.z["a"].dtype == np.float32
+
+
+def test_sign_step_exact_arithmetic():
+    rule = mgd.sign_step(lambda i: 0.1 * (i + 1))
+    z = {"a": np.array([0.0, 0.0, 0.0])}
+    s = rule.init(z)
+    z, s = rule.update({"a": np.array([2.0, -3.0, 0.0])}, s, z)
+    z, s = rule.update({"a": np.array([1.0, 1.0, 1.0])}, s, z)
+    np.testing.assert_allclose(z["a"], [-0.3, -0.1, -0.2])
+
+
+def test_adam_first_step_is_lr_times_sign():
+    rule = mgd.adam(0.01, eps=0.0)
+    z = {"a": np.array([1.0, 1.0])}
+    z1, _ = rule.update({"a": np.array([1e-6, -3.0])}, rule.init(z), z)
+    np.testing.assert_allclose(z1["a"], [0.99, 1.01])
+
+
+def test_projections_stay_in_their_sets():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = {"v": (3 * rng.normal(size=17)).astype(np.float32)}
+        b = mgd.box(-0.5, 2.0)(x)["v"]
+        assert b.min() >= -0.5 and b.max() <= 2.0
+        p = mgd.pixel_range(0.0, 1.0)(x)["v"]
+        assert p.min() >= 0 and p.max() <= 1
+        s = mgd.simplex(2.0)(x)["v"]
+        assert s.min() >= 0 and abs(float(s.sum()) - 2.0) < 1e-5
+        hard = mgd.top_k(5)(x)["v"]
+        assert set(np.unique(hard)) <= {0.0, 1.0} and hard.sum() == 5
+        np.testing.assert_array_equal(np.sort(np.argsort(-x["v"])[:5]), np.sort(np.nonzero(hard)[0]))
+        soft = mgd.top_k(5, soft=True)(x)["v"]
+        assert soft.min() >= 0 and soft.max() <= 1 and abs(float(soft.sum()) - 5) < 1e-4
+    # projections are projections: idempotent, and already-feasible points do not move
+    y = {"v": np.array([0.2, 0.3, 0.5])}
+    np.testing.assert_allclose(mgd.simplex()(y)["v"], y["v"])
+    np.testing.assert_allclose(mgd.top_k(1, soft=True)(y)["v"], y["v"], atol=1e-9)
+    # simplex projection is the Euclidean one: known answer
+    np.testing.assert_allclose(mgd.simplex()({"v": np.array([2.0, 0.0, 1.0])})["v"], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(mgd.simplex()({"v": np.array([0.5, 0.5, 0.5])})["v"], [1 / 3] * 3)
+
+
+def test_leafwise_projection():
+    proj = mgd.leafwise({"a": mgd.box(0, 1), "b": None})
+    out = proj({"a": np.array([-1.0, 2.0]), "b": np.array([-1.0, 2.0])})
+    np.testing.assert_array_equal(out["a"], [0.0, 1.0])
+    np.testing.assert_array_equal(out["b"], [-1.0, 2.0])
+
+
+@pytest.mark.parametrize("make_rule", [lambda: mgd.adam(0.05), lambda: mgd.sign_step(0.03)])
+def test_history_save_load_resume_is_exact(tmp_path, make_rule):
+    fn = quadratic(TARGET)
+    kw = dict(direction="minimize", projection=mgd.box(-1.0, 3.0), snapshot_every=2, progress=False)
+    full = mgd.run(fn, Z0, steps=7, step_rule=make_rule(), **kw)
+
+    part = mgd.run(fn, Z0, steps=3, step_rule=make_rule(), **kw)
+    path = str(tmp_path / "hist.npz")
+    part.save(path)
+    loaded = mgd.History.load(path, Z0, make_rule())
+    assert loaded.values == part.values and loaded.steps_done == 3
+    resumed = mgd.run(fn, Z0, steps=7, step_rule=make_rule(), history=loaded, **kw)
+
+    assert resumed.values == full.values
+    assert resumed.grad_norms == full.grad_norms
+    for k in Z0:
+        np.testing.assert_array_equal(resumed.z[k], full.z[k])
+        np.testing.assert_array_equal(resumed.best_z[k], full.best_z[k])
+    assert sorted(resumed.snapshots) == sorted(full.snapshots) == [0, 2, 4, 6]
+    for i in full.snapshots:
+        np.testing.assert_array_equal(resumed.snapshots[i]["a"], full.snapshots[i]["a"])
+
+
+def test_checkpoint_path_and_callback(tmp_path):
+    path = str(tmp_path / "ck.npz")
+    seen = []
+
+    def cb(i, z, value, grad):
+        seen.append(i)
+        return {"z0": float(z["a"][0])}
+
+    h = mgd.run(quadratic(TARGET), Z0, steps=4, direction="minimize", step_rule=mgd.sign_step(0.1),
+                callback=cb, checkpoint_path=path, progress=False)
+    assert seen == [0, 1, 2, 3]
+    assert [r["step"] for r in h.records] == [0, 1, 2, 3]
+    assert h.records[1]["z0"] == pytest.approx(0.1)
+    loaded = mgd.History.load(path, Z0, mgd.sign_step(0.1))
+    assert loaded.records == h.records and loaded.values == h.values
+
+
+def test_progress_bar_writes_to_stderr(capsys):
+    mgd.run(quadratic(TARGET), Z0, steps=2, direction="minimize", step_rule=mgd.sign_step(0.1), label="demo")
+    err = capsys.readouterr().err
+    assert "demo" in err and "2/2" in err and "phi=" in err
+
+
+def test_bad_arguments():
+    fn = quadratic(TARGET)
+    with pytest.raises(ValueError, match="direction"):
+        mgd.run(fn, Z0, steps=1, direction="down", step_rule=mgd.sign_step(0.1))
+    with pytest.raises(TypeError, match="direction"):
+        mgd.run(fn, Z0, steps=1, step_rule=mgd.sign_step(0.1))
+    with pytest.raises(ValueError, match="steps"):
+        mgd.run(fn, Z0, steps=-1, direction="minimize", step_rule=mgd.sign_step(0.1))
+    with pytest.raises(TypeError, match="step_rule"):
+        mgd.run(fn, Z0, steps=1, direction="minimize", step_rule=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        mgd.sign_step(-1.0)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        mgd.box(1.0, 0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        mgd.top_k(-2)
+    with pytest.raises(ValueError, match="larger than"):
+        mgd.top_k(10)({"a": np.zeros(3)})
+    with pytest.raises(FloatingPointError, match="phi=nan"):
+        mgd.run(lambda z: (float("nan"), z), Z0, steps=1, direction="minimize", step_rule=mgd.sign_step(0.1),
+                progress=False)
