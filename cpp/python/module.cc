@@ -17,6 +17,8 @@
 namespace nb = nanobind;
 using namespace metagrad;
 
+void BindSchedule(nanobind::module_& m);
+
 namespace {
 
 PJRT_Buffer_Type FromDLPack(nb::dlpack::dtype dtype) {
@@ -209,4 +211,6 @@ NB_MODULE(_runtime, m) {
       .def_prop_ro("donated", &Executable::donated)
       .def("execute", &Execute, nb::arg("args"),
            "Enqueue one execution; outputs are device buffers, ready asynchronously.");
+
+  BindSchedule(m);
 }

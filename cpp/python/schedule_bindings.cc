@@ -1,0 +1,100 @@
+// Python bindings of the checkpointing plans (runtime/schedule.h): Action,
+// an opaque Plan (the C++ vector stays inside the Python object), the
+// builders, and PlanError (a RuntimeError) for plans that break a rule.
+//
+// The Python Plan wraps metagrad::Plan in PlanObject rather than binding
+// std::vector<Action> itself: making the vector opaque here would clash (ODR)
+// with any other file that passes a Plan through nanobind's stl/vector.h
+// caster. Such a file still works (the caster reads a Plan as a sequence of
+// Actions, a copy); PlanFromPython below gives the vector without a copy.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "runtime/schedule.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using metagrad::Action;
+using metagrad::ActionKind;
+using metagrad::Plan;
+
+namespace {
+
+struct PlanObject {
+  Plan actions;
+};
+
+PlanObject Wrap(Plan plan) { return PlanObject{std::move(plan)}; }
+
+nb::dict StatsDict(const Plan& plan, int64_t T) {
+  const metagrad::PlanStats stats = metagrad::CheckPlan(plan, T);
+  nb::dict d;
+  d["forward_steps"] = stats.forward_steps;
+  d["reversed_steps"] = stats.reversed_steps;
+  d["peak_saved"] = stats.peak_saved;
+  d["num_actions"] = stats.num_actions;
+  d["fused_lengths"] = stats.fused_lengths;
+  return d;
+}
+
+int64_t Index(const Plan& plan, int64_t i) {
+  const int64_t n = static_cast<int64_t>(plan.size());
+  if (i < 0) i += n;
+  if (i < 0 || i >= n) throw nb::index_error("plan index out of range");
+  return i;
+}
+
+}  // namespace
+
+// The C++ plan inside a Python Plan object, without a copy (declare it where
+// needed); raises TypeError (nb::cast_error) for anything else. The reference
+// lives as long as the Python object does.
+const metagrad::Plan& PlanFromPython(nb::handle plan) { return nb::cast<const PlanObject&>(plan).actions; }
+
+void BindSchedule(nb::module_& m) {
+  nb::exception<metagrad::PlanError>(m, "PlanError", PyExc_RuntimeError);
+
+  nb::class_<Action>(m, "Action", "One step of a checkpointing plan.")
+      .def("__init__",
+           [](Action* self, const std::string& kind, int64_t step, int64_t count, int slot) {
+             new (self) Action{metagrad::ParseActionKind(kind), step, count, slot};
+           },
+           "kind"_a, "step"_a, "count"_a = 0, "slot"_a = -1,
+           "Action(kind, step, count=0, slot=-1); kind is advance, save, restore, free, output or reverse.")
+      .def_prop_ro("kind", [](const Action& a) { return std::string(metagrad::ActionKindName(a.kind)); })
+      .def_ro("step", &Action::step)
+      .def_ro("count", &Action::count)
+      .def_ro("slot", &Action::slot)
+      .def("__eq__",
+           [](const Action& a, const Action& b) {
+             return a.kind == b.kind && a.step == b.step && a.count == b.count && a.slot == b.slot;
+           })
+      .def("__repr__", [](const Action& a) { return metagrad::ToString(a); });
+
+  nb::class_<PlanObject>(m, "Plan", "A checkpointing plan: a sequence of Actions held in C++.")
+      .def("__init__", [](PlanObject* self, std::vector<Action> actions) { new (self) PlanObject{std::move(actions)}; },
+           "actions"_a, "A plan from a list of Actions (for tests and hand-made schedules).")
+      .def("__len__", [](const PlanObject& p) { return p.actions.size(); })
+      .def("__getitem__", [](const PlanObject& p, int64_t i) { return p.actions[Index(p.actions, i)]; }, "i"_a)
+      .def("stats", [](const PlanObject& p, int64_t T) { return StatsDict(p.actions, T); }, "T"_a,
+           "Simulate the plan over T steps: a dict with forward_steps, reversed_steps, peak_saved, num_actions and "
+           "fused_lengths (distinct reverse counts, ascending). Raises PlanError naming the first broken rule.")
+      .def("__str__", [](const PlanObject& p) { return metagrad::ToString(p.actions); })
+      .def("__repr__",
+           [](const PlanObject& p) { return "<Plan of " + std::to_string(p.actions.size()) + " actions>"; });
+
+  m.def("plan_store_all", [](int64_t T) { return Wrap(metagrad::PlanStoreAll(T)); }, "T"_a,
+        "Save every state, output, reverse all. Peak T.");
+  m.def("plan_periodic",
+        [](int64_t T, int64_t every, int64_t leaf) { return Wrap(metagrad::PlanPeriodic(T, every, leaf)); }, "T"_a,
+        "every"_a, "leaf"_a = 1,
+        "Two-level scheme: a checkpoint every `every` steps (a multiple of leaf), each segment stored in reverse.");
+  m.def("plan_replay", [](int64_t T, int k, int64_t leaf) { return Wrap(metagrad::PlanReplay(T, k, leaf)); }, "T"_a,
+        "k"_a, "leaf"_a = 1, "Recursive k-ary REPLAY: peak <= k*ceil(log_k(T/leaf)), about T*log_k(T/leaf) forward steps.");
+  m.def("plan_revolve", [](int64_t T, int slots, int64_t leaf) { return Wrap(metagrad::PlanRevolve(T, slots, leaf)); },
+        "T"_a, "slots"_a, "leaf"_a = 1,
+        "Binomial checkpointing (revolve): fewest forward steps with at most `slots` saved states.");
+  m.def("revolve_forward_steps", &metagrad::RevolveForwardSteps, "units"_a, "slots"_a,
+        "The fewest forward block-advances any plan over `units` blocks with `slots` saved states can have.");
+}
