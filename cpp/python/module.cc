@@ -18,6 +18,7 @@ namespace nb = nanobind;
 using namespace metagrad;
 
 void BindSchedule(nanobind::module_& m);
+void BindTaskRunner(nanobind::module_& m);
 
 namespace {
 
@@ -213,4 +214,5 @@ NB_MODULE(_runtime, m) {
            "Enqueue one execution; outputs are device buffers, ready asynchronously.");
 
   BindSchedule(m);
+  BindTaskRunner(m);
 }
