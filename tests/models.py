@@ -34,7 +34,7 @@ def _optimizer(name: str):
     if name == "sgdm":
         return optax.sgd(1.0, momentum=0.9)
     if name == "adam":
-        return optax.adam(1.0)
+        return optax.adam(1.0, eps_root=1e-12)  # eps_root: finite reverse through sqrt(nu) at nu = 0
     raise ValueError(name)
 
 

@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxlib.mlir.dialects import stablehlo
 
-from metagrad import runtime
+from metagrad import lowering, runtime
 from models import make_task
 
 
@@ -19,8 +18,8 @@ def client():
 
 
 def portable(fn, *args, donate=(), client=None):
-    text = jax.jit(fn, donate_argnums=donate, keep_unused=True).lower(*args).as_text()
-    return stablehlo.serialize_portable_artifact_str(text, runtime.stablehlo_target(client))
+    lowered = jax.jit(fn, donate_argnums=donate, keep_unused=True).lower(*args)
+    return lowering.portable_artifact(lowered, runtime.stablehlo_target(client))
 
 
 def test_plugin_reports_versions(client):
@@ -177,7 +176,7 @@ def test_errors_leave_the_process_usable():
     # A fresh process hits each error, then still computes: no abort reaches the user.
     script = """
 import numpy as np
-from metagrad import runtime
+from metagrad import lowering, runtime
 c = runtime.get_client()
 for bad in (lambda: c.compile(b"", "mlir", [], []), lambda: c.compile(b"junk", "mlir", [], []),
             lambda: runtime.Plugin.load("/missing.so")):
