@@ -94,30 +94,26 @@ class CompiledTask:
             buffers.append(runtime.to_device(array, self.client))
         return buffers
 
-    def _segment_lengths(self, leaf: int) -> tuple[int, ...]:
-        if leaf <= 1:
-            return ()
-        return tuple(sorted({n for n in (leaf, self.steps % leaf) if n > 1}))
-
-    def _runner(self, leaf: int = 1):
-        if leaf not in self._runners:
-            lengths = self._segment_lengths(leaf)
-            missing = [n for n in lengths if f"segment_vjp_{n}" not in self.programs]
+    def _runner(self, fused_lengths: tuple[int, ...] = ()):
+        """The runner holding the fused reverse programs of these lengths (compiled on first use)."""
+        if fused_lengths not in self._runners:
+            missing = tuple(n for n in fused_lengths if f"segment_vjp_{n}" not in self.programs)
             if missing:
                 if self.task is None:
-                    raise ValueError(f"this loaded task has no fused reverse of {missing} steps; "
-                                     f"save it after running a schedule with leaf={leaf}, or use leaf=1")
+                    raise ValueError(f"this loaded task has no fused reverse of {list(missing)} steps; save it after "
+                                     f"running that schedule, or use a schedule with leaf=1")
                 new = lowering.lower_task(self.task, self.layout, backend=self.backend,
-                                          target=runtime.stablehlo_target(self.client), segment_lengths=tuple(missing))
-                for n in missing:
-                    name = f"segment_vjp_{n}"
-                    self.programs[name] = new[name]
-                    self._executables[name] = runtime.compile_module(new[name].artifact, self.client)
-            segments = {n: self._executables[f"segment_vjp_{n}"] for n in lengths}
+                                          target=runtime.stablehlo_target(self.client), segment_lengths=missing,
+                                          only_segments=True)
+                for name, program in new.items():
+                    self.programs[name] = program
+                    self._executables[name] = runtime.compile_module(program.artifact, self.client)
+            segments = {n: self._executables[f"segment_vjp_{n}"] for n in fused_lengths}
             base = {name: exe for name, exe in self._executables.items() if not name.startswith("segment_vjp_")}
-            self._runners[leaf] = _runtime.TaskRunner(base, segments, self.steps, list(self.layout.differentiable),
-                                                      len(self.layout.z), self._data)
-        return self._runners[leaf]
+            self._runners[fused_lengths] = _runtime.TaskRunner(base, segments, self.steps,
+                                                               list(self.layout.differentiable), len(self.layout.z),
+                                                               self._data)
+        return self._runners[fused_lengths]
 
     # -- running --------------------------------------------------------------
 
@@ -155,7 +151,7 @@ class CompiledTask:
             raise ValueError(f"check_determinism must be a bool or a stride >= 1, got {check_determinism!r}")
         z_buffers = self._z_buffers(z)
         plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
-        runner = self._runner(getattr(schedule, "leaf", 1))
+        runner = self._runner(tuple(n for n in plan.stats(self.steps)["fused_lengths"] if n > 1))
         value, grad, stats = runner.metagradient(z_buffers, plan, stride, check_finite)
         value = value.to_numpy()[()]
         grad = jax.tree_util.tree_unflatten(self.layout.z_tree, [b.to_numpy() for b in grad])

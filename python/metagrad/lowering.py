@@ -326,8 +326,10 @@ def lower_program(flat: _Flat, name: str, backend: str, function, target: str) -
 
 
 def lower_task(task: Task, layout: Layout, *, backend: str, target: str,
-               segment_lengths: tuple[int, ...] = ()) -> dict[str, Program]:
-    """Lower all programs of a task to portable StableHLO artifacts.
+               segment_lengths: tuple[int, ...] = (), only_segments: bool = False) -> dict[str, Program]:
+    """Lower the programs of a task to portable StableHLO artifacts.
+
+    ``only_segments`` lowers just the fused ``segment_vjp_n`` programs.
 
     ``backend="auto"`` uses Enzyme and falls back to JAX, with a warning, for
     each reverse program that Enzyme cannot differentiate.
@@ -340,6 +342,8 @@ def lower_task(task: Task, layout: Layout, *, backend: str, target: str,
     functions = _program_functions(flat, chosen, segment_lengths)
     fallback = None
     for name, function in functions.items():
+        if only_segments and not name.startswith("segment_vjp_"):
+            continue
         try:
             programs[name] = lower_program(flat, name, chosen, function, target)
         except EnzymeUnsupportedError as error:
