@@ -1,0 +1,117 @@
+"""CompiledTask: training in the runtime, the compile cache, save and load."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import metagrad
+from metagrad import baselines
+from models import make_task
+
+
+@pytest.fixture(scope="module", params=["sgdm", "adam"])
+def compiled(request):
+    task, z = make_task("weights", request.param, steps=60)
+    return task, z, task.compile(z, backend="enzyme")
+
+
+def test_train_equals_a_jax_scan_of_the_step(compiled):
+    task, z, c = compiled
+    z = (z * np.linspace(0.5, 1.5, z.size)).astype(np.float32)
+    got = jax.tree_util.tree_leaves(c.train(z))
+    want = jax.tree_util.tree_leaves(baselines.train(task, z))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        # A scan fuses differently from per-step programs; Adam's 1/sqrt(nu) amplifies
+        # those float32 roundings over the run, so compare relative to the array's scale.
+        np.testing.assert_allclose(g, np.asarray(w), rtol=1e-4, atol=1e-4 * float(np.max(np.abs(w))))
+
+
+def test_train_returns_the_state_pytree(compiled):
+    task, z, c = compiled
+    state = c.train(z)
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(task.init(z, task.data))
+
+
+def test_second_compile_hits_the_cache(compiled):
+    task, z, c = compiled
+    start = time.perf_counter()
+    again = task.compile(np.zeros_like(z), backend="enzyme")
+    assert again is c
+    assert time.perf_counter() - start < 0.5
+    other_backend = task.compile(z, backend="jax")
+    assert other_backend is not c
+
+
+def test_changed_data_is_a_different_task(compiled):
+    task, z, c = compiled
+    data = dict(task.data, x=task.data["x"] * 0.5)
+    changed = metagrad.Task(init=task.init, step=task.step, output=task.output, steps=task.steps, data=data)
+    assert changed.compile(z, backend="enzyme") is not c
+
+
+SCRIPT = """
+import sys, numpy as np, metagrad
+loaded = metagrad.load(sys.argv[1])
+z = np.load(sys.argv[2])
+state = loaded.train(z)
+import jax
+np.savez(sys.argv[3], *jax.tree_util.tree_leaves(state))
+value, grad = loaded.metagradient(z, metagrad.Replay(k=3))
+np.savez(sys.argv[4], value=value, grad=grad)
+"""
+
+
+def test_save_then_load_in_a_fresh_process_is_bit_exact(compiled, tmp_path):
+    task, z, c = compiled
+    z = (z * 0.9).astype(np.float32)
+    c.save(str(tmp_path / "task"))
+    manifest = json.loads((tmp_path / "task" / "manifest.json").read_text())
+    assert manifest["steps"] == task.steps and manifest["versions"]["jax"] == jax.__version__
+    assert {"init", "step", "step_vjp", "output_vjp", "init_vjp"} <= set(manifest["programs"])
+    np.save(tmp_path / "z.npy", z)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "task"), str(tmp_path / "z.npy"),
+                          str(tmp_path / "state.npz"), str(tmp_path / "grad.npz")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded_state = np.load(tmp_path / "state.npz")
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(c.train(z))):
+        np.testing.assert_array_equal(loaded_state[f"arr_{i}"], leaf)
+    value, grad = c.metagradient(z, metagrad.Replay(k=3))
+    loaded_grad = np.load(tmp_path / "grad.npz")
+    assert loaded_grad["value"] == value
+    np.testing.assert_array_equal(loaded_grad["grad"], grad)
+
+
+def test_load_rejects_a_directory_without_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        metagrad.load(str(tmp_path))
+
+
+def test_loaded_task_without_fused_programs_says_so(tmp_path):
+    task, z10 = make_task("weights", "sgdm", steps=10)
+    task.compile(z10, backend="jax").save(str(tmp_path / "small"))
+    loaded = metagrad.load(str(tmp_path / "small"))
+    with pytest.raises(ValueError, match=r"no fused reverse of \[2, 4\] steps"):
+        loaded.metagradient(z10, metagrad.Replay(k=2, leaf=4))  # 10 steps = blocks of 4, 4 and 2
+    value, _ = loaded.metagradient(z10, metagrad.Replay(k=2))
+    assert np.isfinite(value)
+
+
+def test_max_pooling_with_auto_backend_is_correct():
+    task, z = make_task("weights", "sgdm", steps=20, pool="max")
+    with pytest.raises(metagrad.EnzymeUnsupportedError, match="select_and_scatter"):
+        task.compile(z, backend="enzyme")
+    with pytest.warns(UserWarning, match="using JAX's autodiff"):
+        compiled = task.compile(z, backend="auto")
+    value, grad = compiled.metagradient(z, metagrad.Replay(k=3))
+    want_value, want_grad = baselines.scan_metagradient(task, z)
+    np.testing.assert_allclose(value, float(want_value), rtol=1e-6)
+    np.testing.assert_allclose(grad, np.asarray(want_grad), rtol=1e-3, atol=1e-5 * np.abs(want_grad).max())
