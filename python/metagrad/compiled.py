@@ -66,8 +66,9 @@ class CompiledTask:
     backend: str
     programs: dict[str, Program]
     client: Any
+    data: list = field(repr=False)  # host arrays of the data leaves, uploaded once
+    z_example: Any = field(repr=False)
     task: Task | None = None  # None when loaded from disk
-    z_example: Any = None
     _executables: dict = field(default_factory=dict, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
@@ -75,9 +76,7 @@ class CompiledTask:
     def __post_init__(self):
         for name, program in self.programs.items():
             self._executables[name] = runtime.compile_module(program.artifact, self.client)
-
-    def _upload_data(self, data_leaves):
-        self._data = [runtime.to_device(leaf, self.client) for leaf in data_leaves]
+        self._data = [runtime.to_device(leaf, self.client) for leaf in self.data]
 
     # -- inputs ---------------------------------------------------------------
 
@@ -175,7 +174,7 @@ class CompiledTask:
         for name, program in self.programs.items():
             with open(os.path.join(path, "programs", f"{name}.mlirbc"), "wb") as f:
                 f.write(program.artifact)
-        data = [b.to_numpy() for b in self._data]
+        data = [np.asarray(leaf) for leaf in self.data]
         z_leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(self.z_example)]
         for prefix, leaves in (("data", data), ("z", z_leaves)):
             for i, leaf in enumerate(leaves):
@@ -229,10 +228,8 @@ def load(path: str, *, client=None) -> CompiledTask:
         with open(os.path.join(path, entry["file"]), "rb") as f:
             programs[name] = Program(name, f.read(), entry["backend"])
     z_example = jax.tree_util.tree_unflatten(layout.z_tree, arrays("z", manifest["z"]))
-    compiled = CompiledTask(layout, manifest["steps"], manifest["backend"], programs, client or runtime.get_client(),
-                            z_example=z_example)
-    compiled._upload_data(arrays("data", manifest["data"]))
-    return compiled
+    return CompiledTask(layout, manifest["steps"], manifest["backend"], programs, client or runtime.get_client(),
+                        data=arrays("data", manifest["data"]), z_example=z_example)
 
 
 _CACHE: dict = {}
@@ -265,7 +262,7 @@ def compile_task(task: Task, z_example, *, backend: str = "enzyme", client=None)
     programs = lowering.lower_task(task, layout, backend=backend, target=runtime.stablehlo_target(client))
     programs["all_finite"] = _all_finite_program(layout, runtime.stablehlo_target(client))
     z_copy = jax.tree_util.tree_map(np.asarray, z_example)
-    compiled = CompiledTask(layout, int(task.steps), backend, programs, client, task=task, z_example=z_copy)
-    compiled._upload_data(data_leaves)
+    compiled = CompiledTask(layout, int(task.steps), backend, programs, client, data=data_leaves, z_example=z_copy,
+                            task=task)
     _CACHE[key] = compiled
     return compiled
