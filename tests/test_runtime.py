@@ -189,3 +189,12 @@ print(runtime.to_device(np.arange(3, dtype=np.float32), c).to_numpy().sum())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("3.0")
+
+
+def test_out_of_device_memory_is_an_exception(client):
+    # 1 TiB output: the plugin refuses the allocation; the runtime stays usable.
+    huge = runtime.compile_module(portable(lambda x: jnp.broadcast_to(x, (2**38,)) + 1.0, np.float32(1),
+                                           client=client), client)
+    with pytest.raises(runtime.PjrtError, match="Out of memory"):
+        huge.execute([runtime.to_device(np.float32(1), client)])[0].block_until_ready()
+    np.testing.assert_array_equal(runtime.to_device(np.arange(3.0), client).to_numpy(), [0.0, 1.0, 2.0])
