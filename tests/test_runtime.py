@@ -56,7 +56,8 @@ def test_matmul_tanh_matches_jax(client, as_text):
 
 
 def test_mlp_training_step_matches_jax(client):
-    task, z = make_task("weights", "adam", steps=4)
+    # SGD with momentum: well conditioned, so the runtime must agree with jax.jit closely.
+    task, z = make_task("weights", "sgdm", steps=4)
     state = task.init(z, task.data)
     leaves, tree = jax.tree_util.tree_flatten(state)
 
