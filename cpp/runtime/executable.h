@@ -23,6 +23,7 @@ class Executable {
   const std::vector<ArraySpec>& outputs() const { return outputs_; }
   const std::vector<bool>& donated() const { return donated_; }
   const std::shared_ptr<Client>& client() const { return client_; }
+  PJRT_LoadedExecutable* raw() const { return executable_; }
 
   // Enqueues one execution on device 0 and returns its outputs at once; they
   // become ready asynchronously. Donated arguments are consumed.

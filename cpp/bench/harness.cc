@@ -1,0 +1,728 @@
+// metagrad-bench: runs a saved task (CompiledTask.save) with no Python in the
+// process. Loads a PJRT plugin, compiles the task's portable StableHLO
+// programs, uploads data and z, then times training and metagradients under
+// the given checkpointing schedules, and measures per-execution dispatch
+// overhead. Text or --json output.
+//
+// Dispatch overhead is measured three ways (see PrintUsage / docs/performance.md):
+//   tiny      a scalar x+1 program executed N times in a dependent chain
+//             (enqueue all, await the last): the runtime's cost per execution
+//             when the computation itself is nil;
+//   null_step a program with the step's exact signature (state, z, data, t)
+//             whose outputs alias the donated state inputs, so it computes
+//             nothing: the cost of dispatching a step-shaped execution
+//             (argument checks, PJRT execute, output wrapping);
+//   fused     when the task directory holds an `advance_<n>` program (n steps
+//             in one execution, written by bench/save_task.py): training time
+//             per step minus that program's time per step is the whole
+//             per-step cost of running one execution per step.
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/manifest.h"
+#include "runtime/buffer.h"
+#include "runtime/executable.h"
+#include "runtime/schedule.h"
+#include "runtime/task_runner.h"
+
+namespace metagrad::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+void PrintUsage(std::ostream& out) {
+  out << "usage: metagrad-bench TASK_DIR [options]\n"
+         "  TASK_DIR              a directory written by CompiledTask.save (manifest.json, programs/, arrays/)\n"
+         "options:\n"
+         "  --plugin PATH         PJRT plugin (default: $METAGRAD_PJRT_PLUGIN)\n"
+         "  --schedule LIST       comma-separated schedules, each KIND[:ARG[:LEAF]]:\n"
+         "                          replay:K  revolve:SLOTS  periodic:EVERY  storeall  none (training only)\n"
+         "                        default replay:4\n"
+         "  --leaf N              fused reverse block length for schedules without their own (default 1)\n"
+         "  --repeat N            timed repetitions of training and of each schedule (default 3)\n"
+         "  --warmup N            untimed runs of each first (default 1)\n"
+         "  --dispatch-iters N    executions per dispatch measurement (default 5000, 0 skips)\n"
+         "  --check-determinism N compare replayed states with the first pass every N steps\n"
+         "  --no-fused-forward    run one execution per forward step even when the directory has\n"
+         "                        advance_<n> programs (by default training and replays use them)\n"
+         "  --json                one JSON object on stdout instead of text\n";
+}
+
+struct ScheduleSpec {
+  std::string kind;
+  int64_t arg = 0;
+  int64_t leaf = 1;
+  std::string Name() const {
+    std::string name = kind;
+    if (kind != "storeall") name += ":" + std::to_string(arg);
+    if (leaf != 1) name += " leaf=" + std::to_string(leaf);
+    return name;
+  }
+};
+
+int64_t ParseInt(const std::string& text, const std::string& what) {
+  char* end = nullptr;
+  errno = 0;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || errno == ERANGE) {
+    throw std::invalid_argument(what + " must be an integer, got '" + text + "'");
+  }
+  return value;
+}
+
+std::vector<std::string> Split(const std::string& text, char sep) {
+  std::vector<std::string> parts;
+  std::string part;
+  std::istringstream in(text);
+  while (std::getline(in, part, sep)) parts.push_back(part);
+  if (!text.empty() && text.back() == sep) parts.push_back("");
+  return parts;
+}
+
+std::vector<ScheduleSpec> ParseSchedules(const std::string& text, int64_t default_leaf) {
+  std::vector<ScheduleSpec> specs;
+  for (const std::string& item : Split(text, ',')) {
+    const std::vector<std::string> parts = Split(item, ':');
+    ScheduleSpec spec;
+    spec.kind = parts.empty() ? "" : parts[0];
+    spec.leaf = default_leaf;
+    if (spec.kind == "none") continue;
+    if (spec.kind == "storeall") {
+      if (parts.size() != 1) throw std::invalid_argument("storeall takes no argument: '" + item + "'");
+    } else if (spec.kind == "replay" || spec.kind == "revolve" || spec.kind == "periodic") {
+      if (parts.size() < 2 || parts.size() > 3) {
+        throw std::invalid_argument("schedule '" + item + "' must be " + spec.kind + ":N or " + spec.kind +
+                                    ":N:LEAF");
+      }
+      spec.arg = ParseInt(parts[1], "the argument of '" + item + "'");
+      if (parts.size() == 3) spec.leaf = ParseInt(parts[2], "the leaf of '" + item + "'");
+    } else {
+      throw std::invalid_argument("unknown schedule '" + item +
+                                  "': use replay:K, revolve:SLOTS, periodic:EVERY, storeall or none");
+    }
+    if (spec.leaf < 1) throw std::invalid_argument("leaf must be >= 1 in '" + item + "'");
+    specs.push_back(spec);
+  }
+  return specs;
+}
+
+Plan MakePlan(const ScheduleSpec& spec, int64_t steps) {
+  if (spec.kind == "replay") {
+    if (spec.arg < 2 || spec.arg > INT32_MAX) throw std::invalid_argument("replay:K needs K >= 2");
+    return PlanReplay(steps, static_cast<int>(spec.arg), spec.leaf);
+  }
+  if (spec.kind == "revolve") {
+    if (spec.arg < 1 || spec.arg > INT32_MAX) throw std::invalid_argument("revolve:SLOTS needs SLOTS >= 1");
+    return PlanRevolve(steps, static_cast<int>(spec.arg), spec.leaf);
+  }
+  if (spec.kind == "periodic") {
+    if (spec.arg < 1 || spec.arg % spec.leaf != 0) {
+      throw std::invalid_argument("periodic:EVERY needs EVERY >= 1 and a multiple of the leaf");
+    }
+    return PlanPeriodic(steps, spec.arg, spec.leaf);
+  }
+  return PlanStoreAll(steps);
+}
+
+struct Options {
+  std::string directory;
+  std::string plugin;
+  std::vector<ScheduleSpec> schedules;
+  int64_t repeat = 3;
+  int64_t warmup = 1;
+  int64_t dispatch_iters = 5000;
+  int64_t determinism_stride = 0;
+  bool json = false;
+  bool fused_forward = true;
+};
+
+Options ParseArgs(int argc, char** argv) {
+  Options o;
+  std::string schedules = "replay:4";
+  int64_t leaf = 1;
+  if (const char* env = std::getenv("METAGRAD_PJRT_PLUGIN")) o.plugin = env;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "-h" || arg == "--help") {
+      PrintUsage(std::cout);
+      std::exit(0);
+    } else if (arg == "--plugin") {
+      o.plugin = value();
+    } else if (arg == "--schedule") {
+      schedules = value();
+    } else if (arg == "--leaf") {
+      leaf = ParseInt(value(), "--leaf");
+    } else if (arg == "--repeat") {
+      o.repeat = ParseInt(value(), "--repeat");
+    } else if (arg == "--warmup") {
+      o.warmup = ParseInt(value(), "--warmup");
+    } else if (arg == "--dispatch-iters") {
+      o.dispatch_iters = ParseInt(value(), "--dispatch-iters");
+    } else if (arg == "--check-determinism") {
+      o.determinism_stride = ParseInt(value(), "--check-determinism");
+    } else if (arg == "--json") {
+      o.json = true;
+    } else if (arg == "--no-fused-forward") {
+      o.fused_forward = false;
+    } else if (!arg.empty() && arg[0] == '-') {
+      throw std::invalid_argument("unknown option " + arg);
+    } else if (o.directory.empty()) {
+      o.directory = arg;
+    } else {
+      throw std::invalid_argument("more than one task directory given");
+    }
+  }
+  if (o.directory.empty()) throw std::invalid_argument("no task directory given");
+  if (o.plugin.empty()) {
+    throw std::invalid_argument(
+        "no PJRT plugin: pass --plugin PATH or set $METAGRAD_PJRT_PLUGIN (for the CPU: python -c \"import "
+        "metagrad.runtime as r; print(r.cpu_plugin_path())\")");
+  }
+  if (o.repeat < 1 || o.warmup < 0 || o.dispatch_iters < 0 || o.determinism_stride < 0) {
+    throw std::invalid_argument("--repeat must be >= 1; --warmup, --dispatch-iters, --check-determinism >= 0");
+  }
+  if (leaf < 1) throw std::invalid_argument("--leaf must be >= 1");
+  o.schedules = ParseSchedules(schedules, leaf);
+  return o;
+}
+
+// ---------------------------------------------------------------------------
+// Output: an ordered tree of values printed as text or JSON.
+
+struct Stat {
+  double min = 0, median = 0, mean = 0;
+  std::vector<double> samples;
+};
+
+Stat Summarize(std::vector<double> samples) {
+  Stat s;
+  s.samples = samples;
+  if (samples.empty()) return s;
+  std::sort(samples.begin(), samples.end());
+  s.min = samples.front();
+  const size_t n = samples.size();
+  s.median = n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]);
+  double total = 0;
+  for (double v : samples) total += v;
+  s.mean = total / static_cast<double>(n);
+  return s;
+}
+
+std::string JsonEscape(const std::string& text) {
+  std::string out = "\"";
+  for (unsigned char c : text) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
+std::string Num(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.9g", v);
+  return buf;
+}
+
+// A JSON object under construction, keys in insertion order.
+class Obj {
+ public:
+  Obj& Set(const std::string& key, const std::string& raw_json) {
+    entries_.emplace_back(key, raw_json);
+    return *this;
+  }
+  Obj& Str(const std::string& key, const std::string& value) { return Set(key, JsonEscape(value)); }
+  Obj& Double(const std::string& key, double value) { return Set(key, Num(value)); }
+  Obj& Int(const std::string& key, int64_t value) { return Set(key, std::to_string(value)); }
+  Obj& Bool(const std::string& key, bool value) { return Set(key, value ? "true" : "false"); }
+  Obj& Child(const std::string& key, const Obj& child) { return Set(key, child.Dump()); }
+  Obj& StatOf(const std::string& key, const Stat& s) {
+    Obj o;
+    o.Double("min", s.min).Double("median", s.median).Double("mean", s.mean);
+    std::string samples = "[";
+    for (size_t i = 0; i < s.samples.size(); ++i) samples += (i ? ", " : "") + Num(s.samples[i]);
+    o.Set("samples", samples + "]");
+    return Child(key, o);
+  }
+  std::string Dump() const {
+    std::string out = "{";
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      out += (i ? ", " : "") + JsonEscape(entries_[i].first) + ": " + entries_[i].second;
+    }
+    return out + "}";
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::string>> entries_;
+};
+
+// ---------------------------------------------------------------------------
+
+std::string MlirType(const ArraySpec& spec) {
+  static const std::map<PJRT_Buffer_Type, const char*> kNames = {
+      {PJRT_Buffer_Type_PRED, "i1"}, {PJRT_Buffer_Type_S8, "i8"},    {PJRT_Buffer_Type_S16, "i16"},
+      {PJRT_Buffer_Type_S32, "i32"}, {PJRT_Buffer_Type_S64, "i64"},  {PJRT_Buffer_Type_U8, "ui8"},
+      {PJRT_Buffer_Type_U16, "ui16"}, {PJRT_Buffer_Type_U32, "ui32"}, {PJRT_Buffer_Type_U64, "ui64"},
+      {PJRT_Buffer_Type_F16, "f16"}, {PJRT_Buffer_Type_BF16, "bf16"}, {PJRT_Buffer_Type_F32, "f32"},
+      {PJRT_Buffer_Type_F64, "f64"},
+  };
+  auto found = kNames.find(spec.type);
+  if (found == kNames.end()) throw std::invalid_argument("no MLIR name for " + spec.ToString());
+  std::string type = "tensor<";
+  for (int64_t d : spec.dims) type += std::to_string(d) + "x";
+  return type + found->second + ">";
+}
+
+const char* kTinyProgram = R"(module @tiny attributes {mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} {
+  func.func public @main(%arg0: tensor<f32>) -> tensor<f32> {
+    %c = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+    %0 = stablehlo.add %arg0, %c : tensor<f32>
+    return %0 : tensor<f32>
+  }
+}
+)";
+
+// (S, Z, X, t) -> S with every state input donated and returned as is.
+std::string NullStepProgram(const std::vector<ArraySpec>& step_inputs, size_t num_state) {
+  std::string args, results, values;
+  for (size_t i = 0; i < step_inputs.size(); ++i) {
+    args += (i ? ", " : "") + std::string("%arg") + std::to_string(i) + ": " + MlirType(step_inputs[i]);
+    if (i < num_state) {
+      args += " {tf.aliasing_output = " + std::to_string(i) + " : i32}";
+      results += (i ? ", " : "") + MlirType(step_inputs[i]);
+      values += (i ? ", " : "") + std::string("%arg") + std::to_string(i);
+    }
+  }
+  return "module @null_step attributes {mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} {\n"
+         "  func.func public @main(" + args + ") -> (" + results + ") {\n"
+         "    return " + values + " : " + results + "\n  }\n}\n";
+}
+
+int64_t TempBytes(const Executable& executable) {
+  const Api& api = executable.client()->api();
+  auto get = PJRT_ARGS(PJRT_LoadedExecutable_GetExecutable_Args);
+  get.loaded_executable = executable.raw();
+  if (api->PJRT_LoadedExecutable_GetExecutable(&get) != nullptr) return -1;
+  auto stats = PJRT_ARGS(PJRT_Executable_GetCompiledMemoryStats_Args);
+  stats.executable = get.executable;
+  int64_t bytes = -1;
+  PJRT_Error* error = api->PJRT_Executable_GetCompiledMemoryStats(&stats);
+  if (error == nullptr) {
+    bytes = stats.temp_size_in_bytes;
+  } else {
+    auto destroy = PJRT_ARGS(PJRT_Error_Destroy_Args);
+    destroy.error = error;
+    api->PJRT_Error_Destroy(&destroy);
+  }
+  auto destroy = PJRT_ARGS(PJRT_Executable_Destroy_Args);
+  destroy.executable = get.executable;
+  api->PJRT_Executable_Destroy(&destroy);
+  return bytes;
+}
+
+double PeakRssBytes() {
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) * 1024.0;
+}
+
+double L2Norm(const std::vector<BufferPtr>& buffers) {
+  double total = 0;
+  for (const auto& buffer : buffers) {
+    const ArraySpec& spec = buffer->spec();
+    std::vector<char> bytes(spec.num_bytes());
+    buffer->ToHost(bytes.data(), bytes.size());
+    const size_t n = spec.num_elements();
+    for (size_t i = 0; i < n; ++i) {
+      double v = 0;
+      if (spec.type == PJRT_Buffer_Type_F32) v = reinterpret_cast<const float*>(bytes.data())[i];
+      else if (spec.type == PJRT_Buffer_Type_F64) v = reinterpret_cast<const double*>(bytes.data())[i];
+      else return NAN;
+      total += v * v;
+    }
+  }
+  return std::sqrt(total);
+}
+
+double ScalarValue(const BufferPtr& buffer) {
+  if (buffer->spec().type == PJRT_Buffer_Type_F32) {
+    float v;
+    buffer->ToHost(&v, sizeof(v));
+    return v;
+  }
+  if (buffer->spec().type == PJRT_Buffer_Type_F64) {
+    double v;
+    buffer->ToHost(&v, sizeof(v));
+    return v;
+  }
+  return NAN;
+}
+
+std::string Human(double seconds) {
+  char buf[64];
+  if (seconds >= 1) std::snprintf(buf, sizeof(buf), "%.3f s", seconds);
+  else if (seconds >= 1e-3) std::snprintf(buf, sizeof(buf), "%.2f ms", seconds * 1e3);
+  else std::snprintf(buf, sizeof(buf), "%.2f us", seconds * 1e6);
+  return buf;
+}
+
+std::string Bytes(double bytes) {
+  char buf[64];
+  if (bytes >= 1 << 30) std::snprintf(buf, sizeof(buf), "%.2f GiB", bytes / (1 << 30));
+  else if (bytes >= 1 << 20) std::snprintf(buf, sizeof(buf), "%.2f MiB", bytes / (1 << 20));
+  else if (bytes >= 1 << 10) std::snprintf(buf, sizeof(buf), "%.1f KiB", bytes / (1 << 10));
+  else std::snprintf(buf, sizeof(buf), "%.0f B", bytes);
+  return buf;
+}
+
+int Run(const Options& o) {
+  Obj out;
+  std::ostringstream text;
+  out.Str("task", o.directory);
+
+  // -- read ------------------------------------------------------------------
+  auto start = Clock::now();
+  const Manifest manifest = ReadManifest(o.directory);
+  std::map<std::string, std::string> code;
+  for (const auto& [name, entry] : manifest.programs) code[name] = ReadFile(o.directory + "/" + entry.file);
+  const std::vector<std::string> data_bytes = ReadArrays(manifest, "data", manifest.data);
+  const std::vector<std::string> z_bytes = ReadArrays(manifest, "z", manifest.z);
+  const double seconds_read = Since(start);
+
+  // -- plugin and client -----------------------------------------------------
+  start = Clock::now();
+  auto api = Api::Load(o.plugin);
+  std::map<std::string, Attribute> client_options;
+  if (o.plugin.find("cuda") != std::string::npos) {
+    client_options = {{"platform_name", std::string("cuda")}, {"allocator", std::string("default")},
+                      {"preallocate", false}};
+  } else {
+    client_options = {{"cpu_device_count", int64_t{1}}};
+  }
+  auto client = Client::Create(api, client_options);
+  const double seconds_client = Since(start);
+
+  // -- compile ---------------------------------------------------------------
+  std::map<std::string, ExecutablePtr> executables;
+  Obj compile_times, temp_bytes;
+  double seconds_compile = 0;
+  for (const auto& [name, bytes] : code) {
+    std::vector<ArraySpec> inputs;
+    std::vector<bool> donated;
+    if (name.rfind("advance_", 0) == 0) {
+      manifest.Signature("step", &inputs, &donated);
+    } else {
+      manifest.Signature(name, &inputs, &donated);
+    }
+    start = Clock::now();
+    executables[name] = client->Compile(bytes, "mlir", inputs, donated);
+    const double seconds = Since(start);
+    seconds_compile += seconds;
+    compile_times.Double(name, seconds);
+    temp_bytes.Int(name, TempBytes(*executables[name]));
+  }
+
+  // -- upload ----------------------------------------------------------------
+  start = Clock::now();
+  std::vector<BufferPtr> data, z;
+  for (size_t i = 0; i < manifest.data.size(); ++i) {
+    data.push_back(client->BufferFromHost(data_bytes[i].data(), manifest.data[i].spec, {}, 0));
+  }
+  for (size_t i = 0; i < manifest.z.size(); ++i) {
+    z.push_back(client->BufferFromHost(z_bytes[i].data(), manifest.z[i].spec, {}, 0));
+  }
+  const double seconds_upload = Since(start);
+
+  Obj phases;
+  phases.Double("read", seconds_read).Double("plugin_and_client", seconds_client);
+  phases.Double("compile", seconds_compile).Child("compile_per_program", compile_times);
+  phases.Double("upload", seconds_upload);
+
+  const int64_t T = manifest.steps;
+  Obj info;
+  info.Int("steps", T).Str("backend", manifest.backend).Str("plugin", o.plugin);
+  info.Str("platform", client->platform_name() + " " + client->platform_version());
+  info.Int("state_bytes", manifest.state_bytes()).Int("state_leaves", static_cast<int64_t>(manifest.state.size()));
+  info.Child("program_temp_bytes", temp_bytes);
+  out.Child("info", info);
+  out.Child("phases", phases);
+
+  text << "metagrad-bench " << o.directory << "\n";
+  text << "  task: T=" << T << ", backend " << manifest.backend << ", state " << Bytes(manifest.state_bytes())
+       << " in " << manifest.state.size() << " leaves; platform " << client->platform_name() << "\n";
+  text << "  phases: read " << Human(seconds_read) << ", plugin+client " << Human(seconds_client) << ", compile "
+       << Human(seconds_compile) << " (" << executables.size() << " programs), upload " << Human(seconds_upload)
+       << "\n";
+
+  // -- runner ----------------------------------------------------------------
+  auto take = [&](const char* name) -> ExecutablePtr {
+    auto found = executables.find(name);
+    return found == executables.end() ? nullptr : found->second;
+  };
+  TaskPrograms programs{take("init"),     take("step"),     take("output"), take("output_vjp"),
+                        take("step_vjp"), take("init_vjp"), {},             take("all_finite")};
+  std::string fused_forward;
+  for (const auto& [name, exe] : executables) {
+    if (name.rfind("segment_vjp_", 0) == 0) programs.segment_vjp[ParseInt(name.substr(12), name)] = exe;
+    if (name.rfind("advance_", 0) == 0 && o.fused_forward) {
+      programs.advance[ParseInt(name.substr(8), name)] = exe;
+      fused_forward += (fused_forward.empty() ? "" : ",") + name.substr(8);
+    }
+  }
+  out.Str("fused_forward", fused_forward);
+  text << "  forward: " << (fused_forward.empty() ? "one execution per step" : "fused, advance_" + fused_forward)
+       << "\n";
+  TaskRunner runner(programs, T, manifest.differentiable, static_cast<int>(manifest.z.size()), data);
+
+  // Plans up front: a bad schedule fails before any timing.
+  struct Case {
+    ScheduleSpec spec;
+    Plan plan;
+    PlanStats stats;
+    std::vector<double> total, forward, reverse;
+    RunReport report;
+    double value = 0, grad_norm = 0;
+  };
+  std::vector<Case> cases;
+  for (const ScheduleSpec& spec : o.schedules) {
+    Case c{spec, MakePlan(spec, T), {}, {}, {}, {}, {}};
+    c.stats = CheckPlan(c.plan, T);
+    for (int64_t length : c.stats.fused_lengths) {
+      if (length > 1 && programs.segment_vjp.count(length) == 0) {
+        std::string have;
+        for (const auto& [n, exe] : programs.segment_vjp) have += " " + std::to_string(n);
+        throw std::invalid_argument("schedule " + spec.Name() + " fuses " + std::to_string(length) +
+                                    " steps, but the task directory has no segment_vjp_" + std::to_string(length) +
+                                    " (it has:" + (have.empty() ? " none" : have) +
+                                    "); save the task after running that schedule (bench/save_task.py --leaf)");
+      }
+    }
+    cases.push_back(std::move(c));
+  }
+
+  // -- training and metagradients, interleaved so noise hits all alike -------
+  std::vector<double> train_seconds;
+  MetagradientOptions mg_options{o.determinism_stride, false};
+  for (int64_t r = 0; r < o.warmup + o.repeat; ++r) {
+    const bool timed = r >= o.warmup;
+    RunReport train_report;
+    runner.Train(z, &train_report);
+    if (timed) train_seconds.push_back(train_report.seconds_total);
+    for (Case& c : cases) {
+      TaskRunner::Result result = runner.Metagradient(z, c.plan, mg_options);
+      if (!timed) continue;
+      c.total.push_back(result.report.seconds_total);
+      c.forward.push_back(result.report.seconds_forward);
+      c.reverse.push_back(result.report.seconds_reverse);
+      c.report = result.report;
+      c.value = ScalarValue(result.value);
+      c.grad_norm = L2Norm(result.grad);
+    }
+  }
+  const Stat train = Summarize(train_seconds);
+  out.Child("train", Obj().StatOf("seconds", train).Double("us_per_step_median", train.median / T * 1e6));
+  text << "  train: median " << Human(train.median) << " (min " << Human(train.min) << ", "
+       << Human(train.median / T) << " per step) over " << o.repeat << " runs\n";
+
+  std::string schedules_json = "[";
+  for (size_t i = 0; i < cases.size(); ++i) {
+    Case& c = cases[i];
+    const Stat total = Summarize(c.total), forward = Summarize(c.forward), reverse = Summarize(c.reverse);
+    // Working memory beyond the saved states: the current state, the
+    // cotangent and z_bar, and the largest temporary buffer of the reverse
+    // programs the plan runs (a fused block's residuals live there).
+    int64_t reverse_temp = 0;
+    for (int64_t length : c.stats.fused_lengths) {
+      const std::string name = length == 1 ? "step_vjp" : "segment_vjp_" + std::to_string(length);
+      auto found = executables.find(name);
+      if (found != executables.end()) reverse_temp = std::max(reverse_temp, TempBytes(*found->second));
+    }
+    const double ratio = total.median / train.median;
+    Obj s;
+    s.Str("schedule", c.spec.Name()).Str("kind", c.spec.kind).Int("arg", c.spec.arg).Int("leaf", c.spec.leaf);
+    s.StatOf("seconds", total).StatOf("seconds_forward", forward).StatOf("seconds_reverse", reverse);
+    s.Double("ratio_to_train", ratio);
+    s.Int("forward_steps", c.report.forward_steps).Int("reversed_steps", c.report.reversed_steps);
+    s.Int("executions", c.report.executions).Int("peak_saved_states", c.report.peak_saved_states);
+    s.Int("peak_saved_bytes", c.report.peak_saved_bytes).Int("reverse_program_temp_bytes", reverse_temp);
+    s.Int("determinism_checks", c.report.determinism_checks);
+    s.Double("value", c.value).Double("grad_norm", c.grad_norm);
+    schedules_json += (i ? ", " : "") + s.Dump();
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "  metagradient %-20s median %s = %.2fx train (min %s; forward %s, reverse %s); %lld forward "
+                  "steps (%.2f T), %lld executions; peak %lld saved states = %s (+ %s reverse temp); phi %.6g, "
+                  "|grad| %.6g\n",
+                  c.spec.Name().c_str(), Human(total.median).c_str(), ratio, Human(total.min).c_str(),
+                  Human(forward.median).c_str(), Human(reverse.median).c_str(),
+                  static_cast<long long>(c.report.forward_steps),
+                  static_cast<double>(c.report.forward_steps) / static_cast<double>(T),
+                  static_cast<long long>(c.report.executions), static_cast<long long>(c.report.peak_saved_states),
+                  Bytes(static_cast<double>(c.report.peak_saved_bytes)).c_str(),
+                  Bytes(static_cast<double>(reverse_temp)).c_str(), c.value, c.grad_norm);
+    text << line;
+  }
+  out.Set("metagradient", schedules_json + "]");
+
+  // -- dispatch overhead -----------------------------------------------------
+  if (o.dispatch_iters > 0) {
+    const int64_t n = o.dispatch_iters;
+    Obj dispatch;
+    dispatch.Int("iterations", n);
+    // tiny: chained scalar program.
+    auto tiny = client->Compile(kTinyProgram, "mlir", {ArraySpec{{}, PJRT_Buffer_Type_F32}}, {false});
+    const float zero = 0;
+    auto chain = [&](bool await_each) {
+      BufferPtr x = client->BufferFromHost(&zero, ArraySpec{{}, PJRT_Buffer_Type_F32}, {}, 0);
+      const auto t0 = Clock::now();
+      for (int64_t i = 0; i < n; ++i) {
+        x = tiny->Execute({x.get()})[0];
+        if (await_each) x->Await();
+      }
+      x->Await();
+      return Since(t0) / static_cast<double>(n);
+    };
+    chain(false);  // warm up
+    std::vector<double> tiny_async, tiny_sync;
+    for (int rep = 0; rep < 3; ++rep) {
+      tiny_async.push_back(chain(false));
+      tiny_sync.push_back(chain(true));
+    }
+    // null_step: the step's signature, no compute.
+    std::vector<ArraySpec> step_inputs;
+    std::vector<bool> step_donated;
+    manifest.Signature("step", &step_inputs, &step_donated);
+    std::vector<bool> null_donated(step_inputs.size(), false);
+    for (size_t i = 0; i < manifest.state.size(); ++i) null_donated[i] = true;
+    auto null_step = client->Compile(NullStepProgram(step_inputs, manifest.state.size()), "mlir", step_inputs,
+                                     null_donated);
+    std::vector<BufferPtr> state0 = executables.at("init")->Execute([&] {
+      std::vector<Buffer*> args;
+      for (auto& b : z) args.push_back(b.get());
+      for (auto& b : data) args.push_back(b.get());
+      return args;
+    }());
+    for (auto& b : state0) b->Await();
+    const int32_t t_value = 0;
+    BufferPtr t_buffer = client->BufferFromHost(&t_value, ArraySpec{{}, PJRT_Buffer_Type_S32}, {}, 0);
+    auto run_chain = [&](const Executable& exe, int64_t count, bool await_each, std::vector<BufferPtr> state) {
+      std::vector<Buffer*> args;
+      const auto t0 = Clock::now();
+      for (int64_t i = 0; i < count; ++i) {
+        args.clear();
+        for (auto& b : state) args.push_back(b.get());
+        for (auto& b : z) args.push_back(b.get());
+        for (auto& b : data) args.push_back(b.get());
+        args.push_back(t_buffer.get());
+        state = exe.Execute(args);
+        if (await_each) state[0]->Await();
+      }
+      for (auto& b : state) b->Await();
+      return Since(t0) / static_cast<double>(count);
+    };
+    // The null step consumes its (donated) state: give it a private copy.
+    auto fresh_state = [&] {
+      std::vector<BufferPtr> copy;
+      for (auto& b : state0) {
+        std::vector<char> bytes(b->spec().num_bytes());
+        b->ToHost(bytes.data(), bytes.size());
+        copy.push_back(client->BufferFromHost(bytes.data(), b->spec(), {}, 0));
+      }
+      return copy;
+    };
+    run_chain(*null_step, std::min<int64_t>(n, 100), false, fresh_state());
+    std::vector<double> null_async, null_sync, step_sync, step_async;
+    const int64_t real_steps = std::min<int64_t>(T, 1000);
+    for (int rep = 0; rep < 3; ++rep) {
+      null_async.push_back(run_chain(*null_step, n, false, fresh_state()));
+      null_sync.push_back(run_chain(*null_step, n, true, fresh_state()));
+      step_sync.push_back(run_chain(*executables.at("step"), real_steps, true, state0));
+      step_async.push_back(run_chain(*executables.at("step"), real_steps, false, state0));
+    }
+    const Stat ta = Summarize(tiny_async), ts = Summarize(tiny_sync), na = Summarize(null_async),
+               ns = Summarize(null_sync), ss = Summarize(step_sync), sa = Summarize(step_async);
+    dispatch.Double("tiny_us", ta.median * 1e6).Double("tiny_await_each_us", ts.median * 1e6);
+    dispatch.Double("null_step_us", na.median * 1e6).Double("null_step_await_each_us", ns.median * 1e6);
+    dispatch.Double("step_us", sa.median * 1e6).Double("step_await_each_us", ss.median * 1e6);
+    dispatch.Double("null_step_fraction_of_step", na.median / sa.median);
+    text << "  dispatch (median of 3 x " << n << " executions): tiny " << Human(ta.median) << " per execution ("
+         << Human(ts.median) << " awaiting each); step-shaped null program " << Human(na.median) << " ("
+         << Human(ns.median) << " awaiting each)\n";
+    text << "    real step: " << Human(sa.median) << " per step chained, " << Human(ss.median)
+         << " awaiting each; null-step dispatch is " << Num(100 * na.median / sa.median) << "% of a step\n";
+    // fused: an advance_<n> program (n steps per execution) if the directory has one.
+    for (const auto& [name, exe] : executables) {
+      if (name.rfind("advance_", 0) != 0) continue;
+      const int64_t per = ParseInt(name.substr(8), name);
+      const int64_t runs = std::max<int64_t>(1, real_steps / per);
+      std::vector<double> fused;
+      run_chain(*exe, 1, false, state0);
+      for (int rep = 0; rep < 3; ++rep) fused.push_back(run_chain(*exe, runs, false, state0) / per);
+      const Stat f = Summarize(fused);
+      Obj fo;
+      fo.Int("steps_per_execution", per).Double("us_per_step", f.median * 1e6);
+      fo.Double("overhead_us_per_step", (sa.median - f.median) * 1e6);
+      dispatch.Child(name, fo);
+      text << "    " << name << ": " << Human(f.median) << " per step fused, so one execution per step costs "
+           << Human(sa.median - f.median) << " more per step\n";
+    }
+    out.Child("dispatch", dispatch);
+  }
+  out.Double("peak_rss_bytes", PeakRssBytes());
+  text << "  process peak RSS " << Bytes(PeakRssBytes()) << "\n";
+
+  if (o.json) {
+    std::cout << out.Dump() << std::endl;
+  } else {
+    std::cout << text.str();
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace metagrad::bench
+
+int main(int argc, char** argv) {
+  metagrad::bench::Options options;
+  try {
+    options = metagrad::bench::ParseArgs(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "metagrad-bench: " << e.what() << "\n\n";
+    metagrad::bench::PrintUsage(std::cerr);
+    return 2;
+  }
+  try {
+    return metagrad::bench::Run(options);
+  } catch (const std::exception& e) {
+    std::cerr << "metagrad-bench: " << e.what() << "\n";
+    return 1;
+  }
+}
