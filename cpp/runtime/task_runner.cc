@@ -71,6 +71,33 @@ std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
   return program->Execute(args);
 }
 
+void TaskRunner::Advance(std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z, int64_t from,
+                         int64_t count, RunReport& report) {
+  // Fused chunks start at multiples of their length, so the first pass and
+  // every replay run the same programs over the same steps wherever a replay
+  // covers a whole chunk.
+  const int64_t end = from + count;
+  for (int64_t t = from; t < end;) {
+    std::vector<BufferPtr> index = {StepIndex(t)};
+    const ExecutablePtr* fused = nullptr;
+    int64_t n = 1;
+    for (auto it = programs_.advance.rbegin(); it != programs_.advance.rend(); ++it) {
+      if (it->first > 1 && t % it->first == 0 && t + it->first <= end) {
+        fused = &it->second;
+        n = it->first;
+        break;
+      }
+    }
+    if (fused != nullptr) {
+      state = Run(*fused, {&state, &z, &data_, &index}, report);
+      t += n;
+    } else {
+      state = Run(programs_.step, {&state, &z, &data_, &index}, report);
+      t += 1;
+    }
+  }
+}
+
 void TaskRunner::CheckZ(const std::vector<BufferPtr>& z) const {
   if (static_cast<int>(z.size()) != num_z_) {
     throw InvalidArgument("z has " + std::to_string(z.size()) + " leaves, the task was compiled for " +
@@ -84,10 +111,7 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
   RunReport& r = report ? *report : local;
   const auto start = Clock::now();
   std::vector<BufferPtr> state = Run(programs_.init, {&z, &data_}, r);
-  for (int64_t t = 0; t < steps_; ++t) {
-    std::vector<BufferPtr> index = {StepIndex(t)};
-    state = Run(programs_.step, {&state, &z, &data_, &index}, r);
-  }
+  Advance(state, z, 0, steps_, r);
   AwaitAll(state);
   r.steps = steps_;
   r.forward_steps = steps_;
@@ -164,13 +188,21 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
   for (const Action& action : plan) {
     switch (action.kind) {
       case ActionKind::kAdvance:
-        for (int64_t t = action.step; t < action.step + action.count; ++t) {
-          std::vector<BufferPtr> index = {StepIndex(t)};
-          current = Run(programs_.step, {&current, &z, &data_, &index}, report);
-          ++report.forward_steps;
-          position = t + 1;
-          record_or_check(position, replay_origin);
+        if (options.determinism_stride > 0) {
+          // Stop at every checked position (fused programs in between).
+          for (int64_t t = action.step; t < action.step + action.count;) {
+            const int64_t stride = options.determinism_stride;
+            const int64_t n = std::min(action.step + action.count - t, stride - t % stride);
+            Advance(current, z, t, n, report);
+            t += n;
+            position = t;
+            record_or_check(position, replay_origin);
+          }
+        } else {
+          Advance(current, z, action.step, action.count, report);
+          position = action.step + action.count;
         }
+        report.forward_steps += action.count;
         break;
       case ActionKind::kSave: {
         slots[action.slot] = {position, current};

@@ -20,6 +20,12 @@ struct TaskPrograms {
   ExecutablePtr init, step, output, output_vjp, step_vjp, init_vjp;
   std::map<int64_t, ExecutablePtr> segment_vjp;  // fused reverse of n steps, by n
   ExecutablePtr all_finite;                      // (dS[D], dZ) -> bool[]; for the non-finite check
+  // Optional fused forward programs, by n: (S, Z, X, t0) -> S after steps
+  // t0..t0+n-1 in one execution. Training and the plan's advances use the
+  // largest that fits (one execution instead of n: each execution costs tens
+  // of microseconds on the CPU plugin beyond its compute); bit-identical to
+  // n single steps when the program is a scan of the same step.
+  std::map<int64_t, ExecutablePtr> advance;
 };
 
 struct MetagradientOptions {
@@ -75,6 +81,10 @@ class TaskRunner {
  private:
   std::vector<BufferPtr> Run(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups,
                              RunReport& report) const;
+  // Applies steps [from, from + count) to `state`, with the largest fused
+  // `advance` programs that fit, single steps for the rest.
+  void Advance(std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z, int64_t from, int64_t count,
+               RunReport& report);
   const BufferPtr& StepIndex(int64_t t);
   void CheckZ(const std::vector<BufferPtr>& z) const;
 
