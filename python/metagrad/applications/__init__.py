@@ -1,0 +1,1 @@
+"""Applications of metagradients on sklearn digits (one module each)."""
