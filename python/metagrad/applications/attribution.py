@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from metagrad.applications import digits as D
-from metagrad.applications.common import Metagradient, Timer, log, plt, write_result
+from metagrad.applications.common import ArgumentError, Metagradient, merge_params, Timer, log, plt, write_result
 
 NAME = "attribution"
 DEFAULTS = dict(test_examples=5, subsets=50, fractions=(0.01, 0.05), n_train=1000, n_val=300, train_steps=200,
@@ -102,20 +102,16 @@ def study(cfg: D.TrainConfig, split: dict, test_idx, p: dict, engine: str, progr
 
 def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, toy: bool = False, **kw) -> dict:
     """Run the application; keyword arguments override :data:`DEFAULTS` (or :data:`TOY`)."""
-    p = dict(TOY if toy else DEFAULTS)
-    unknown = set(kw) - set(p)
-    if unknown:
-        raise ValueError(f"unknown argument(s) for {NAME}: {sorted(unknown)}; known: {sorted(p)}")
-    p.update({k: v for k, v in kw.items() if v is not None})
+    p = merge_params(NAME, TOY if toy else DEFAULTS, kw)
     p["fractions"] = tuple(float(f) for f in p["fractions"])
     if not all(0 < f < 1 for f in p["fractions"]):
-        raise ValueError(f"fractions must be in (0, 1), got {p['fractions']!r}")
+        raise ArgumentError(f"fractions must be in (0, 1), got {p['fractions']!r}")
     if p["subsets"] < 3:
-        raise ValueError(f"subsets must be >= 3 (a rank correlation needs points), got {p['subsets']!r}")
+        raise ArgumentError(f"subsets must be >= 3 (a rank correlation needs points), got {p['subsets']!r}")
     clock = Timer()
     split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     if not 1 <= p["test_examples"] <= len(split["y_test"]):
-        raise ValueError(f"test_examples must be in [1, {len(split['y_test'])}], got {p['test_examples']!r}")
+        raise ArgumentError(f"test_examples must be in [1, {len(split['y_test'])}], got {p['test_examples']!r}")
     test_idx = np.random.default_rng(p["seed"]).choice(len(split["y_test"]), p["test_examples"], replace=False)
     smooth = study(smooth_config(p), split, test_idx, p, engine, progress, "smooth")
     studies = {"smooth": smooth}

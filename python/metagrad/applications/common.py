@@ -15,9 +15,36 @@ import numpy as np
 from metagrad import baselines
 from metagrad.task import Task
 
-__all__ = ["ENGINES", "Metagradient", "resolve_engine", "write_result", "plt", "Timer"]
+__all__ = ["ENGINES", "ArgumentError", "merge_params", "Metagradient", "resolve_engine", "write_result", "plt",
+           "Timer"]
 
 ENGINES = ("auto", "metagrad", "jax")
+
+
+class ArgumentError(ValueError):
+    """A bad application argument; the message names it."""
+
+
+def merge_params(name: str, defaults: dict, overrides: dict) -> dict:
+    """``defaults`` updated with the non-``None`` ``overrides``; unknown names are an :class:`ArgumentError`."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ArgumentError(f"unknown argument(s) for {name}: {sorted(unknown)}; known: {sorted(defaults)}")
+    p = dict(defaults)
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in p.items():
+        d = defaults[k]
+        if isinstance(d, bool) and not isinstance(v, (bool, np.bool_)):
+            raise ArgumentError(f"{k} must be a bool, got {v!r}")
+        if isinstance(d, int) and not isinstance(d, bool) and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise ArgumentError(f"{k} must be an int, got {v!r}")
+        if isinstance(d, float) and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
+            raise ArgumentError(f"{k} must be a number, got {v!r}")
+        if isinstance(d, int) and not isinstance(d, bool) and k in ("steps", "seeds", "train_steps", "hidden",
+                                                                       "n_train", "n_val", "batch_size") and v < (
+                0 if k == "steps" else 1):
+            raise ArgumentError(f"{k} must be >= {0 if k == 'steps' else 1}, got {v!r}")
+    return p
 
 
 def _compiled_available() -> bool:
@@ -35,7 +62,7 @@ def resolve_engine(engine: str) -> str:
     ``"jax"`` (:func:`metagrad.baselines.scan_metagradient`); ``"auto"`` is
     ``"metagrad"`` when the compiled runtime is importable, else ``"jax"``."""
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise ArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "auto":
         return "metagrad" if _compiled_available() else "jax"
     if engine == "metagrad" and not _compiled_available():

@@ -20,7 +20,7 @@ import numpy as np
 
 from metagrad import mgd
 from metagrad.applications import digits as D
-from metagrad.applications.common import Metagradient, Timer, log, plt, write_result
+from metagrad.applications.common import ArgumentError, Metagradient, merge_params, Timer, log, plt, write_result
 
 NAME = "data-selection"
 DEFAULTS = dict(steps=40, n_train=1000, n_val=300, noise=0.2, lr=0.05, seeds=4, train_steps=200, hidden=128,
@@ -46,15 +46,11 @@ def config(p: dict) -> D.TrainConfig:
 
 def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, toy: bool = False, **kw) -> dict:
     """Run the application; keyword arguments override :data:`DEFAULTS` (or :data:`TOY`)."""
-    p = dict(TOY if toy else DEFAULTS)
-    unknown = set(kw) - set(p)
-    if unknown:
-        raise ValueError(f"unknown argument(s) for {NAME}: {sorted(unknown)}; known: {sorted(p)}")
-    p.update({k: v for k, v in kw.items() if v is not None})
+    p = merge_params(NAME, TOY if toy else DEFAULTS, kw)
     if not 0 < p["noise"] < 1:
-        raise ValueError(f"noise must be in (0, 1), got {p['noise']!r}")
+        raise ArgumentError(f"noise must be in (0, 1), got {p['noise']!r}")
     if p["seeds"] < 1:
-        raise ValueError(f"seeds must be >= 1, got {p['seeds']!r}")
+        raise ArgumentError(f"seeds must be >= 1, got {p['seeds']!r}")
     clock = Timer()
     split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     y_noisy, flipped = D.flip_labels(split["y_train"], p["noise"], seed=p["seed"])

@@ -30,7 +30,7 @@ import numpy as np
 
 from metagrad import baselines, mgd
 from metagrad.applications import digits as D
-from metagrad.applications.common import Metagradient, Timer, log, plt, write_result
+from metagrad.applications.common import ArgumentError, Metagradient, merge_params, Timer, log, plt, write_result
 
 NAME = "lr-schedule"
 DEFAULTS = dict(steps=50, knots=8, seeds=4, train_steps=200, lr=0.1, start_lr=0.1, peak_min=0.03, peak_max=10.0,
@@ -77,15 +77,11 @@ def knots_to_steps(z: np.ndarray, T: int) -> np.ndarray:
 
 def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, toy: bool = False, **kw) -> dict:
     """Run the application; keyword arguments override :data:`DEFAULTS` (or :data:`TOY`)."""
-    p = dict(TOY if toy else DEFAULTS)
-    unknown = set(kw) - set(p)
-    if unknown:
-        raise ValueError(f"unknown argument(s) for {NAME}: {sorted(unknown)}; known: {sorted(p)}")
-    p.update({k: v for k, v in kw.items() if v is not None})
+    p = merge_params(NAME, TOY if toy else DEFAULTS, kw)
     if p["knots"] < 2:
-        raise ValueError(f"knots must be >= 2, got {p['knots']!r}")
+        raise ArgumentError(f"knots must be >= 2, got {p['knots']!r}")
     if not 0 < p["peak_min"] < p["peak_max"]:
-        raise ValueError(f"need 0 < peak_min < peak_max, got {p['peak_min']!r}, {p['peak_max']!r}")
+        raise ArgumentError(f"need 0 < peak_min < peak_max, got {p['peak_min']!r}, {p['peak_max']!r}")
     clock = Timer()
     split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     cfg = config(p)

@@ -27,7 +27,7 @@ import numpy as np
 
 from metagrad import mgd
 from metagrad.applications import digits as D
-from metagrad.applications.common import Metagradient, Timer, log, plt, write_result
+from metagrad.applications.common import ArgumentError, Metagradient, merge_params, Timer, log, plt, write_result
 
 NAME = "poisoning"
 DEFAULTS = dict(steps=150, fraction=0.03, n_train=1000, n_val=300, lr=0.02, seeds=8, eval_seeds=4, train_steps=400,
@@ -43,15 +43,11 @@ def config(p: dict) -> D.TrainConfig:
 
 def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, toy: bool = False, **kw) -> dict:
     """Run the application; keyword arguments override :data:`DEFAULTS` (or :data:`TOY`)."""
-    p = dict(TOY if toy else DEFAULTS)
-    unknown = set(kw) - set(p)
-    if unknown:
-        raise ValueError(f"unknown argument(s) for {NAME}: {sorted(unknown)}; known: {sorted(p)}")
-    p.update({k: v for k, v in kw.items() if v is not None})
+    p = merge_params(NAME, TOY if toy else DEFAULTS, kw)
     if not 0 < p["fraction"] < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {p['fraction']!r}")
+        raise ArgumentError(f"fraction must be in (0, 1), got {p['fraction']!r}")
     if p["seeds"] < 1 or p["eval_seeds"] < 0:
-        raise ValueError(f"seeds must be >= 1 and eval_seeds >= 0, got {p['seeds']!r}, {p['eval_seeds']!r}")
+        raise ArgumentError(f"seeds must be >= 1 and eval_seeds >= 0, got {p['seeds']!r}, {p['eval_seeds']!r}")
     clock = Timer()
     split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     n_poison = max(1, int(round(p["fraction"] * p["n_train"])))
