@@ -17,3 +17,6 @@ __all__ = [
     "Budget", "CheckFailed", "CompiledTask", "EnzymeUnsupportedError", "Periodic", "PjrtError", "Replay",
     "Report", "StoreAll", "Task", "load",
 ]
+
+# metagradient descent and the JAX-autodiff reference engine (pure Python, no runtime needed)
+from metagrad import baselines, mgd  # noqa: E402
