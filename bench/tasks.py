@@ -2,10 +2,10 @@
 
 * ``mlp``:  design.md section 5's setup -- a 64-256-10 tanh MLP, batch 128, SGD
   with momentum 0.9; the metaparameter is a weight per training example.
-* ``cnn``:  a small average-pool CNN on the 8x8 digit images (3x3 conv 16 ->
-  2x2 average pool -> 3x3 conv 32 -> 2x2 average pool -> dense 10), batch 64,
+* ``cnn``:  a small average-pool CNN on the 8x8 digit images (3x3 conv 8 ->
+  2x2 average pool -> 3x3 conv 16 -> 2x2 average pool -> dense 10), batch 32,
   SGD with momentum; per-example weights.
-* ``wide``: a compute-bound MLP 64-1024-1024-10, batch 256, SGD with
+* ``wide``: a compute-bound MLP 64-512-512-10, batch 128, SGD with
   momentum; per-example weights.
 
 Every step is pure: the batch is a function of the step index ``t``.
@@ -69,9 +69,9 @@ def _conv(x, w):
 
 def _cnn_init():
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    return {"c1": jax.random.normal(k1, (3, 3, 1, 16), jnp.float32) / 3.0, "b1": jnp.zeros(16, jnp.float32),
-            "c2": jax.random.normal(k2, (3, 3, 16, 32), jnp.float32) / 12.0, "b2": jnp.zeros(32, jnp.float32),
-            "out": _dense_init(k3, 2 * 2 * 32, 10)}
+    return {"c1": jax.random.normal(k1, (3, 3, 1, 8), jnp.float32) / 3.0, "b1": jnp.zeros(8, jnp.float32),
+            "c2": jax.random.normal(k2, (3, 3, 8, 16), jnp.float32) / np.sqrt(72.0), "b2": jnp.zeros(16, jnp.float32),
+            "out": _dense_init(k3, 2 * 2 * 16, 10)}
 
 
 def _cnn_apply(params, x):
@@ -85,8 +85,8 @@ def _cnn_apply(params, x):
 CONFIGS = {
     # kind: (init params, apply, batch, learning rate)
     "mlp": (lambda: _mlp_init([64, 256, 10]), _mlp_apply, 128, 0.05),
-    "cnn": (_cnn_init, _cnn_apply, 64, 0.05),
-    "wide": (lambda: _mlp_init([64, 1024, 1024, 10]), _mlp_apply, 256, 0.02),
+    "cnn": (_cnn_init, _cnn_apply, 32, 0.05),
+    "wide": (lambda: _mlp_init([64, 512, 512, 10]), _mlp_apply, 128, 0.02),
 }
 
 

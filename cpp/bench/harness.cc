@@ -55,6 +55,8 @@ void PrintUsage(std::ostream& out) {
          "                          replay:K  revolve:SLOTS  periodic:EVERY  storeall  none (training only)\n"
          "                        default replay:4\n"
          "  --leaf N              fused reverse block length for schedules without their own (default 1)\n"
+         "  --steps T             run T training steps instead of the manifest's (the programs do not\n"
+         "                        depend on T unless the task's z or data do)\n"
          "  --repeat N            timed repetitions of training and of each schedule (default 3)\n"
          "  --warmup N            untimed runs of each first (default 1)\n"
          "  --dispatch-iters N    executions per dispatch measurement (default 5000, 0 skips)\n"
@@ -148,6 +150,7 @@ struct Options {
   int64_t warmup = 1;
   int64_t dispatch_iters = 5000;
   int64_t determinism_stride = 0;
+  int64_t steps = 0;  // 0: the manifest's
   bool json = false;
   bool fused_forward = true;
 };
@@ -172,6 +175,9 @@ Options ParseArgs(int argc, char** argv) {
       schedules = value();
     } else if (arg == "--leaf") {
       leaf = ParseInt(value(), "--leaf");
+    } else if (arg == "--steps") {
+      o.steps = ParseInt(value(), "--steps");
+      if (o.steps < 1) throw std::invalid_argument("--steps must be >= 1");
     } else if (arg == "--repeat") {
       o.repeat = ParseInt(value(), "--repeat");
     } else if (arg == "--warmup") {
@@ -410,7 +416,8 @@ int Run(const Options& o) {
 
   // -- read ------------------------------------------------------------------
   auto start = Clock::now();
-  const Manifest manifest = ReadManifest(o.directory);
+  Manifest manifest = ReadManifest(o.directory);
+  if (o.steps > 0) manifest.steps = o.steps;
   std::map<std::string, std::string> code;
   for (const auto& [name, entry] : manifest.programs) code[name] = ReadFile(o.directory + "/" + entry.file);
   const std::vector<std::string> data_bytes = ReadArrays(manifest, "data", manifest.data);
