@@ -59,7 +59,8 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str]]:
                  ""),
                 (f"accuracy drop ratio MGD / label-flip ({label})", _fmt(g["drop_ratio_mgd_over_baseline"], 2), ">= 3"),
             ]
-        out.append(("poisoned examples, mean |pixel change|", f"{m['n_poison']}, {m['mean_abs_pixel_change']:.3f}", ""))
+        out.append(("poisoned examples, mean absolute pixel change",
+                    f"{m['n_poison']}, {m['mean_abs_pixel_change']:.3f}", ""))
         return out
     if name == "lr-schedule":
         g, b, mg = m["grid_equal_budget"], m["grid_big"], m["mgd"]
