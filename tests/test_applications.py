@@ -167,7 +167,7 @@ def test_lr_grid_schedules():
     assert len(coarse) == 10 and len(fine) == 5 * (1 * 4 + 1)
     fine_keys = {(f, round(p, 9)) for f, p, _ in fine}
     assert all((f, round(p, 9)) in fine_keys for f, p, _ in coarse)
-    np.testing.assert_allclose(lr_schedule.knots_to_steps(np.log([0.1, 0.4]), 3), [0.1, np.exp(np.log(0.1) / 2 + np.log(0.4) / 2), 0.4])
+    np.testing.assert_allclose(lr_schedule.knots_to_steps(np.log([0.1, 0.4]), 3), [0.1, 0.2, 0.4])  # geometric mid
 
 
 # --------------------------------------------------------------------------- #

@@ -120,7 +120,8 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
     f0 = str(p["fractions"][0])
     result = {"application": NAME, "engine": smooth["engine"], "params": p,
               "metrics": {name: s["summary"] for name, s in studies.items()},
-              "targets": {f"mean spearman>=0.8 at {float(f0):.0%} (smooth)": smooth["summary"][f0]["mean_spearman"] >= 0.8},
+              "targets": {f"mean spearman>=0.8 at {float(f0):.0%} (smooth)":
+                          smooth["summary"][f0]["mean_spearman"] >= 0.8},
               "studies": studies, "seconds": {"total": clock()}}
     if out is not None:
         write_result(out, result)

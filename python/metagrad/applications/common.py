@@ -25,6 +25,9 @@ class ArgumentError(ValueError):
     """A bad application argument; the message names it."""
 
 
+_POSITIVE = {"steps": 0, "seeds": 1, "train_steps": 1, "hidden": 2, "n_train": 2, "n_val": 1, "batch_size": 1}
+
+
 def merge_params(name: str, defaults: dict, overrides: dict) -> dict:
     """``defaults`` updated with the non-``None`` ``overrides``; unknown names are an :class:`ArgumentError`."""
     unknown = set(overrides) - set(defaults)
@@ -36,14 +39,13 @@ def merge_params(name: str, defaults: dict, overrides: dict) -> dict:
         d = defaults[k]
         if isinstance(d, bool) and not isinstance(v, (bool, np.bool_)):
             raise ArgumentError(f"{k} must be a bool, got {v!r}")
-        if isinstance(d, int) and not isinstance(d, bool) and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+        is_int = isinstance(d, int) and not isinstance(d, bool)
+        if is_int and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
             raise ArgumentError(f"{k} must be an int, got {v!r}")
         if isinstance(d, float) and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
             raise ArgumentError(f"{k} must be a number, got {v!r}")
-        if isinstance(d, int) and not isinstance(d, bool) and k in ("steps", "seeds", "train_steps", "hidden",
-                                                                       "n_train", "n_val", "batch_size") and v < (
-                0 if k == "steps" else 1):
-            raise ArgumentError(f"{k} must be >= {0 if k == 'steps' else 1}, got {v!r}")
+        if is_int and k in _POSITIVE and v < _POSITIVE[k]:
+            raise ArgumentError(f"{k} must be >= {_POSITIVE[k]}, got {v!r}")
     return p
 
 

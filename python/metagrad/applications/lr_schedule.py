@@ -104,8 +104,10 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
         """(val, test) loss of a per-step log-LR schedule, mean over the ensemble's seeds."""
         state = baselines.train(t, np.asarray(log_lr_steps, np.float32))
         params = state["params"]
-        val = np.asarray(jax.vmap(lambda q: D.per_example_loss(cfg, q, split["x_val"], split["y_val"]).mean())(params))
-        test = np.asarray(jax.vmap(lambda q: D.per_example_loss(cfg, q, split["x_test"], split["y_test"]).mean())(params))
+        def mean_loss(x, y):
+            return np.asarray(jax.vmap(lambda q: D.per_example_loss(cfg, q, x, y).mean())(params))
+
+        val, test = mean_loss(split["x_val"], split["y_val"]), mean_loss(split["x_test"], split["y_test"])
         v, te = float(val.mean()), float(test.mean())
         return (v if np.isfinite(v) else float("inf")), (te if np.isfinite(te) else float("inf"))
 

@@ -116,8 +116,9 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
         write_result(out, result)
         _plot(out, hist, z0, z, y_true)
     m = metrics["mgd_seeds"]
-    log(f"[{NAME}] test acc (MGD seeds): clean {m['test_acc_clean']:.4f}, label-flip {m['test_acc_labelflip_baseline']:.4f}, "
-        f"MGD poison {m['test_acc_mgd_poison']:.4f}, drop ratio {m['drop_ratio_mgd_over_baseline']:.2f}", progress)
+    log(f"[{NAME}] test acc (MGD seeds): clean {m['test_acc_clean']:.4f}, label-flip "
+        f"{m['test_acc_labelflip_baseline']:.4f}, MGD poison {m['test_acc_mgd_poison']:.4f}, drop ratio "
+        f"{m['drop_ratio_mgd_over_baseline']:.2f}", progress)
     if "unseen_seeds" in metrics:
         m = metrics["unseen_seeds"]
         log(f"[{NAME}] test acc (unseen seeds): clean {m['test_acc_clean']:.4f}, label-flip "

@@ -126,7 +126,8 @@ def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:
             "S_outputs": float(np.mean(s_out)),
             "pred_pearson": pear, "pred_spearman": _spearman(predicted, actual) if len(actual) > 2 else float("nan"),
             "pred_sign_agreement": float(np.mean(np.sign(predicted) == np.sign(actual))),
-            "pred_slope": float(np.dot(predicted, actual) / np.dot(predicted, predicted)) if np.any(predicted) else None,
+            "pred_slope": (float(np.dot(predicted, actual) / np.dot(predicted, predicted))
+                           if np.any(predicted) else None),
             "val_loss": float(phi[0]), "phi_from_metagradient": value,
             "test_acc": D.evaluate(cfg, take(0), split["x_test"], split["y_test"])["acc"],
             "engine": meta.engine, "train_seconds": train_seconds, "metagradient_seconds": mg_seconds,
