@@ -61,8 +61,13 @@ def machine_notes() -> dict:
     return info
 
 
-def advance_program(compiled, n: int):
-    """A portable program running ``n`` steps in one execution (S, Z, X, t0) -> S (a lax.scan)."""
+def advance_program(compiled, n: int, unroll: bool = True):
+    """A portable program running ``n`` steps in one execution: (S, Z, X, t0) -> S.
+
+    Unrolled by default: XLA's CPU backend compiles some ops (convolutions)
+    much more slowly inside a while loop (a lax.scan) than in straight-line
+    code (bench/reverse_step.py shows it for the CNN).
+    """
     import jax
     import jax.numpy as jnp
 
@@ -75,6 +80,11 @@ def advance_program(compiled, n: int):
     def advance(*args):
         s, z, x, t0 = args[:ns], args[ns:ns + nz], args[ns + nz:ns + nz + nx], args[-1]
         zz, data = flat.z(z), flat.data(x)
+        if unroll:
+            state = flat.state(s)
+            for i in range(n):
+                state = task.step(state, zz, data, t0 + i)
+            return tuple(flat.state_leaves(state))
         body = lambda carry, i: (task.step(carry, zz, data, t0 + i), None)  # noqa: E731
         final = jax.lax.scan(body, flat.state(s), jnp.arange(n, dtype=jnp.int32))[0]
         return tuple(flat.state_leaves(final))
@@ -83,8 +93,8 @@ def advance_program(compiled, n: int):
     return lowering._lower_one(advance, flat.specs("S", "Z", "X", "t"), (), target)
 
 
-def save_task(compiled, path: str, *, fused_lengths=(), advance: int | None = 10) -> None:
-    """``compiled.save(path)`` with the fused reverses of ``fused_lengths`` and an ``advance_<n>`` program."""
+def save_task(compiled, path: str, *, fused_lengths=(), advance=(10,), unroll: bool = True) -> None:
+    """``compiled.save(path)`` with the fused reverses of ``fused_lengths`` and ``advance_<n>`` programs."""
     from metagrad import lowering, runtime
 
     missing = tuple(n for n in fused_lengths if n > 1 and f"segment_vjp_{n}" not in compiled.programs)
@@ -96,16 +106,16 @@ def save_task(compiled, path: str, *, fused_lengths=(), advance: int | None = 10
         for name, program in new.items():
             compiled._executables[name] = runtime.compile_module(program.artifact, compiled.client)
     compiled.save(path)
-    if advance:
-        name = f"advance_{advance}"
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    for n in sorted({int(n) for n in (advance or ()) if int(n) > 1}):
+        name = f"advance_{n}"
         with open(os.path.join(path, "programs", f"{name}.mlirbc"), "wb") as f:
-            f.write(advance_program(compiled, advance))
-        manifest_path = os.path.join(path, "manifest.json")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+            f.write(advance_program(compiled, n, unroll))
         manifest["programs"][name] = {"file": f"programs/{name}.mlirbc", "backend": "none"}
-        with open(manifest_path, "w") as f:
-            json.dump(manifest, f, indent=1)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1)
 
 
 def fused_lengths(steps: int, leaf: int) -> tuple[int, ...]:
