@@ -39,17 +39,18 @@ void BindTaskRunner(nb::module_& m) {
   nb::class_<TaskRunner>(m, "TaskRunner", "Runs a compiled task: training and metagradients, all in C++.")
       .def("__init__",
            [](TaskRunner* self, std::map<std::string, ExecutablePtr> programs,
-              std::map<int64_t, ExecutablePtr> segment_vjp, int64_t steps, std::vector<bool> differentiable,
-              int num_z, std::vector<BufferPtr> data) {
+              std::map<int64_t, ExecutablePtr> segment_vjp, std::map<int64_t, ExecutablePtr> advance, int64_t steps,
+              std::vector<bool> differentiable, int num_z, std::vector<BufferPtr> data) {
              auto take = [&](const char* name) {
                auto found = programs.find(name);
                return found == programs.end() ? nullptr : found->second;
              };
              TaskPrograms p{take("init"),       take("step"),     take("output"), take("output_vjp"),
-                            take("step_vjp"),   take("init_vjp"), std::move(segment_vjp), take("all_finite")};
+                            take("step_vjp"),   take("init_vjp"), std::move(segment_vjp), take("all_finite"),
+                            std::move(advance)};
              new (self) TaskRunner(std::move(p), steps, std::move(differentiable), num_z, std::move(data));
            },
-           nb::arg("programs"), nb::arg("segment_vjp"), nb::arg("steps"), nb::arg("differentiable"),
+           nb::arg("programs"), nb::arg("segment_vjp"), nb::arg("advance"), nb::arg("steps"), nb::arg("differentiable"),
            nb::arg("num_z"), nb::arg("data"))
       .def_prop_ro("steps", &TaskRunner::steps)
       .def("train",

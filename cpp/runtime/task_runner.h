@@ -23,8 +23,9 @@ struct TaskPrograms {
   // Optional fused forward programs, by n: (S, Z, X, t0) -> S after steps
   // t0..t0+n-1 in one execution. Training and the plan's advances use the
   // largest that fits (one execution instead of n: each execution costs tens
-  // of microseconds on the CPU plugin beyond its compute); bit-identical to
-  // n single steps when the program is a scan of the same step.
+  // of microseconds on the CPU plugin beyond its compute). Chunks start at
+  // multiples of n, so replays over whole chunks run the same programs as the
+  // first pass; elsewhere results agree with single steps to rounding.
   std::map<int64_t, ExecutablePtr> advance;
 };
 

@@ -108,8 +108,11 @@ class CompiledTask:
                     self.programs[name] = program
                     self._executables[name] = runtime.compile_module(program.artifact, self.client)
             segments = {n: self._executables[f"segment_vjp_{n}"] for n in fused_lengths}
-            base = {name: exe for name, exe in self._executables.items() if not name.startswith("segment_vjp_")}
-            self._runners[fused_lengths] = _runtime.TaskRunner(base, segments, self.steps,
+            advance = {int(name.rsplit("_", 1)[1]): exe for name, exe in self._executables.items()
+                       if name.startswith("advance_")}
+            base = {name: exe for name, exe in self._executables.items()
+                    if not name.startswith(("segment_vjp_", "advance_"))}
+            self._runners[fused_lengths] = _runtime.TaskRunner(base, segments, advance, self.steps,
                                                                list(self.layout.differentiable), len(self.layout.z),
                                                                self._data)
         return self._runners[fused_lengths]
@@ -237,8 +240,13 @@ def load(path: str, *, client=None) -> CompiledTask:
 _CACHE: dict = {}
 
 
-def compile_task(task: Task, z_example, *, backend: str = "enzyme", client=None) -> CompiledTask:
+def compile_task(task: Task, z_example, *, backend: str = "enzyme", fuse_forward: int = 1,
+                 client=None) -> CompiledTask:
     """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``.
+
+    ``fuse_forward = n > 1`` also compiles a program running ``n`` steps per
+    execution, used by training and by the replays of every schedule (fewer
+    executions; worth it where a step is short, at the price of a longer compile).
 
     Compiling a task with the same functions, steps, backend and shapes again
     (whatever its data values) reuses the compiled programs from an in-memory
@@ -248,10 +256,13 @@ def compile_task(task: Task, z_example, *, backend: str = "enzyme", client=None)
         raise ValueError(f"backend must be one of {lowering.BACKENDS}, got {backend!r}")
     client = client or runtime.get_client()
     layout = lowering.describe(task, z_example)
-    key = (task.init, task.step, task.output, task.steps, layout.data, layout.z, backend, id(client))
+    if isinstance(fuse_forward, bool) or not isinstance(fuse_forward, int) or fuse_forward < 1:
+        raise ValueError(f"fuse_forward must be an integer >= 1 (steps per forward execution), got {fuse_forward!r}")
+    key = (task.init, task.step, task.output, task.steps, layout.data, layout.z, backend, fuse_forward, id(client))
     if key not in _CACHE:
         target = runtime.stablehlo_target(client)
-        programs = lowering.lower_task(task, layout, backend=backend, target=target)
+        advance = (fuse_forward,) if fuse_forward > 1 else ()
+        programs = lowering.lower_task(task, layout, backend=backend, target=target, advance_lengths=advance)
         programs["all_finite"] = _all_finite_program(layout, target)
         executables = {name: runtime.compile_module(p.artifact, client) for name, p in programs.items()}
         _CACHE[key] = (programs, executables)

@@ -6,6 +6,7 @@ leaves, Z the metaparameter leaves and X the data leaves:
 
   init        (Z, X)                       -> S
   step        (S, Z, X, t)                 -> S
+  advance_n   (S, Z, X, t0)                -> S                         n steps in one execution
   output      (S, Z, X)                    -> phi
   output_vjp  (S, Z, X)                    -> (phi, dS[D], dZ)
   step_vjp    (S, Z, X, t, dS[D], zacc)    -> (dS[D], zacc + dZ)        dS, zacc donated
@@ -206,7 +207,8 @@ def _reverse(fn: Callable, backend: str) -> Callable:
     return fn
 
 
-def _program_functions(flat: _Flat, backend: str, segment_lengths) -> dict[str, tuple[Callable, list, tuple]]:
+def _program_functions(flat: _Flat, backend: str, segment_lengths, advance_lengths=()
+                       ) -> dict[str, tuple[Callable, list, tuple]]:
     """name -> (flat function, input specs, donated argument indices)."""
     task = flat.task
     ns, nz, nx, nd = flat.ns, flat.nz, flat.nx, flat.nd
@@ -230,11 +232,24 @@ def _program_functions(flat: _Flat, backend: str, segment_lengths) -> dict[str, 
         s, z, x = split(args, ns, nz, nx)
         return task.output(flat.state(s), flat.z(z), flat.data(x))
 
+    def advance(n: int):
+        # Unrolled: XLA's CPU backend runs convolutions inside a while loop (a
+        # scan) several times slower than in straight-line code.
+        def run(*args):
+            s, z, x, (t0,) = split(args, ns, nz, nx, 1)
+            state, zz, data = flat.state(s), flat.z(z), flat.data(x)
+            for i in range(n):
+                state = task.step(state, zz, data, t0 + i)
+            return tuple(flat.state_leaves(state))
+        return run
+
     functions = {
         "init": (init, flat.specs("Z", "X"), ()),
         "step": (step, flat.specs("S", "Z", "X", "t"), ()),
         "output": (output, flat.specs("S", "Z", "X"), ()),
     }
+    for n in advance_lengths:
+        functions[f"advance_{n}"] = (advance(n), flat.specs("S", "Z", "X", "t"), ())
     if backend is None:
         return functions
 
@@ -325,10 +340,11 @@ def lower_program(flat: _Flat, name: str, backend: str, function, target: str) -
     return Program(name, artifact, backend if ("vjp" in name) else "none")
 
 
-def lower_task(task: Task, layout: Layout, *, backend: str, target: str,
-               segment_lengths: tuple[int, ...] = (), only_segments: bool = False) -> dict[str, Program]:
+def lower_task(task: Task, layout: Layout, *, backend: str, target: str, segment_lengths: tuple[int, ...] = (),
+               advance_lengths: tuple[int, ...] = (), only_segments: bool = False) -> dict[str, Program]:
     """Lower the programs of a task to portable StableHLO artifacts.
 
+    ``advance_lengths``: forward programs running that many steps per execution.
     ``only_segments`` lowers just the fused ``segment_vjp_n`` programs.
 
     ``backend="auto"`` uses Enzyme and falls back to JAX, with a warning, for
@@ -339,7 +355,7 @@ def lower_task(task: Task, layout: Layout, *, backend: str, target: str,
     flat = _Flat(task, layout)
     chosen = "enzyme" if backend == "auto" else backend
     programs = {}
-    functions = _program_functions(flat, chosen, segment_lengths)
+    functions = _program_functions(flat, chosen, segment_lengths, advance_lengths)
     fallback = None
     for name, function in functions.items():
         if only_segments and not name.startswith("segment_vjp_"):
