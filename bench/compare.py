@@ -118,6 +118,12 @@ def run_limited(command: list[str], timeout: float, mem_limit: int) -> dict:
     if state["killed"]:
         return {"status": "limit", "reason": state["killed"]}
     if proc.returncode != 0:
+        if "RESOURCE_EXHAUSTED" in stderr or "Out of memory" in stderr:
+            import re
+
+            asked = re.search(r"allocating (\d+) bytes", stderr)
+            what = f" ({int(asked.group(1)) / 2**30:.0f} GiB asked)" if asked else ""
+            return {"status": "limit", "reason": f"out of memory{what}"}
         tail = stderr.strip().splitlines()[-3:]
         return {"status": "error", "reason": f"exit {proc.returncode}: {' | '.join(tail)}"[:300]}
     try:
@@ -248,6 +254,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = list(results["tasks"])
+    colors = {method: plt.get_cmap("tab10")(i) for i, method in enumerate(LABELS)}
     fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 8), squeeze=False)
     for col, kind in enumerate(kinds):
         per_t = results["tasks"][kind]
@@ -260,9 +267,9 @@ def plot(results: dict, path: str) -> None:
                     secs.append(row["seconds"])
                     mems.append(row.get("device_bytes") or float("nan"))
             if ts:
-                axes[0][col].plot(ts, secs, "o-", label=label)
+                axes[0][col].plot(ts, secs, "o-", label=label, color=colors[method])
                 if method not in ("train", "jax_train"):
-                    axes[1][col].plot(ts, [m / 2**20 for m in mems], "o-", label=label)
+                    axes[1][col].plot(ts, [m / 2**20 for m in mems], "o-", label=label, color=colors[method])
         axes[0][col].set(title=f"{kind}: time", xscale="log", yscale="log", xlabel="T (steps)", ylabel="seconds")
         axes[1][col].set(title=f"{kind}: device memory", xscale="log", yscale="log", xlabel="T (steps)",
                          ylabel="MiB")
