@@ -61,61 +61,14 @@ def machine_notes() -> dict:
     return info
 
 
-def advance_program(compiled, n: int, unroll: bool = True):
-    """A portable program running ``n`` steps in one execution: (S, Z, X, t0) -> S.
+def save_task(compiled, path: str, *, leaves=()) -> None:
+    """``compiled.save(path)`` with the fused reverse programs of each block length in ``leaves``."""
+    import metagrad
 
-    Unrolled by default: XLA's CPU backend compiles some ops (convolutions)
-    much more slowly inside a while loop (a lax.scan) than in straight-line
-    code (bench/reverse_step.py shows it for the CNN).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from metagrad import lowering, runtime
-
-    flat = lowering._Flat(compiled.task, compiled.layout)
-    ns, nz, nx = flat.ns, flat.nz, flat.nx
-    task = compiled.task
-
-    def advance(*args):
-        s, z, x, t0 = args[:ns], args[ns:ns + nz], args[ns + nz:ns + nz + nx], args[-1]
-        zz, data = flat.z(z), flat.data(x)
-        if unroll:
-            state = flat.state(s)
-            for i in range(n):
-                state = task.step(state, zz, data, t0 + i)
-            return tuple(flat.state_leaves(state))
-        body = lambda carry, i: (task.step(carry, zz, data, t0 + i), None)  # noqa: E731
-        final = jax.lax.scan(body, flat.state(s), jnp.arange(n, dtype=jnp.int32))[0]
-        return tuple(flat.state_leaves(final))
-
-    target = runtime.stablehlo_target(compiled.client)
-    return lowering._lower_one(advance, flat.specs("S", "Z", "X", "t"), (), target)
-
-
-def save_task(compiled, path: str, *, fused_lengths=(), advance=(10,), unroll: bool = True) -> None:
-    """``compiled.save(path)`` with the fused reverses of ``fused_lengths`` and ``advance_<n>`` programs."""
-    from metagrad import lowering, runtime
-
-    missing = tuple(n for n in fused_lengths if n > 1 and f"segment_vjp_{n}" not in compiled.programs)
-    if missing:
-        new = lowering.lower_task(compiled.task, compiled.layout, backend=compiled.backend,
-                                  target=runtime.stablehlo_target(compiled.client), segment_lengths=missing,
-                                  only_segments=True)
-        compiled.programs.update(new)  # compiled lazily by the runner if Python uses them
-        for name, program in new.items():
-            compiled._executables[name] = runtime.compile_module(program.artifact, compiled.client)
+    for leaf in leaves:
+        if leaf > 1:
+            compiled.prepare(metagrad.Replay(k=2, leaf=leaf))
     compiled.save(path)
-    manifest_path = os.path.join(path, "manifest.json")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    for n in sorted({int(n) for n in (advance or ()) if int(n) > 1}):
-        name = f"advance_{n}"
-        with open(os.path.join(path, "programs", f"{name}.mlirbc"), "wb") as f:
-            f.write(advance_program(compiled, n, unroll))
-        manifest["programs"][name] = {"file": f"programs/{name}.mlirbc", "backend": "none"}
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=1)
 
 
 def fused_lengths(steps: int, leaf: int) -> tuple[int, ...]:

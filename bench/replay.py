@@ -64,7 +64,7 @@ def main(argv=None):
         task_dir = tempfile.mkdtemp(prefix="metagrad-replay-")
         t0 = time.perf_counter()
         task, z = make_task("mlp", 100)
-        save_task(task.compile(z, backend=args.backend), task_dir, fused_lengths=(LEAF,), advance=(LEAF,))
+        save_task(task.compile(z, backend=args.backend, fuse_forward=LEAF), task_dir, leaves=(LEAF,))
         print(f"compiled and saved the task in {time.perf_counter() - t0:.1f} s ({task_dir})", file=sys.stderr)
     with open(os.path.join(task_dir, "manifest.json")) as f:
         state_bytes = sum(math.prod(leaf["shape"]) * 4 for leaf in json.load(f)["state"])

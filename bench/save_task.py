@@ -27,16 +27,15 @@ def main(argv=None):
     parser.add_argument("--backend", default="enzyme", choices=("enzyme", "jax", "auto"))
     parser.add_argument("--leaf", type=int, action="append", default=[],
                         help="fused reverse block length to include (repeatable)")
-    parser.add_argument("--advance", type=int, action="append", default=None,
-                        help="steps of an advance_<n> program (repeatable; default 10; 0: none)")
-    parser.add_argument("--scan", action="store_true", help="advance_<n> as a lax.scan instead of unrolled")
+    parser.add_argument("--advance", type=int, default=10,
+                        help="steps of the fused forward program advance_<n> (1: none)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     task, z = make_task(args.kind, args.steps)
     t0 = time.perf_counter()
-    compiled = task.compile(z, backend=args.backend)
+    compiled = task.compile(z, backend=args.backend, fuse_forward=args.advance)
     lengths = sorted({n for leaf in args.leaf for n in fused_lengths(args.steps, leaf)})
-    save_task(compiled, args.out, fused_lengths=lengths, advance=args.advance or (10,), unroll=not args.scan)
+    save_task(compiled, args.out, leaves=args.leaf)
     print(f"saved {args.kind} T={args.steps} ({args.backend}; fused {lengths or 'none'}) to {args.out} "
           f"in {time.perf_counter() - t0:.1f} s")
 

@@ -117,6 +117,16 @@ class CompiledTask:
                                                                self._data)
         return self._runners[fused_lengths]
 
+    def prepare(self, schedule) -> "CompiledTask":
+        """Compile now the fused reverse programs ``schedule`` needs for this task.
+
+        ``metagradient`` does this on first use; call it before :meth:`save` so
+        a saved task can run that schedule without the user's code.
+        """
+        plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
+        self._runner(tuple(n for n in plan.stats(self.steps)["fused_lengths"] if n > 1))
+        return self
+
     # -- running --------------------------------------------------------------
 
     def train(self, z):
