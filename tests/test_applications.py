@@ -93,14 +93,6 @@ def test_ensemble_is_the_mean_of_its_members():
         D.ensemble([tasks[0], D.make_task(CFG, SPLIT, role="weights")])
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_digits_metagradient_matches_finite_differences(x64, arch):
     import dataclasses

@@ -10,14 +10,6 @@ import metagrad
 from metagrad import baselines
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
 def _init(z, data):
     return {"w1": data["w1"], "w2": data["w2"], "m1": jnp.zeros_like(data["w1"]), "m2": jnp.zeros_like(data["w2"])}
 

@@ -97,12 +97,6 @@ def test_report_of_a_replay_run(compiled_tasks):
 
 # -- float64: central finite differences along a random direction ------------
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
 
 @pytest.mark.parametrize("kind", ["weights", "lr", "wd"])
 def test_central_finite_difference_in_float64(x64, kind):
