@@ -47,7 +47,6 @@ import tempfile
 import threading
 import time
 
-import common  # noqa: F401
 from common import BENCH_DIR, RESULTS_DIR, harness_path, machine_notes
 
 SCHEDULE_K, SCHEDULE_LEAF = 32, 10

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-import common  # noqa: F401
 from common import RESULTS_DIR, machine_notes, run_harness, save_task
 
 import metagrad

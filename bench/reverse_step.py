@@ -29,7 +29,6 @@ import os
 import statistics
 import time
 
-import common  # noqa: F401
 from common import RESULTS_DIR, machine_notes
 
 import jax

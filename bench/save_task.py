@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import common  # noqa: F401  (puts bench/ on sys.path)
 from common import fused_lengths, save_task
 from tasks import KINDS, make_task
 

@@ -7,6 +7,7 @@ Enzyme), and ask the C++ runtime for ``phi(A(z))`` and its gradient::
     value, grad = compiled.metagradient(z, schedule=metagrad.Replay(k=4))
 """
 
+from metagrad import baselines, mgd
 from metagrad._runtime import CheckFailed, PjrtError
 from metagrad.compiled import CompiledTask, Report, load
 from metagrad.lowering import EnzymeUnsupportedError
@@ -15,8 +16,5 @@ from metagrad.task import Task
 
 __all__ = [
     "Budget", "CheckFailed", "CompiledTask", "EnzymeUnsupportedError", "Periodic", "PjrtError", "Replay",
-    "Report", "StoreAll", "Task", "load",
+    "Report", "StoreAll", "Task", "baselines", "load", "mgd",
 ]
-
-# metagradient descent and the JAX-autodiff reference engine (pure Python, no runtime needed)
-from metagrad import baselines, mgd  # noqa: E402

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from metagrad import _runtime
 from metagrad._runtime import ArraySpec, Buffer, Client, Executable, PjrtError, Plugin
 
 __all__ = [
@@ -186,6 +185,4 @@ def compile_module(code: str | bytes, client: Client | None = None) -> Executabl
 def to_device(array, client: Client | None = None, device: int = 0) -> Buffer:
     """Copy a host array (numpy, jax, anything array-like) to a device buffer."""
     client = client or get_client()
-    host = np.asarray(array)
-    return client.buffer_from_array(host if host.flags.c_contiguous or host.flags.f_contiguous
-                                    else np.ascontiguousarray(host), device)
+    return client.buffer_from_array(np.asarray(array), device)  # strided arrays are copied by PJRT directly

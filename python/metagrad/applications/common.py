@@ -7,7 +7,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -49,28 +49,12 @@ def merge_params(name: str, defaults: dict, overrides: dict) -> dict:
     return p
 
 
-def _compiled_available() -> bool:
-    try:
-        from metagrad import compiled  # noqa: F401
-        import metagrad
-
-        return hasattr(Task, "compile") and hasattr(metagrad, "Replay")
-    except Exception:  # the runtime extension may be missing or not built
-        return False
-
-
 def resolve_engine(engine: str) -> str:
     """``"metagrad"`` (the C++ runtime: ``task.compile(...).metagradient``) or
-    ``"jax"`` (:func:`metagrad.baselines.scan_metagradient`); ``"auto"`` is
-    ``"metagrad"`` when the compiled runtime is importable, else ``"jax"``."""
+    ``"jax"`` (:func:`metagrad.baselines.scan_metagradient`); ``"auto"`` is ``"metagrad"``."""
     if engine not in ENGINES:
         raise ArgumentError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "auto":
-        return "metagrad" if _compiled_available() else "jax"
-    if engine == "metagrad" and not _compiled_available():
-        raise RuntimeError("engine='metagrad' needs the compiled runtime (metagrad.Task.compile, metagrad.Replay); "
-                           "build the package, or pass engine='jax'")
-    return engine
+    return "metagrad" if engine == "auto" else engine
 
 
 class Metagradient:
