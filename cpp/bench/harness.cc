@@ -495,7 +495,7 @@ int Run(const Options& o) {
     return found == executables.end() ? nullptr : found->second;
   };
   TaskPrograms programs{take("init"),     take("step"),     take("output"), take("output_vjp"),
-                        take("step_vjp"), take("init_vjp"), {},             take("all_finite")};
+                        take("step_vjp"), take("init_vjp"), {},             take("all_finite"), {}};
   std::string fused_forward;
   for (const auto& [name, exe] : executables) {
     if (name.rfind("segment_vjp_", 0) == 0) programs.segment_vjp[ParseInt(name.substr(12), name)] = exe;

@@ -1,8 +1,6 @@
 #include "runtime/task_runner.h"
 
 #include <chrono>
-#include <cmath>
-#include <cstring>
 #include <unordered_map>
 
 namespace metagrad {
