@@ -226,6 +226,8 @@ def test_application_functions_reject_bad_arguments():
         attribution.run(toy=True, progress=False, fractions=(0.5, 2.0))
     with pytest.raises(common.ArgumentError, match="engine must be one of"):
         data_selection.run(toy=True, progress=False, engine="torch")
+    with pytest.raises(common.ArgumentError, match="lr_decay must be > 0, got 0"):
+        lr_schedule.run(toy=True, progress=False, lr_decay=0.0)
     with pytest.raises(ValueError, match="TrainConfig.pool"):
         D.TrainConfig(pool="median")
 

@@ -53,6 +53,13 @@ def test_adam_first_step_is_lr_times_sign():
     np.testing.assert_allclose(z1["a"], [0.99, 1.01])
 
 
+def test_cosine_decay_endpoints_and_midpoint():
+    lr = mgd.cosine_decay(0.2, 0.02, 11)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(50)], [0.2, 0.11, 0.02, 0.02])
+    assert all(lr(i) > lr(i + 1) for i in range(10))
+    assert mgd.cosine_decay(0.1, 0.1, 1)(3) == pytest.approx(0.1)
+
+
 def test_projections_stay_in_their_sets():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -142,6 +149,10 @@ def test_bad_arguments():
         mgd.run(fn, Z0, steps=1, direction="minimize", step_rule=0.1)
     with pytest.raises(ValueError, match="lr"):
         mgd.sign_step(-1.0)
+    with pytest.raises(ValueError, match="cosine_decay end must be a number > 0"):
+        mgd.cosine_decay(0.1, 0.0, 10)
+    with pytest.raises(ValueError, match="cosine_decay steps must be an int >= 1"):
+        mgd.cosine_decay(0.1, 0.01, 0)
     with pytest.raises(ValueError, match="lo <= hi"):
         mgd.box(1.0, 0.0)
     with pytest.raises(ValueError, match="top_k"):

@@ -16,7 +16,8 @@ A small functional API in the style of Optax::
   *descent* step on ``g``; :func:`run` hands it ``+grad`` to minimize and
   ``-grad`` to maximize, so the rules never need to know the direction.
   Provided: :func:`sign_step`, :func:`gradient_step`, :func:`adam`. Learning
-  rates are floats or callables ``lr(i) -> float`` of the MGD step ``i``.
+  rates are floats or callables ``lr(i) -> float`` of the MGD step ``i``
+  (e.g. :func:`cosine_decay`).
 * A *projection* is a pure function ``z -> z`` applied after every update:
   :func:`box`, :func:`pixel_range`, :func:`simplex`, :func:`top_k`. They act
   on every leaf of ``z``; for pytrees that need different sets per leaf, write
@@ -43,7 +44,7 @@ import jax
 import numpy as np
 
 __all__ = [
-    "StepRule", "sign_step", "gradient_step", "adam",
+    "StepRule", "sign_step", "gradient_step", "adam", "cosine_decay",
     "box", "pixel_range", "simplex", "top_k", "leafwise",
     "History", "run",
 ]
@@ -75,6 +76,26 @@ def _lr_fn(lr, name="lr") -> Callable[[int], float]:
         raise ValueError(f"{name} must be > 0, got {lr!r}")
     value = float(lr)
     return lambda i: value
+
+
+def cosine_decay(init: float, end: float, steps: int) -> Callable[[int], float]:
+    """``lr(i)``: from ``init`` at step 0 down to ``end`` at step ``steps - 1`` along a half cosine, then ``end``.
+
+    On a rough ``phi`` a constant rate keeps ``z`` bouncing around a minimum;
+    decaying it lets MGD settle.
+    """
+    for name, v in (("init", init), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
+            raise ValueError(f"cosine_decay {name} must be a number > 0, got {v!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"cosine_decay steps must be an int >= 1, got {steps!r}")
+    span = max(int(steps) - 1, 1)
+
+    def lr(i: int) -> float:
+        frac = min(max(i, 0), span) / span
+        return float(end + 0.5 * (init - end) * (1.0 + math.cos(math.pi * frac)))
+
+    return lr
 
 
 def sign_step(lr) -> StepRule:
