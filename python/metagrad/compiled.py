@@ -14,7 +14,7 @@ import numpy as np
 
 from metagrad import _runtime, lowering, runtime
 from metagrad.lowering import Layout, LeafSpec, Program
-from metagrad.schedules import Replay
+from metagrad.schedules import Budget
 from metagrad.task import Task
 
 MANIFEST_VERSION = 1
@@ -140,7 +140,8 @@ class CompiledTask:
 
         Args:
           z: metaparameter, with the structure of the example it was compiled with.
-          schedule: a policy from :mod:`metagrad.schedules` (default ``Replay(k=4)``).
+          schedule: a policy from :mod:`metagrad.schedules` (default ``Budget(k=4)``:
+            revolve in the memory of ``Replay(k=4)``, with fewer forward steps).
           check_determinism: compare replayed states with the first pass bit for
             bit (``True``: every state; an int ``n``: every n-th state); raises
             ``CheckFailed`` naming the first step that differs.
@@ -151,7 +152,7 @@ class CompiledTask:
         Returns:
           ``(value, grad)``, or ``(value, grad, report)``; ``grad`` has z's structure.
         """
-        schedule = schedule if schedule is not None else Replay(k=4)
+        schedule = schedule if schedule is not None else Budget(k=4)
         if not hasattr(schedule, "plan"):
             raise TypeError(f"schedule must be a metagrad schedule (Replay, StoreAll, Periodic, Budget), "
                             f"got {type(schedule).__name__}")

@@ -12,8 +12,10 @@ and which are recomputed (replayed) from a saved one. Pass one of these as
 * :class:`Periodic` -- two-level: a checkpoint every ``every`` steps, each
   segment stored in full in turn: about ``T/every + every`` states, < ``2T`` steps.
 * :class:`Budget` -- binomial checkpointing (Griewank's *revolve*) with a
-  given number of saved states, or as many as fit in a byte budget: the
-  fewest forward steps any schedule can have in that memory.
+  given number of saved states, as many as fit in a byte budget, or as many
+  as ``Replay(k)`` holds (``Budget(k=4)``, the default of
+  ``CompiledTask.metagradient``): the fewest forward steps any schedule can
+  have in that memory.
 
 REPLAY vs revolve at equal memory (forward steps, first pass included; the
 peak is REPLAY's, and ``Budget(states=peak)`` is given the same)::
@@ -132,30 +134,42 @@ class Periodic:
 class Budget:
     """Binomial checkpointing (revolve) within a memory budget.
 
-    Give exactly one of ``states`` (saved states at once, state_0's included)
-    or ``bytes`` (turned into ``bytes // state_bytes`` states). The budget
-    covers saved states only: the current state, the cotangents and a fused
-    block's residuals come on top. At least one state is needed.
+    Give exactly one of ``states`` (saved states at once, state_0's included),
+    ``bytes`` (turned into ``bytes // state_bytes`` states) or ``k`` (the peak
+    that ``Replay(k, leaf)`` would hold for the same ``T``: REPLAY's memory,
+    with fewer forward steps; ``Budget(k=4)`` is the default schedule). The
+    budget covers saved states only: the current state, the cotangents and a
+    fused block's residuals come on top. At least one state is needed.
     """
 
     states: int | None = None
     bytes: int | None = None
+    k: int | None = None
     leaf: int = 1
 
     def __post_init__(self):
-        if (self.states is None) == (self.bytes is None):
-            raise ValueError(f"Budget: give exactly one of states= or bytes=, got states={self.states!r}, "
-                             f"bytes={self.bytes!r}")
+        given = [name for name in ("states", "bytes", "k") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"Budget: give exactly one of states=, bytes= or k=, got states={self.states!r}, "
+                             f"bytes={self.bytes!r}, k={self.k!r}")
         if self.states is not None:
             _int("states", self.states, 1, _INT32_MAX, "Budget: ")
-        else:
+        elif self.bytes is not None:
             _int("bytes", self.bytes, 1, None, "Budget: ")
+        else:
+            _int("k", self.k, 2, _INT32_MAX, "Budget: ")
         _int("leaf", self.leaf, 1, None, "Budget: ")
 
-    def slots(self, state_bytes: int = 0) -> int:
-        """The number of states the budget holds, for states of ``state_bytes`` bytes."""
+    def slots(self, state_bytes: int = 0, steps: int | None = None) -> int:
+        """The number of states the budget holds, for states of ``state_bytes`` bytes
+        (and, for ``k=``, a run of ``steps`` steps)."""
         if self.states is not None:
             return self.states
+        if self.k is not None:
+            if steps is None:
+                raise ValueError("Budget(k=...): the number of states depends on steps; pass steps=")
+            steps = _steps(steps)
+            return max(1, _plan_replay(steps, self.k, self.leaf).stats(steps)["peak_saved"])
         size = _int("state_bytes", state_bytes, 1, None, "Budget(bytes=...): ")
         states = self.bytes // size
         if states < 1:
@@ -164,4 +178,5 @@ class Budget:
         return min(states, _INT32_MAX)
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
-        return _plan_revolve(_steps(steps), self.slots(state_bytes), self.leaf)
+        steps = _steps(steps)
+        return _plan_revolve(steps, self.slots(state_bytes, steps), self.leaf)

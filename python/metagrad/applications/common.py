@@ -104,7 +104,7 @@ class Metagradient:
 
             try:
                 value, grad = self._compiled_task(i % len(self.tasks)).metagradient(
-                    z, schedule=metagrad.Replay(k=self.k))
+                    z, schedule=metagrad.Budget(k=self.k))
             except Exception as err:
                 if self.requested != "auto":
                     raise
