@@ -52,7 +52,8 @@ def main() -> None:
     split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     print(f"lr-schedule task: {p['seeds']} seeds, T={p['train_steps']}, {p['knots']} knots; "
           f"{args.directions} random directions per row")
-    print(f"{'momentum':>8} {'peak':>5} {'h':>5} {'pearson':>8} {'spearman':>9} {'signs':>6} {'|pred|':>8} {'|real|':>8}")
+    print(f"{'momentum':>8} {'peak':>5} {'h':>5} {'pearson':>8} {'spearman':>9} {'signs':>6} "
+          f"{'|pred|':>8} {'|real|':>8}")
     for momentum in (float(m) for m in args.momenta.split(",")):
         cfg = L.config(p).with_(momentum=momentum)
         task = D.ensemble([D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="lr")
@@ -63,8 +64,8 @@ def main() -> None:
             meta = Metagradient(task, z, engine=args.engine)
             for h in (float(x) for x in args.steps_h.split(",")):
                 r = prediction_check(meta, z, h, args.directions, rng)
-                print(f"{momentum:8.2f} {peak:5.2f} {h:5.2f} {r['pearson']:8.2f} {r['spearman']:9.2f} {r['signs']:6.2f} "
-                      f"{r['mean_abs_predicted']:8.4f} {r['mean_abs_actual']:8.4f}", flush=True)
+                print(f"{momentum:8.2f} {peak:5.2f} {h:5.2f} {r['pearson']:8.2f} {r['spearman']:9.2f} "
+                      f"{r['signs']:6.2f} {r['mean_abs_predicted']:8.4f} {r['mean_abs_actual']:8.4f}", flush=True)
 
 
 if __name__ == "__main__":

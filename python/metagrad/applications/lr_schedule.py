@@ -39,8 +39,8 @@ from metagrad.applications import digits as D
 from metagrad.applications.common import ArgumentError, Metagradient, merge_params, Timer, log, plt, write_result
 
 NAME = "lr-schedule"
-DEFAULTS = dict(steps=50, knots=8, seeds=4, train_steps=200, lr=0.1, lr_decay=1.0, start_lr=0.1, peak_min=0.03, peak_max=10.0,
-                n_train=1000, n_val=300, hidden=128, batch_size=100, seed=0, big_grid=4)
+DEFAULTS = dict(steps=50, knots=8, seeds=4, train_steps=200, lr=0.1, lr_decay=1.0, start_lr=0.1, peak_min=0.03,
+                peak_max=10.0, n_train=1000, n_val=300, hidden=128, batch_size=100, seed=0, big_grid=4)
 TOY = dict(steps=2, knots=3, seeds=2, train_steps=6, lr=0.1, lr_decay=1.0, start_lr=0.1, peak_min=0.03, peak_max=3.0,
            n_train=120, n_val=40, hidden=8, batch_size=20, seed=0, big_grid=1)
 LO, HI = np.log(1e-3), np.log(10.0)
