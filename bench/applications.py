@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         if n not in ORDER:
             parser.error(f"--only: unknown application {n!r}; known: {', '.join(ORDER)}")
 
-    from metagrad.cli import APPLICATIONS
+    from metagrad._src.cli import APPLICATIONS
     import importlib
 
     os.makedirs(args.out, exist_ok=True)

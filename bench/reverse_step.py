@@ -80,7 +80,7 @@ def main(argv=None):
         row = {}
         compiled = {}
         for backend in ("enzyme", "jax"):
-            metagrad.compiled._CACHE.clear()
+            metagrad.clear_cache()
             t0 = time.perf_counter()
             compiled[backend] = task.compile(z, backend=backend, fuse_forward=1)  # forward step = one execution
             row[backend] = {"compile_s": time.perf_counter() - t0}

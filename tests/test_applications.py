@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metagrad import baselines, cli
+from metagrad import baselines
+from metagrad._src import cli
 from metagrad.applications import common, lr_schedule, smoothness
 from metagrad.applications import digits as D
 from metagrad.applications.data_selection import auroc

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import metagrad
-from metagrad import lowering, runtime
+from metagrad._src import lowering, runtime
 from models import make_task
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metagrad import lowering, runtime
+from metagrad._src import lowering, runtime
 from models import make_task
 
 
@@ -177,7 +177,7 @@ def test_errors_leave_the_process_usable():
     # A fresh process hits each error, then still computes: no abort reaches the user.
     script = """
 import numpy as np
-from metagrad import lowering, runtime
+from metagrad._src import lowering, runtime
 c = runtime.get_client()
 for bad in (lambda: c.compile(b"", "mlir", [], []), lambda: c.compile(b"junk", "mlir", [], []),
             lambda: runtime.Plugin.load("/missing.so")):

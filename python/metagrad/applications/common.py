@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from metagrad import baselines
-from metagrad.task import Task
+from metagrad import Task
 
 __all__ = ["ENGINES", "ArgumentError", "merge_params", "Metagradient", "resolve_engine", "write_result", "plt",
            "Timer"]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from metagrad.task import Task
+from metagrad import Task
 
 __all__ = ["TrainConfig", "load_split", "flip_labels", "init_params", "make_task", "apply", "evaluate",
            "train_many", "final_params", "ensemble", "ROLES", "OUTPUTS"]

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad import _runtime, lowering, runtime
-from metagrad.lowering import Layout, LeafSpec, Program
-from metagrad.schedules import Budget
-from metagrad.task import Task
+from metagrad import _runtime
+from metagrad._src import lowering, runtime
+from metagrad._src.lowering import Layout, LeafSpec, Program
+from metagrad._src.schedules import Budget
+from metagrad._src.task import Task
 
 MANIFEST_VERSION = 1
 
@@ -249,6 +250,14 @@ def load(path: str, *, client=None) -> CompiledTask:
 # Programs take the data as arguments, so tasks that differ only in their data
 # values (seeds, subsets, configurations) share programs and executables.
 _CACHE: dict = {}
+
+
+def clear_cache() -> None:
+    """Forget every compiled task of this process (and JAX baselines' compilations)."""
+    from metagrad._src import baselines
+
+    _CACHE.clear()
+    baselines.clear_cache()
 
 
 def compile_task(task: Task, z_example, *, backend: str = "enzyme", fuse_forward: int = 10,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad.task import Task
+from metagrad._src.task import Task
 
 BACKENDS = ("enzyme", "jax", "auto")
 

@@ -38,8 +38,8 @@ class Task:
         ``fuse_forward``: steps per forward execution (``n > 1``, the default
         10, compiles an ``n``-step program used by training and replays; 1:
         one execution per step, the shortest compile).
-        Returns a :class:`metagrad.compiled.CompiledTask`.
+        Returns a :class:`metagrad.CompiledTask`.
         """
-        from metagrad.compiled import compile_task
+        from metagrad._src.compiled import compile_task
 
         return compile_task(self, z_example, backend=backend, fuse_forward=fuse_forward, client=client)
