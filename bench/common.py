@@ -19,12 +19,12 @@ if BENCH_DIR not in sys.path:
 
 
 def harness_path() -> str:
-    """The installed ``metagrad-bench`` executable (``metagrad/bin`` beside the module)."""
-    from metagrad import _runtime
+    """The installed ``metagrad-bench`` executable (on the environment's PATH, beside python)."""
+    import shutil
 
-    path = os.path.join(os.path.dirname(_runtime.__file__), "bin", "metagrad-bench")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: rebuild with pip install --no-build-isolation -e .")
+    path = shutil.which("metagrad-bench", path=os.path.dirname(sys.executable)) or shutil.which("metagrad-bench")
+    if path is None:
+        raise FileNotFoundError("metagrad-bench is not installed: pip install --no-build-isolation -e .")
     return path
 
 
@@ -83,9 +83,7 @@ def fused_lengths(steps: int, leaf: int) -> tuple[int, ...]:
 
 def run_harness(task_dir: str, args: list[str], timeout: float | None = None) -> dict:
     """Run metagrad-bench with ``--json``; returns its parsed output."""
-    from metagrad import runtime
-
-    command = [harness_path(), task_dir, "--plugin", runtime.default_plugin_path(), "--json", *args]
+    command = [harness_path(), task_dir, "--json", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")

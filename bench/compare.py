@@ -190,9 +190,7 @@ def worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------- #
 
 def harness_cell(task_dir: str, T: int, repeat: int, timeout: float, mem_limit: int, extra: list[str]) -> dict:
-    from metagrad import runtime
-
-    command = [harness_path(), task_dir, "--plugin", runtime.default_plugin_path(), "--json", "--steps", str(T),
+    command = [harness_path(), task_dir, "--json", "--steps", str(T),
                "--schedule", schedule(T), "--repeat", str(repeat), "--dispatch-iters", "0", *extra]
     return run_limited(command, timeout, mem_limit)
 

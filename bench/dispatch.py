@@ -83,7 +83,8 @@ def main(argv=None):
     import metagrad
 
     task, z = make_task("mlp", 100)
-    layout = metagrad.lowering.describe(task, z)
+    compiled = task.compile(z, backend="jax", fuse_forward=1)
+    layout = compiled.layout
     state = jax.jit(task.init)(z, task.data)
     state_leaves = jax.tree_util.tree_leaves(state)
     data_leaves = jax.tree_util.tree_leaves(task.data)
@@ -122,7 +123,6 @@ def main(argv=None):
 
     # C++ harness on a task directory holding init and step only
     tmp = tempfile.mkdtemp(prefix="metagrad-dispatch-")
-    compiled = task.compile(z, backend="jax", fuse_forward=1)
     compiled.save(tmp)
     with open(os.path.join(tmp, "manifest.json")) as f:
         manifest = json.load(f)

@@ -1,8 +1,7 @@
 """Compile a bench task and save it for metagrad-bench (the C++ harness).
 
     python bench/save_task.py mlp --steps 1000 --leaf 10 --out /tmp/mlp1000
-    metagrad-bench /tmp/mlp1000 --plugin "$(python -c 'import metagrad.runtime as r; print(r.cpu_plugin_path())')" \
-        --schedule replay:4,replay:16:10,storeall
+    metagrad-bench /tmp/mlp1000 --schedule replay:4,replay:16:10,storeall
 
 Writes the task's programs (init, step, output, output_vjp, step_vjp,
 init_vjp, all_finite), the fused reverses ``segment_vjp_n`` that ``--leaf``
@@ -23,7 +22,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--backend", default="enzyme", choices=("enzyme", "jax", "auto"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "enzyme", "jax"))
     parser.add_argument("--leaf", type=int, action="append", default=[],
                         help="fused reverse block length to include (repeatable)")
     parser.add_argument("--advance", type=int, default=10,

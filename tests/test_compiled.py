@@ -44,8 +44,8 @@ def test_second_compile_hits_the_cache(compiled):
     start = time.perf_counter()
     again = task.compile(np.zeros_like(z), backend="enzyme")
     assert time.perf_counter() - start < 0.5
-    assert again._executables is c._executables
-    assert task.compile(z, backend="jax")._executables is not c._executables
+    assert again.programs is c.programs
+    assert task.compile(z, backend="jax").programs is not c.programs
 
 
 def test_new_data_values_reuse_the_programs_with_their_own_data(compiled):
@@ -55,7 +55,7 @@ def test_new_data_values_reuse_the_programs_with_their_own_data(compiled):
     start = time.perf_counter()
     other = changed.compile(z, backend="enzyme")
     assert time.perf_counter() - start < 0.5
-    assert other._executables is c._executables
+    assert other.programs is c.programs
     got = jax.tree_util.tree_leaves(other.train(z))
     want = jax.tree_util.tree_leaves(baselines.train(changed, z))
     for g, w in zip(got, want):
@@ -102,14 +102,18 @@ def test_load_rejects_a_directory_without_manifest(tmp_path):
         metagrad.load(str(tmp_path))
 
 
-def test_loaded_task_without_fused_programs_says_so(tmp_path):
+def test_loaded_task_builds_new_fused_programs_from_its_exports(tmp_path):
     task, z10 = make_task("weights", "sgdm", steps=10)
-    task.compile(z10, backend="jax").save(str(tmp_path / "small"))
+    compiled = task.compile(z10, backend="jax")
+    compiled.save(str(tmp_path / "small"))
     loaded = metagrad.load(str(tmp_path / "small"))
-    with pytest.raises(ValueError, match=r"no fused reverse of \[2, 4\] steps"):
-        loaded.metagradient(z10, metagrad.Replay(k=2, leaf=4))  # 10 steps = blocks of 4, 4 and 2
-    value, _ = loaded.metagradient(z10, metagrad.Replay(k=2))
-    assert np.isfinite(value)
+    assert "segment_vjp_4" not in loaded.programs
+    schedule = metagrad.Replay(k=2, leaf=4)  # 10 steps = blocks of 4, 4 and 2
+    value, grad = loaded.metagradient(z10, schedule)
+    assert {"segment_vjp_2", "segment_vjp_4"} <= set(loaded.programs)
+    want_value, want_grad = compiled.metagradient(z10, schedule)
+    assert value == want_value
+    np.testing.assert_array_equal(grad, want_grad)
 
 
 def test_max_pooling_with_auto_backend_is_correct():

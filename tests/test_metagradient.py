@@ -138,8 +138,8 @@ def test_determinism_check_catches_a_hidden_counter():
         return dict(params, b2=params["b2"] + noise), opt_state
 
     noisy = metagrad.Task(init=task.init, step=noisy_step, output=task.output, steps=30, data=task.data)
-    compiled = noisy.compile(z0, backend="jax")
-    with pytest.raises(metagrad.CheckFailed, match=r"not deterministic: replaying step \d+"):
+    compiled = noisy.compile(z0, backend="jax", fuse_forward=1)
+    with pytest.raises(metagrad.CheckFailed, match=r"training is not deterministic: replaying steps? \d+"):
         compiled.metagradient(z0, metagrad.Replay(k=2), check_determinism=True)
     value, _ = compiled.metagradient(z0, metagrad.StoreAll())  # the runtime stays usable
     assert np.isfinite(value)
@@ -149,7 +149,7 @@ def test_non_finite_check_names_the_step(compiled_tasks):
     _, z0, compiled = compiled_tasks("lr", "sgdm")
     z = z0.copy()
     z[150] = np.inf  # training blows up at step 150: every later state, and so each cotangent, is non-finite
-    with pytest.raises(metagrad.CheckFailed, match=rf"cotangent after reversing step {STEPS - 1} holds NaN or Inf"):
+    with pytest.raises(metagrad.CheckFailed, match=r"training diverged: the state after step 150 holds NaN or Inf"):
         compiled.metagradient(z, metagrad.Replay(k=4), check_finite=True)
     _, grad = compiled.metagradient(z, metagrad.Replay(k=4))
     assert not np.all(np.isfinite(grad))  # without the check: silently non-finite
@@ -167,7 +167,7 @@ def test_bad_schedules_and_inputs(compiled_tasks):
         compiled.metagradient(z0, schedule="replay")
     with pytest.raises(ValueError, match=r"z is float32\[5\], the task was compiled for float32\[128\]"):
         compiled.metagradient(z0[:5])
-    with pytest.raises(ValueError, match="z has structure"):
+    with pytest.raises(ValueError, match=r"z has the leaves \[\"z\['w'\]\"\], the task was compiled for \['z'\]"):
         compiled.metagradient({"w": z0})
     with pytest.raises(ValueError, match="check_determinism"):
         compiled.metagradient(z0, check_determinism=-1)

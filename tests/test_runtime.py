@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metagrad._src import lowering, runtime
+from metagrad import runtime
 from models import make_task
 
 
@@ -19,7 +19,7 @@ def client():
 
 def portable(fn, *args, donate=(), client=None):
     lowered = jax.jit(fn, donate_argnums=donate, keep_unused=True).lower(*args)
-    return lowering.portable_artifact(lowered, runtime.stablehlo_target(client))
+    return runtime.portable_artifact(lowered, client=client)
 
 
 def test_plugin_reports_versions(client):
@@ -177,7 +177,7 @@ def test_errors_leave_the_process_usable():
     # A fresh process hits each error, then still computes: no abort reaches the user.
     script = """
 import numpy as np
-from metagrad._src import lowering, runtime
+from metagrad import runtime
 c = runtime.get_client()
 for bad in (lambda: c.compile(b"", "mlir", [], []), lambda: c.compile(b"junk", "mlir", [], []),
             lambda: runtime.Plugin.load("/missing.so")):

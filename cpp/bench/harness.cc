@@ -16,7 +16,11 @@
 //             in one execution, written by bench/save_task.py): training time
 //             per step minus that program's time per step is the whole
 //             per-step cost of running one execution per step.
+#include <glob.h>
+#include <limits.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -24,7 +28,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <type_traits>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -50,7 +56,8 @@ void PrintUsage(std::ostream& out) {
   out << "usage: metagrad-bench TASK_DIR [options]\n"
          "  TASK_DIR              a directory written by CompiledTask.save (manifest.json, programs/, arrays/)\n"
          "options:\n"
-         "  --plugin PATH         PJRT plugin (default: $METAGRAD_PJRT_PLUGIN)\n"
+         "  --plugin PATH         PJRT plugin (default: $METAGRAD_PJRT_PLUGIN, else the CPU plugin of the\n"
+         "                        xla-cpu-pjrt package installed beside this program)\n"
          "  --schedule LIST       comma-separated schedules, each KIND[:ARG[:LEAF]]:\n"
          "                          replay:K  revolve:SLOTS  periodic:EVERY  storeall  none (training only)\n"
          "                        default replay:4\n"
@@ -63,7 +70,9 @@ void PrintUsage(std::ostream& out) {
          "  --check-determinism N compare replayed states with the first pass every N steps\n"
          "  --no-fused-forward    run one execution per forward step even when the directory has\n"
          "                        advance_<n> programs (by default training and replays use them)\n"
-         "  --json                one JSON object on stdout instead of text\n";
+         "  --json                one JSON object on stdout instead of text\n"
+         "  --save-grad DIR       write each schedule's phi and metagradient as raw arrays:\n"
+         "                        DIR/<i>/value.bin and DIR/<i>/grad_<leaf>.bin (i: the schedule's index)\n";
 }
 
 struct ScheduleSpec {
@@ -153,13 +162,13 @@ struct Options {
   int64_t steps = 0;  // 0: the manifest's
   bool json = false;
   bool fused_forward = true;
+  std::string save_grad;
 };
 
 Options ParseArgs(int argc, char** argv) {
   Options o;
   std::string schedules = "replay:4";
   int64_t leaf = 1;
-  if (const char* env = std::getenv("METAGRAD_PJRT_PLUGIN")) o.plugin = env;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -188,6 +197,8 @@ Options ParseArgs(int argc, char** argv) {
       o.determinism_stride = ParseInt(value(), "--check-determinism");
     } else if (arg == "--json") {
       o.json = true;
+    } else if (arg == "--save-grad") {
+      o.save_grad = value();
     } else if (arg == "--no-fused-forward") {
       o.fused_forward = false;
     } else if (!arg.empty() && arg[0] == '-') {
@@ -199,11 +210,6 @@ Options ParseArgs(int argc, char** argv) {
     }
   }
   if (o.directory.empty()) throw std::invalid_argument("no task directory given");
-  if (o.plugin.empty()) {
-    throw std::invalid_argument(
-        "no PJRT plugin: pass --plugin PATH or set $METAGRAD_PJRT_PLUGIN (for the CPU: python -c \"import "
-        "metagrad.runtime as r; print(r.cpu_plugin_path())\")");
-  }
   if (o.repeat < 1 || o.warmup < 0 || o.dispatch_iters < 0 || o.determinism_stride < 0) {
     throw std::invalid_argument("--repeat must be >= 1; --warmup, --dispatch-iters, --check-determinism >= 0");
   }
@@ -293,18 +299,9 @@ class Obj {
 // ---------------------------------------------------------------------------
 
 std::string MlirType(const ArraySpec& spec) {
-  static const std::map<PJRT_Buffer_Type, const char*> kNames = {
-      {PJRT_Buffer_Type_PRED, "i1"}, {PJRT_Buffer_Type_S8, "i8"},    {PJRT_Buffer_Type_S16, "i16"},
-      {PJRT_Buffer_Type_S32, "i32"}, {PJRT_Buffer_Type_S64, "i64"},  {PJRT_Buffer_Type_U8, "ui8"},
-      {PJRT_Buffer_Type_U16, "ui16"}, {PJRT_Buffer_Type_U32, "ui32"}, {PJRT_Buffer_Type_U64, "ui64"},
-      {PJRT_Buffer_Type_F16, "f16"}, {PJRT_Buffer_Type_BF16, "bf16"}, {PJRT_Buffer_Type_F32, "f32"},
-      {PJRT_Buffer_Type_F64, "f64"},
-  };
-  auto found = kNames.find(spec.type);
-  if (found == kNames.end()) throw std::invalid_argument("no MLIR name for " + spec.ToString());
   std::string type = "tensor<";
   for (int64_t d : spec.dims) type += std::to_string(d) + "x";
-  return type + found->second + ">";
+  return type + DTypeOf(spec.type).mlir + ">";
 }
 
 const char* kTinyProgram = R"(module @tiny attributes {mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} {
@@ -330,28 +327,6 @@ std::string NullStepProgram(const std::vector<ArraySpec>& step_inputs, size_t nu
   return "module @null_step attributes {mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32} {\n"
          "  func.func public @main(" + args + ") -> (" + results + ") {\n"
          "    return " + values + " : " + results + "\n  }\n}\n";
-}
-
-int64_t TempBytes(const Executable& executable) {
-  const Api& api = executable.client()->api();
-  auto get = PJRT_ARGS(PJRT_LoadedExecutable_GetExecutable_Args);
-  get.loaded_executable = executable.raw();
-  if (api->PJRT_LoadedExecutable_GetExecutable(&get) != nullptr) return -1;
-  auto stats = PJRT_ARGS(PJRT_Executable_GetCompiledMemoryStats_Args);
-  stats.executable = get.executable;
-  int64_t bytes = -1;
-  PJRT_Error* error = api->PJRT_Executable_GetCompiledMemoryStats(&stats);
-  if (error == nullptr) {
-    bytes = stats.temp_size_in_bytes;
-  } else {
-    auto destroy = PJRT_ARGS(PJRT_Error_Destroy_Args);
-    destroy.error = error;
-    api->PJRT_Error_Destroy(&destroy);
-  }
-  auto destroy = PJRT_ARGS(PJRT_Executable_Destroy_Args);
-  destroy.executable = get.executable;
-  api->PJRT_Executable_Destroy(&destroy);
-  return bytes;
 }
 
 double PeakRssBytes() {
@@ -409,118 +384,117 @@ std::string Bytes(double bytes) {
   return buf;
 }
 
-int Run(const Options& o) {
-  Obj out;
-  std::ostringstream text;
-  out.Str("task", o.directory);
+// -- phases of a run -----------------------------------------------------------
 
-  // -- read ------------------------------------------------------------------
-  auto start = Clock::now();
-  Manifest manifest = ReadManifest(o.directory);
-  if (o.steps > 0) manifest.steps = o.steps;
+// The CPU plugin of the xla-cpu-pjrt package installed in the same Python
+// environment as this program: <env>/bin/metagrad-bench next to
+// <env>/lib/python3.*/site-packages/xla_plugins/xla_cpu_pjrt/xla_cpu_pjrt.so.
+std::string FindCpuPlugin() {
+  char self[PATH_MAX];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return "";
+  self[n] = '\0';
+  std::string dir(self);
+  dir = dir.substr(0, dir.find_last_of('/'));
+  const std::string relative = "xla_plugins/xla_cpu_pjrt/xla_cpu_pjrt.so";
+  std::vector<std::string> patterns = {dir + "/../lib/python3*/site-packages/" + relative,
+                                       dir + "/../../" + relative,  // site-packages/metagrad/bin
+                                       dir + "/../lib64/python3*/site-packages/" + relative};
+  for (const std::string& pattern : patterns) {
+    glob_t found;
+    if (glob(pattern.c_str(), 0, nullptr, &found) == 0 && found.gl_pathc > 0) {
+      std::string path = found.gl_pathv[0];
+      globfree(&found);
+      return path;
+    }
+    globfree(&found);
+  }
+  return "";
+}
+
+std::string ChoosePlugin(const Options& o) {
+  if (!o.plugin.empty()) return o.plugin;
+  if (const char* env = std::getenv("METAGRAD_PJRT_PLUGIN")) {
+    if (*env) return env;
+  }
+  std::string found = FindCpuPlugin();
+  if (found.empty()) {
+    throw std::invalid_argument(
+        "no PJRT plugin found: pass --plugin PATH or set $METAGRAD_PJRT_PLUGIN (the CPU plugin ships in the "
+        "xla-cpu-pjrt package: python -c \"import metagrad.runtime as r; print(r.cpu_plugin_path())\")");
+  }
+  return found;
+}
+
+struct TaskFiles {
+  Manifest manifest;
   std::map<std::string, std::string> code;
-  for (const auto& [name, entry] : manifest.programs) code[name] = ReadFile(o.directory + "/" + entry.file);
-  const std::vector<std::string> data_bytes = ReadArrays(manifest, "data", manifest.data);
-  const std::vector<std::string> z_bytes = ReadArrays(manifest, "z", manifest.z);
-  const double seconds_read = Since(start);
+  std::vector<std::string> data, z;
+};
 
-  // -- plugin and client -----------------------------------------------------
-  start = Clock::now();
-  auto api = Api::Load(o.plugin);
-  std::map<std::string, Attribute> client_options;
-  if (o.plugin.find("cuda") != std::string::npos) {
-    client_options = {{"platform_name", std::string("cuda")}, {"allocator", std::string("default")},
-                      {"preallocate", false}};
-  } else {
-    client_options = {{"cpu_device_count", int64_t{1}}};
-  }
-  auto client = Client::Create(api, client_options);
-  const double seconds_client = Since(start);
+TaskFiles ReadTask(const Options& o) {
+  TaskFiles files{ReadManifest(o.directory), {}, {}, {}};
+  Manifest& m = files.manifest;
+  if (o.steps > 0) m.steps = o.steps;
+  for (const auto& [name, entry] : m.programs) files.code[name] = ReadFile(entry.file);
+  files.data = ReadArrays(m, m.data_files, m.layout.data, m.data_paths);
+  files.z = ReadArrays(m, m.z_files, m.layout.z, m.z_paths);
+  return files;
+}
 
-  // -- compile ---------------------------------------------------------------
+struct CompiledPrograms {
   std::map<std::string, ExecutablePtr> executables;
-  Obj compile_times, temp_bytes;
-  double seconds_compile = 0;
-  for (const auto& [name, bytes] : code) {
-    std::vector<ArraySpec> inputs;
-    std::vector<bool> donated;
-    if (name.rfind("advance_", 0) == 0) {
-      manifest.Signature("step", &inputs, &donated);
-    } else {
-      manifest.Signature(name, &inputs, &donated);
+  Obj seconds_per_program, temp_bytes;
+  double seconds = 0;
+};
+
+CompiledPrograms CompileAll(Client& client, const TaskFiles& files, bool fused_forward) {
+  CompiledPrograms out;
+  for (const auto& [name, code] : files.code) {
+    if (!fused_forward && name.rfind("advance_", 0) == 0) continue;
+    const Signature& signature = files.manifest.programs.at(name).signature;
+    const auto start = Clock::now();
+    try {
+      out.executables[name] = client.Compile(code, "mlir", signature.inputs, signature.donated);
+    } catch (const std::exception& e) {
+      throw ManifestError(files.manifest.programs.at(name).file + ": does not compile as program " + name + ": " +
+                          e.what());
     }
-    start = Clock::now();
-    executables[name] = client->Compile(bytes, "mlir", inputs, donated);
     const double seconds = Since(start);
-    seconds_compile += seconds;
-    compile_times.Double(name, seconds);
-    temp_bytes.Int(name, TempBytes(*executables[name]));
-  }
-
-  // -- upload ----------------------------------------------------------------
-  start = Clock::now();
-  std::vector<BufferPtr> data, z;
-  for (size_t i = 0; i < manifest.data.size(); ++i) {
-    data.push_back(client->BufferFromHost(data_bytes[i].data(), manifest.data[i].spec, {}, 0));
-  }
-  for (size_t i = 0; i < manifest.z.size(); ++i) {
-    z.push_back(client->BufferFromHost(z_bytes[i].data(), manifest.z[i].spec, {}, 0));
-  }
-  const double seconds_upload = Since(start);
-
-  Obj phases;
-  phases.Double("read", seconds_read).Double("plugin_and_client", seconds_client);
-  phases.Double("compile", seconds_compile).Child("compile_per_program", compile_times);
-  phases.Double("upload", seconds_upload);
-
-  const int64_t T = manifest.steps;
-  Obj info;
-  info.Int("steps", T).Str("backend", manifest.backend).Str("plugin", o.plugin);
-  info.Str("platform", client->platform_name() + " " + client->platform_version());
-  info.Int("state_bytes", manifest.state_bytes()).Int("state_leaves", static_cast<int64_t>(manifest.state.size()));
-  info.Child("program_temp_bytes", temp_bytes);
-  out.Child("info", info);
-  out.Child("phases", phases);
-
-  text << "metagrad-bench " << o.directory << "\n";
-  text << "  task: T=" << T << ", backend " << manifest.backend << ", state " << Bytes(manifest.state_bytes())
-       << " in " << manifest.state.size() << " leaves; platform " << client->platform_name() << "\n";
-  text << "  phases: read " << Human(seconds_read) << ", plugin+client " << Human(seconds_client) << ", compile "
-       << Human(seconds_compile) << " (" << executables.size() << " programs), upload " << Human(seconds_upload)
-       << "\n";
-
-  // -- runner ----------------------------------------------------------------
-  auto take = [&](const char* name) -> ExecutablePtr {
-    auto found = executables.find(name);
-    return found == executables.end() ? nullptr : found->second;
-  };
-  TaskPrograms programs{take("init"),     take("step"),     take("output"), take("output_vjp"),
-                        take("step_vjp"), take("init_vjp"), {},             take("all_finite"), {}};
-  std::string fused_forward;
-  for (const auto& [name, exe] : executables) {
-    if (name.rfind("segment_vjp_", 0) == 0) programs.segment_vjp[ParseInt(name.substr(12), name)] = exe;
-    if (name.rfind("advance_", 0) == 0 && o.fused_forward) {
-      programs.advance[ParseInt(name.substr(8), name)] = exe;
-      fused_forward += (fused_forward.empty() ? "" : ",") + name.substr(8);
+    out.seconds += seconds;
+    out.seconds_per_program.Double(name, seconds);
+    int64_t temp = -1;
+    try {
+      temp = out.executables[name]->CompiledMemoryStats().temp_bytes;
+    } catch (const PjrtError&) {
     }
+    out.temp_bytes.Int(name, temp);
   }
-  out.Str("fused_forward", fused_forward);
-  text << "  forward: " << (fused_forward.empty() ? "one execution per step" : "fused, advance_" + fused_forward)
-       << "\n";
-  TaskRunner runner(programs, T, manifest.differentiable, static_cast<int>(manifest.z.size()), data);
+  return out;
+}
 
-  // Plans up front: a bad schedule fails before any timing.
-  struct Case {
-    ScheduleSpec spec;
-    Plan plan;
-    PlanStats stats;
-    std::vector<double> total, forward, reverse;
-    RunReport report;
-    double value = 0, grad_norm = 0;
-  };
+std::vector<BufferPtr> Upload(Client& client, const std::vector<std::string>& bytes,
+                              const std::vector<ArraySpec>& specs) {
+  std::vector<BufferPtr> buffers;
+  for (size_t i = 0; i < bytes.size(); ++i) buffers.push_back(client.BufferFromHost(bytes[i].data(), specs[i], {}, 0));
+  return buffers;
+}
+
+struct Case {
+  ScheduleSpec spec;
+  Plan plan;
+  PlanStats stats;
+  std::vector<double> total, forward, reverse;
+  RunReport report;
+  BufferPtr value;
+  std::vector<BufferPtr> grad;
+};
+
+// Plans up front: a bad schedule fails before any timing.
+std::vector<Case> MakeCases(const Options& o, const TaskPrograms& programs, int64_t T) {
   std::vector<Case> cases;
   for (const ScheduleSpec& spec : o.schedules) {
-    Case c{spec, MakePlan(spec, T), {}, {}, {}, {}, {}};
+    Case c{spec, MakePlan(spec, T), {}, {}, {}, {}, {}, nullptr, {}};
     c.stats = CheckPlan(c.plan, T);
     for (int64_t length : c.stats.fused_lengths) {
       if (length > 1 && programs.segment_vjp.count(length) == 0) {
@@ -529,188 +503,271 @@ int Run(const Options& o) {
         throw std::invalid_argument("schedule " + spec.Name() + " fuses " + std::to_string(length) +
                                     " steps, but the task directory has no segment_vjp_" + std::to_string(length) +
                                     " (it has:" + (have.empty() ? " none" : have) +
-                                    "); save the task after running that schedule (bench/save_task.py --leaf)");
+                                    "); call compiled.prepare(schedule) before compiled.save(dir)");
       }
     }
+    c.report.schedule = spec.Name();
     cases.push_back(std::move(c));
   }
+  return cases;
+}
 
-  // -- training and metagradients, interleaved so noise hits all alike -------
+// Training and every schedule, interleaved so that noise hits all alike.
+Stat TimeRuns(const Options& o, TaskRunner& runner, const std::vector<BufferPtr>& z, std::vector<Case>& cases) {
   std::vector<double> train_seconds;
-  MetagradientOptions mg_options{o.determinism_stride, false};
+  const MetagradientOptions options{o.determinism_stride, false};
   for (int64_t r = 0; r < o.warmup + o.repeat; ++r) {
     const bool timed = r >= o.warmup;
     RunReport train_report;
     runner.Train(z, &train_report);
     if (timed) train_seconds.push_back(train_report.seconds_total);
     for (Case& c : cases) {
-      TaskRunner::Result result = runner.Metagradient(z, c.plan, mg_options);
+      TaskRunner::Result result = runner.Metagradient(z, c.plan, options);
       if (!timed) continue;
       c.total.push_back(result.report.seconds_total);
       c.forward.push_back(result.report.seconds_forward);
       c.reverse.push_back(result.report.seconds_reverse);
+      result.report.schedule = c.report.schedule;
       c.report = result.report;
-      c.value = ScalarValue(result.value);
-      c.grad_norm = L2Norm(result.grad);
+      c.value = result.value;
+      c.grad = result.grad;
     }
   }
-  const Stat train = Summarize(train_seconds);
+  return Summarize(train_seconds);
+}
+
+void WriteBytes(const std::string& path, const BufferPtr& buffer) {
+  std::string bytes(buffer->spec().num_bytes(), '\0');
+  buffer->ToHost(bytes.data(), bytes.size());
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw std::runtime_error("cannot write '" + path + "'");
+}
+
+void SaveGrads(const std::string& directory, const std::vector<Case>& cases) {
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string dir = directory + "/" + std::to_string(i);
+    if (mkdir(directory.c_str(), 0755) != 0 && errno != EEXIST) throw std::runtime_error("cannot create " + directory);
+    if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) throw std::runtime_error("cannot create " + dir);
+    WriteBytes(dir + "/value.bin", cases[i].value);
+    for (size_t j = 0; j < cases[i].grad.size(); ++j) {
+      WriteBytes(dir + "/grad_" + std::to_string(j) + ".bin", cases[i].grad[j]);
+    }
+  }
+}
+
+// The run's report as JSON, field by field from the one list of fields.
+Obj ReportJson(const RunReport& report) {
+  Obj o;
+  VisitReportFields([&](const char* name, auto member, const char*) {
+    using T = std::decay_t<decltype(report.*member)>;
+    if constexpr (std::is_same_v<T, std::string>) {
+      o.Str(name, report.*member);
+    } else if constexpr (std::is_same_v<T, double>) {
+      o.Double(name, report.*member);
+    } else {
+      o.Int(name, report.*member);
+    }
+  });
+  return o;
+}
+
+Obj DescribeCase(const Case& c, const Stat& train, std::ostringstream& text) {
+  const Stat total = Summarize(c.total), forward = Summarize(c.forward), reverse = Summarize(c.reverse);
+  const int64_t T = c.report.steps;
+  const double ratio = total.median / train.median;
+  const double value = ScalarValue(c.value), grad_norm = L2Norm(c.grad);
+  Obj s;
+  s.Str("schedule", c.spec.Name()).Str("kind", c.spec.kind).Int("arg", c.spec.arg).Int("leaf", c.spec.leaf);
+  s.StatOf("seconds", total).StatOf("seconds_forward", forward).StatOf("seconds_reverse", reverse);
+  s.Double("ratio_to_train", ratio);
+  s.Child("report", ReportJson(c.report));
+  s.Double("value", value).Double("grad_norm", grad_norm);
+  char line[512];
+  std::snprintf(line, sizeof(line),
+                "  metagradient %-20s median %s = %.2fx train (min %s; forward %s, reverse %s); %lld forward "
+                "steps (%.2f T), %lld executions; peak %lld saved states = %s, %s on the device; phi %.6g, "
+                "|grad| %.6g\n",
+                c.spec.Name().c_str(), Human(total.median).c_str(), ratio, Human(total.min).c_str(),
+                Human(forward.median).c_str(), Human(reverse.median).c_str(),
+                static_cast<long long>(c.report.forward_steps),
+                static_cast<double>(c.report.forward_steps) / static_cast<double>(T),
+                static_cast<long long>(c.report.executions), static_cast<long long>(c.report.peak_saved_states),
+                Bytes(static_cast<double>(c.report.peak_saved_bytes)).c_str(),
+                Bytes(static_cast<double>(c.report.peak_device_bytes)).c_str(), value, grad_norm);
+  text << line;
+  return s;
+}
+
+// Per-execution cost of the runtime: a tiny program, a step-shaped null
+// program, the real step, and fused advances (see the header comment).
+Obj MeasureDispatch(Client& client, const TaskFiles& files, const std::map<std::string, ExecutablePtr>& executables,
+                    const std::vector<BufferPtr>& z, const std::vector<BufferPtr>& data, int64_t n,
+                    std::ostringstream& text) {
+  const Manifest& manifest = files.manifest;
+  Obj dispatch;
+  dispatch.Int("iterations", n);
+  auto tiny = client.Compile(kTinyProgram, "mlir", {ArraySpec{{}, PJRT_Buffer_Type_F32}}, {false});
+  const float zero = 0;
+  auto chain = [&](bool await_each) {
+    BufferPtr x = client.BufferFromHost(&zero, ArraySpec{{}, PJRT_Buffer_Type_F32}, {}, 0);
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < n; ++i) {
+      x = tiny->Execute({x.get()})[0];
+      if (await_each) x->Await();
+    }
+    x->Await();
+    return Since(t0) / static_cast<double>(n);
+  };
+  chain(false);  // warm up
+  std::vector<double> tiny_async, tiny_sync;
+  for (int rep = 0; rep < 3; ++rep) {
+    tiny_async.push_back(chain(false));
+    tiny_sync.push_back(chain(true));
+  }
+  const Signature& step = manifest.programs.at("step").signature;
+  std::vector<bool> null_donated(step.inputs.size(), false);
+  for (size_t i = 0; i < manifest.layout.state.size(); ++i) null_donated[i] = true;
+  auto null_step =
+      client.Compile(NullStepProgram(step.inputs, manifest.layout.state.size()), "mlir", step.inputs, null_donated);
+  std::vector<Buffer*> init_args;
+  for (auto& b : z) init_args.push_back(b.get());
+  for (auto& b : data) init_args.push_back(b.get());
+  std::vector<BufferPtr> state0 = executables.at("init")->Execute(init_args);
+  for (auto& b : state0) b->Await();
+  const int32_t t_value = 0;
+  BufferPtr t_buffer = client.BufferFromHost(&t_value, ArraySpec{{}, PJRT_Buffer_Type_S32}, {}, 0);
+  auto run_chain = [&](const Executable& exe, int64_t count, bool await_each, std::vector<BufferPtr> state) {
+    std::vector<Buffer*> args;
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < count; ++i) {
+      args.clear();
+      for (auto& b : state) args.push_back(b.get());
+      for (auto& b : z) args.push_back(b.get());
+      for (auto& b : data) args.push_back(b.get());
+      args.push_back(t_buffer.get());
+      state = exe.Execute(args);
+      if (await_each) state[0]->Await();
+    }
+    for (auto& b : state) b->Await();
+    return Since(t0) / static_cast<double>(count);
+  };
+  // The null step consumes its (donated) state: give it a private copy.
+  auto fresh_state = [&] {
+    std::vector<BufferPtr> copy;
+    for (auto& b : state0) {
+      std::vector<char> bytes(b->spec().num_bytes());
+      b->ToHost(bytes.data(), bytes.size());
+      copy.push_back(client.BufferFromHost(bytes.data(), b->spec(), {}, 0));
+    }
+    return copy;
+  };
+  run_chain(*null_step, std::min<int64_t>(n, 100), false, fresh_state());
+  std::vector<double> null_async, null_sync, step_sync, step_async;
+  const int64_t real_steps = std::min<int64_t>(manifest.steps, 1000);
+  for (int rep = 0; rep < 3; ++rep) {
+    null_async.push_back(run_chain(*null_step, n, false, fresh_state()));
+    null_sync.push_back(run_chain(*null_step, n, true, fresh_state()));
+    step_sync.push_back(run_chain(*executables.at("step"), real_steps, true, state0));
+    step_async.push_back(run_chain(*executables.at("step"), real_steps, false, state0));
+  }
+  const Stat ta = Summarize(tiny_async), ts = Summarize(tiny_sync), na = Summarize(null_async),
+             ns = Summarize(null_sync), ss = Summarize(step_sync), sa = Summarize(step_async);
+  dispatch.Double("tiny_us", ta.median * 1e6).Double("tiny_await_each_us", ts.median * 1e6);
+  dispatch.Double("null_step_us", na.median * 1e6).Double("null_step_await_each_us", ns.median * 1e6);
+  dispatch.Double("step_us", sa.median * 1e6).Double("step_await_each_us", ss.median * 1e6);
+  dispatch.Double("null_step_fraction_of_step", na.median / sa.median);
+  text << "  dispatch (median of 3 x " << n << " executions): tiny " << Human(ta.median) << " per execution ("
+       << Human(ts.median) << " awaiting each); step-shaped null program " << Human(na.median) << " ("
+       << Human(ns.median) << " awaiting each)\n";
+  text << "    real step: " << Human(sa.median) << " per step chained, " << Human(ss.median)
+       << " awaiting each; null-step dispatch is " << Num(100 * na.median / sa.median) << "% of a step\n";
+  for (const auto& [name, exe] : executables) {
+    if (name.rfind("advance_", 0) != 0) continue;
+    const int64_t per = ParseInt(name.substr(8), name);
+    const int64_t runs = std::max<int64_t>(1, real_steps / per);
+    std::vector<double> fused;
+    run_chain(*exe, 1, false, state0);
+    for (int rep = 0; rep < 3; ++rep) fused.push_back(run_chain(*exe, runs, false, state0) / per);
+    const Stat f = Summarize(fused);
+    Obj fo;
+    fo.Int("steps_per_execution", per).Double("us_per_step", f.median * 1e6);
+    fo.Double("overhead_us_per_step", (sa.median - f.median) * 1e6);
+    dispatch.Child(name, fo);
+    text << "    " << name << ": " << Human(f.median) << " per step fused, so one execution per step costs "
+         << Human(sa.median - f.median) << " more per step\n";
+  }
+  return dispatch;
+}
+
+int Run(const Options& o) {
+  Obj out;
+  std::ostringstream text;
+  out.Str("task", o.directory);
+
+  auto start = Clock::now();
+  const TaskFiles files = ReadTask(o);
+  const Manifest& manifest = files.manifest;
+  const double seconds_read = Since(start);
+
+  start = Clock::now();
+  const std::string plugin = ChoosePlugin(o);
+  auto client = Client::Create(Api::Load(plugin), DefaultClientOptions(plugin, 1));
+  const double seconds_client = Since(start);
+
+  CompiledPrograms compiled = CompileAll(*client, files, o.fused_forward);
+
+  start = Clock::now();
+  const std::vector<BufferPtr> data = Upload(*client, files.data, manifest.layout.data);
+  const std::vector<BufferPtr> z = Upload(*client, files.z, manifest.layout.z);
+  const double seconds_upload = Since(start);
+
+  const int64_t T = manifest.steps;
+  Obj phases;
+  phases.Double("read", seconds_read).Double("plugin_and_client", seconds_client);
+  phases.Double("compile", compiled.seconds).Child("compile_per_program", compiled.seconds_per_program);
+  phases.Double("upload", seconds_upload);
+  Obj info;
+  info.Int("steps", T).Str("backend", manifest.backend).Str("plugin", plugin);
+  info.Str("platform", client->platform_name() + " " + client->platform_version());
+  info.Int("state_bytes", manifest.layout.state_bytes());
+  info.Int("state_leaves", static_cast<int64_t>(manifest.layout.state.size()));
+  info.Child("program_temp_bytes", compiled.temp_bytes);
+  out.Child("info", info);
+  out.Child("phases", phases);
+  text << "metagrad-bench " << o.directory << "\n";
+  text << "  task: T=" << T << ", backend " << manifest.backend << ", state " << Bytes(manifest.layout.state_bytes())
+       << " in " << manifest.layout.state.size() << " leaves; platform " << client->platform_name() << "\n";
+  text << "  phases: read " << Human(seconds_read) << ", plugin+client " << Human(seconds_client) << ", compile "
+       << Human(compiled.seconds) << " (" << compiled.executables.size() << " programs), upload "
+       << Human(seconds_upload) << "\n";
+
+  const TaskPrograms programs = TaskPrograms::FromNamed(compiled.executables);
+  std::string fused_forward;
+  for (const auto& [n, exe] : programs.advance) fused_forward += (fused_forward.empty() ? "" : ",") + std::to_string(n);
+  out.Str("fused_forward", fused_forward);
+  text << "  forward: " << (fused_forward.empty() ? "one execution per step" : "fused, advance_" + fused_forward)
+       << "\n";
+  TaskRunner runner(programs, manifest.layout, T, data);
+
+  std::vector<Case> cases = MakeCases(o, programs, T);
+  const Stat train = TimeRuns(o, runner, z, cases);
   out.Child("train", Obj().StatOf("seconds", train).Double("us_per_step_median", train.median / T * 1e6));
   text << "  train: median " << Human(train.median) << " (min " << Human(train.min) << ", "
        << Human(train.median / T) << " per step) over " << o.repeat << " runs\n";
-
   std::string schedules_json = "[";
   for (size_t i = 0; i < cases.size(); ++i) {
-    Case& c = cases[i];
-    const Stat total = Summarize(c.total), forward = Summarize(c.forward), reverse = Summarize(c.reverse);
-    // Working memory beyond the saved states: the current state, the
-    // cotangent and z_bar, and the largest temporary buffer of the reverse
-    // programs the plan runs (a fused block's residuals live there).
-    int64_t reverse_temp = 0;
-    for (int64_t length : c.stats.fused_lengths) {
-      const std::string name = length == 1 ? "step_vjp" : "segment_vjp_" + std::to_string(length);
-      auto found = executables.find(name);
-      if (found != executables.end()) reverse_temp = std::max(reverse_temp, TempBytes(*found->second));
-    }
-    const double ratio = total.median / train.median;
-    Obj s;
-    s.Str("schedule", c.spec.Name()).Str("kind", c.spec.kind).Int("arg", c.spec.arg).Int("leaf", c.spec.leaf);
-    s.StatOf("seconds", total).StatOf("seconds_forward", forward).StatOf("seconds_reverse", reverse);
-    s.Double("ratio_to_train", ratio);
-    s.Int("forward_steps", c.report.forward_steps).Int("reversed_steps", c.report.reversed_steps);
-    s.Int("executions", c.report.executions).Int("peak_saved_states", c.report.peak_saved_states);
-    s.Int("peak_saved_bytes", c.report.peak_saved_bytes).Int("reverse_program_temp_bytes", reverse_temp);
-    s.Int("determinism_checks", c.report.determinism_checks);
-    s.Double("value", c.value).Double("grad_norm", c.grad_norm);
-    schedules_json += (i ? ", " : "") + s.Dump();
-    char line[512];
-    std::snprintf(line, sizeof(line),
-                  "  metagradient %-20s median %s = %.2fx train (min %s; forward %s, reverse %s); %lld forward "
-                  "steps (%.2f T), %lld executions; peak %lld saved states = %s (+ %s reverse temp); phi %.6g, "
-                  "|grad| %.6g\n",
-                  c.spec.Name().c_str(), Human(total.median).c_str(), ratio, Human(total.min).c_str(),
-                  Human(forward.median).c_str(), Human(reverse.median).c_str(),
-                  static_cast<long long>(c.report.forward_steps),
-                  static_cast<double>(c.report.forward_steps) / static_cast<double>(T),
-                  static_cast<long long>(c.report.executions), static_cast<long long>(c.report.peak_saved_states),
-                  Bytes(static_cast<double>(c.report.peak_saved_bytes)).c_str(),
-                  Bytes(static_cast<double>(reverse_temp)).c_str(), c.value, c.grad_norm);
-    text << line;
+    schedules_json += (i ? ", " : "") + DescribeCase(cases[i], train, text).Dump();
   }
   out.Set("metagradient", schedules_json + "]");
+  if (!o.save_grad.empty()) SaveGrads(o.save_grad, cases);
 
-  // -- dispatch overhead -----------------------------------------------------
   if (o.dispatch_iters > 0) {
-    const int64_t n = o.dispatch_iters;
-    Obj dispatch;
-    dispatch.Int("iterations", n);
-    // tiny: chained scalar program.
-    auto tiny = client->Compile(kTinyProgram, "mlir", {ArraySpec{{}, PJRT_Buffer_Type_F32}}, {false});
-    const float zero = 0;
-    auto chain = [&](bool await_each) {
-      BufferPtr x = client->BufferFromHost(&zero, ArraySpec{{}, PJRT_Buffer_Type_F32}, {}, 0);
-      const auto t0 = Clock::now();
-      for (int64_t i = 0; i < n; ++i) {
-        x = tiny->Execute({x.get()})[0];
-        if (await_each) x->Await();
-      }
-      x->Await();
-      return Since(t0) / static_cast<double>(n);
-    };
-    chain(false);  // warm up
-    std::vector<double> tiny_async, tiny_sync;
-    for (int rep = 0; rep < 3; ++rep) {
-      tiny_async.push_back(chain(false));
-      tiny_sync.push_back(chain(true));
-    }
-    // null_step: the step's signature, no compute.
-    std::vector<ArraySpec> step_inputs;
-    std::vector<bool> step_donated;
-    manifest.Signature("step", &step_inputs, &step_donated);
-    std::vector<bool> null_donated(step_inputs.size(), false);
-    for (size_t i = 0; i < manifest.state.size(); ++i) null_donated[i] = true;
-    auto null_step = client->Compile(NullStepProgram(step_inputs, manifest.state.size()), "mlir", step_inputs,
-                                     null_donated);
-    std::vector<BufferPtr> state0 = executables.at("init")->Execute([&] {
-      std::vector<Buffer*> args;
-      for (auto& b : z) args.push_back(b.get());
-      for (auto& b : data) args.push_back(b.get());
-      return args;
-    }());
-    for (auto& b : state0) b->Await();
-    const int32_t t_value = 0;
-    BufferPtr t_buffer = client->BufferFromHost(&t_value, ArraySpec{{}, PJRT_Buffer_Type_S32}, {}, 0);
-    auto run_chain = [&](const Executable& exe, int64_t count, bool await_each, std::vector<BufferPtr> state) {
-      std::vector<Buffer*> args;
-      const auto t0 = Clock::now();
-      for (int64_t i = 0; i < count; ++i) {
-        args.clear();
-        for (auto& b : state) args.push_back(b.get());
-        for (auto& b : z) args.push_back(b.get());
-        for (auto& b : data) args.push_back(b.get());
-        args.push_back(t_buffer.get());
-        state = exe.Execute(args);
-        if (await_each) state[0]->Await();
-      }
-      for (auto& b : state) b->Await();
-      return Since(t0) / static_cast<double>(count);
-    };
-    // The null step consumes its (donated) state: give it a private copy.
-    auto fresh_state = [&] {
-      std::vector<BufferPtr> copy;
-      for (auto& b : state0) {
-        std::vector<char> bytes(b->spec().num_bytes());
-        b->ToHost(bytes.data(), bytes.size());
-        copy.push_back(client->BufferFromHost(bytes.data(), b->spec(), {}, 0));
-      }
-      return copy;
-    };
-    run_chain(*null_step, std::min<int64_t>(n, 100), false, fresh_state());
-    std::vector<double> null_async, null_sync, step_sync, step_async;
-    const int64_t real_steps = std::min<int64_t>(T, 1000);
-    for (int rep = 0; rep < 3; ++rep) {
-      null_async.push_back(run_chain(*null_step, n, false, fresh_state()));
-      null_sync.push_back(run_chain(*null_step, n, true, fresh_state()));
-      step_sync.push_back(run_chain(*executables.at("step"), real_steps, true, state0));
-      step_async.push_back(run_chain(*executables.at("step"), real_steps, false, state0));
-    }
-    const Stat ta = Summarize(tiny_async), ts = Summarize(tiny_sync), na = Summarize(null_async),
-               ns = Summarize(null_sync), ss = Summarize(step_sync), sa = Summarize(step_async);
-    dispatch.Double("tiny_us", ta.median * 1e6).Double("tiny_await_each_us", ts.median * 1e6);
-    dispatch.Double("null_step_us", na.median * 1e6).Double("null_step_await_each_us", ns.median * 1e6);
-    dispatch.Double("step_us", sa.median * 1e6).Double("step_await_each_us", ss.median * 1e6);
-    dispatch.Double("null_step_fraction_of_step", na.median / sa.median);
-    text << "  dispatch (median of 3 x " << n << " executions): tiny " << Human(ta.median) << " per execution ("
-         << Human(ts.median) << " awaiting each); step-shaped null program " << Human(na.median) << " ("
-         << Human(ns.median) << " awaiting each)\n";
-    text << "    real step: " << Human(sa.median) << " per step chained, " << Human(ss.median)
-         << " awaiting each; null-step dispatch is " << Num(100 * na.median / sa.median) << "% of a step\n";
-    // fused: an advance_<n> program (n steps per execution) if the directory has one.
-    for (const auto& [name, exe] : executables) {
-      if (name.rfind("advance_", 0) != 0) continue;
-      const int64_t per = ParseInt(name.substr(8), name);
-      const int64_t runs = std::max<int64_t>(1, real_steps / per);
-      std::vector<double> fused;
-      run_chain(*exe, 1, false, state0);
-      for (int rep = 0; rep < 3; ++rep) fused.push_back(run_chain(*exe, runs, false, state0) / per);
-      const Stat f = Summarize(fused);
-      Obj fo;
-      fo.Int("steps_per_execution", per).Double("us_per_step", f.median * 1e6);
-      fo.Double("overhead_us_per_step", (sa.median - f.median) * 1e6);
-      dispatch.Child(name, fo);
-      text << "    " << name << ": " << Human(f.median) << " per step fused, so one execution per step costs "
-           << Human(sa.median - f.median) << " more per step\n";
-    }
-    out.Child("dispatch", dispatch);
+    out.Child("dispatch", MeasureDispatch(*client, files, compiled.executables, z, data, o.dispatch_iters, text));
   }
   out.Double("peak_rss_bytes", PeakRssBytes());
   text << "  process peak RSS " << Bytes(PeakRssBytes()) << "\n";
-
-  if (o.json) {
-    std::cout << out.Dump() << std::endl;
-  } else {
-    std::cout << text.str();
-  }
+  std::cout << (o.json ? out.Dump() + "\n" : text.str());
   return 0;
 }
 

@@ -13,6 +13,8 @@
 #include "runtime/buffer.h"
 #include "runtime/client.h"
 #include "runtime/executable.h"
+#include "runtime/schedule.h"
+#include "runtime/task_runner.h"
 
 namespace nb = nanobind;
 using namespace metagrad;
@@ -22,59 +24,29 @@ void BindTaskRunner(nanobind::module_& m);
 
 namespace {
 
-PJRT_Buffer_Type FromDLPack(nb::dlpack::dtype dtype) {
-  using nb::dlpack::dtype_code;
-  const auto code = static_cast<dtype_code>(dtype.code);
-  if (dtype.lanes != 1) throw InvalidArgument("vector dtypes are not supported");
-  if (code == dtype_code::Bool) return PJRT_Buffer_Type_PRED;
-  const std::pair<dtype_code, int> key{code, dtype.bits};
-  static const std::pair<std::pair<dtype_code, int>, PJRT_Buffer_Type> kTable[] = {
-      {{dtype_code::Int, 8}, PJRT_Buffer_Type_S8},       {{dtype_code::Int, 16}, PJRT_Buffer_Type_S16},
-      {{dtype_code::Int, 32}, PJRT_Buffer_Type_S32},     {{dtype_code::Int, 64}, PJRT_Buffer_Type_S64},
-      {{dtype_code::UInt, 8}, PJRT_Buffer_Type_U8},      {{dtype_code::UInt, 16}, PJRT_Buffer_Type_U16},
-      {{dtype_code::UInt, 32}, PJRT_Buffer_Type_U32},    {{dtype_code::UInt, 64}, PJRT_Buffer_Type_U64},
-      {{dtype_code::Float, 16}, PJRT_Buffer_Type_F16},   {{dtype_code::Float, 32}, PJRT_Buffer_Type_F32},
-      {{dtype_code::Float, 64}, PJRT_Buffer_Type_F64},   {{dtype_code::Bfloat, 16}, PJRT_Buffer_Type_BF16},
-      {{dtype_code::Complex, 64}, PJRT_Buffer_Type_C64}, {{dtype_code::Complex, 128}, PJRT_Buffer_Type_C128},
-  };
-  for (const auto& [k, type] : kTable) {
-    if (k == key) return type;
-  }
-  throw InvalidArgument("unsupported array dtype (code " + std::to_string(dtype.code) + ", " +
-                        std::to_string(dtype.bits) + " bits)");
-}
-
 nb::dlpack::dtype ToDLPack(PJRT_Buffer_Type type) {
-  using nb::dlpack::dtype_code;
-  nb::dlpack::dtype d{0, static_cast<uint8_t>(ElementSize(type) * 8), 1};
-  switch (type) {
-    case PJRT_Buffer_Type_PRED: d.code = static_cast<uint8_t>(dtype_code::Bool); break;
-    case PJRT_Buffer_Type_S8: case PJRT_Buffer_Type_S16: case PJRT_Buffer_Type_S32: case PJRT_Buffer_Type_S64:
-      d.code = static_cast<uint8_t>(dtype_code::Int); break;
-    case PJRT_Buffer_Type_U8: case PJRT_Buffer_Type_U16: case PJRT_Buffer_Type_U32: case PJRT_Buffer_Type_U64:
-      d.code = static_cast<uint8_t>(dtype_code::UInt); break;
-    case PJRT_Buffer_Type_BF16: d.code = static_cast<uint8_t>(dtype_code::Bfloat); break;
-    case PJRT_Buffer_Type_C64: case PJRT_Buffer_Type_C128: d.code = static_cast<uint8_t>(dtype_code::Complex); break;
-    default: d.code = static_cast<uint8_t>(dtype_code::Float); break;
-  }
-  return d;
+  const DType& d = DTypeOf(type);
+  return {d.dlpack, static_cast<uint8_t>(d.size * 8), 1};
 }
 
 using HostArray = nb::ndarray<nb::ro, nb::device::cpu>;
 
 BufferPtr Upload(Client& client, HostArray array, int device) {
   ArraySpec spec;
-  spec.type = FromDLPack(array.dtype());
+  if (array.dtype().lanes != 1) throw InvalidArgument("vector dtypes are not supported");
+  const DType& dtype = DTypeFromDLPack(array.dtype().code, array.dtype().bits);
+  spec.type = dtype.type;
+  const int64_t size = static_cast<int64_t>(dtype.size);
   std::vector<int64_t> byte_strides;
   bool dense = true;
-  int64_t expected = static_cast<int64_t>(ElementSize(spec.type));
+  int64_t expected = size;
   for (size_t i = array.ndim(); i-- > 0;) {
-    if (array.shape(i) != 1 && array.stride(i) * static_cast<int64_t>(ElementSize(spec.type)) != expected) dense = false;
+    if (array.shape(i) != 1 && array.stride(i) * size != expected) dense = false;
     expected *= static_cast<int64_t>(array.shape(i));
   }
   for (size_t i = 0; i < array.ndim(); ++i) {
     spec.dims.push_back(static_cast<int64_t>(array.shape(i)));
-    if (!dense) byte_strides.push_back(array.stride(i) * static_cast<int64_t>(ElementSize(spec.type)));
+    if (!dense) byte_strides.push_back(array.stride(i) * size);
   }
   nb::gil_scoped_release release;
   return client.BufferFromHost(array.data(), spec, byte_strides, device);
@@ -124,14 +96,29 @@ std::vector<BufferPtr> Execute(const Executable& executable, const std::vector<B
   return executable.Execute(raw);
 }
 
-std::string SpecDType(const ArraySpec& spec) { return DTypeName(spec.type); }
+std::string SpecDType(const ArraySpec& spec) { return DTypeOf(spec.type).name; }
+
+nb::dict StatsDict(const MemoryStats& stats) {
+  nb::dict d;
+  d["argument_bytes"] = stats.argument_bytes;
+  d["output_bytes"] = stats.output_bytes;
+  d["alias_bytes"] = stats.alias_bytes;
+  d["temp_bytes"] = stats.temp_bytes;
+  d["generated_code_bytes"] = stats.generated_code_bytes;
+  return d;
+}
 
 }  // namespace
 
 NB_MODULE(_runtime, m) {
   m.doc() = "metagrad's C++ runtime: PJRT plugins, clients, device buffers and executables.";
 
+  // Every exception of the runtime, registered once: PJRT's own errors, failed
+  // run checks and broken plans as RuntimeError subclasses, bad arguments
+  // caught before the plugin as ValueError.
   nb::exception<PjrtError>(m, "PjrtError", PyExc_RuntimeError);
+  nb::exception<CheckFailed>(m, "CheckFailed", PyExc_RuntimeError);
+  nb::exception<PlanError>(m, "PlanError", PyExc_RuntimeError);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
@@ -139,6 +126,15 @@ NB_MODULE(_runtime, m) {
       PyErr_SetString(PyExc_ValueError, e.what());
     }
   });
+
+  m.def("dtypes", [] {
+        std::vector<std::tuple<std::string, std::string, bool>> table;
+        for (const DType& d : DTypes()) table.emplace_back(d.name, d.mlir, d.floating);
+        return table;
+      },
+      "The element types the runtime handles: (numpy name, MLIR name, floating).");
+  m.def("default_client_options", &DefaultClientOptions, nb::arg("plugin_path"), nb::arg("cpu_device_count") = 1,
+        "The create options metagrad passes to a plugin.");
 
   m.attr("PJRT_API_MAJOR") = PJRT_API_MAJOR;
   m.attr("PJRT_API_MINOR") = PJRT_API_MINOR;
@@ -153,7 +149,7 @@ NB_MODULE(_runtime, m) {
       .def(nb::init<>())
       .def("__init__",
            [](ArraySpec* self, std::vector<int64_t> dims, const std::string& dtype) {
-             new (self) ArraySpec{std::move(dims), ParseDType(dtype)};
+             new (self) ArraySpec{std::move(dims), DTypeNamed(dtype).type};
            },
            nb::arg("shape"), nb::arg("dtype"))
       .def_prop_ro("shape", [](const ArraySpec& s) { return s.dims; })
@@ -179,22 +175,29 @@ NB_MODULE(_runtime, m) {
       .def_prop_ro("devices", &Client::devices)
       .def("compile",
            [](Client& client, nb::bytes code, const std::string& format, std::vector<ArraySpec> inputs,
-              std::vector<bool> donated, int num_replicas, int num_partitions) {
-             std::string program(code.c_str(), code.size());
+              std::vector<bool> donated, nb::bytes options) {
+             std::string program(code.c_str(), code.size()), compile_options(options.c_str(), options.size());
              nb::gil_scoped_release release;
-             return client.Compile(program, format, std::move(inputs), std::move(donated), num_replicas,
-                                   num_partitions);
+             return client.Compile(program, format, std::move(inputs), std::move(donated), compile_options);
            },
-           nb::arg("code"), nb::arg("format"), nb::arg("inputs"), nb::arg("donated"), nb::arg("num_replicas") = 1,
-           nb::arg("num_partitions") = 1,
-           "Compile MLIR (text or bytecode) with the signature `inputs` and donation flags.")
+           nb::arg("code"), nb::arg("format"), nb::arg("inputs"), nb::arg("donated"), nb::arg("options") = nb::bytes("", 0),
+           "Compile MLIR (text or bytecode) with the signature `inputs` and donation flags; `options` is a "
+           "serialized xla.CompileOptionsProto (empty: one replica, one partition).")
+      .def("deserialize",
+           [](Client& client, nb::bytes serialized, std::vector<ArraySpec> inputs, std::vector<bool> donated) {
+             std::string bytes(serialized.c_str(), serialized.size());
+             nb::gil_scoped_release release;
+             return client.Deserialize(bytes, std::move(inputs), std::move(donated));
+           },
+           nb::arg("serialized"), nb::arg("inputs"), nb::arg("donated"),
+           "Load an executable written by Executable.serialize() with this plugin version.")
       .def("buffer_from_array", &Upload, nb::arg("array"), nb::arg("device") = 0,
            "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.");
 
   nb::class_<Buffer>(m, "Buffer", "A device buffer owned by the runtime.")
       .def_prop_ro("spec", &Buffer::spec)
       .def_prop_ro("shape", [](const Buffer& b) { return b.spec().dims; })
-      .def_prop_ro("dtype", [](const Buffer& b) { return DTypeName(b.spec().type); })
+      .def_prop_ro("dtype", [](const Buffer& b) { return std::string(DTypeOf(b.spec().type).name); })
       .def_prop_ro("is_deleted", &Buffer::is_deleted)
       .def_prop_ro("on_device_size", &Buffer::on_device_size)
       .def("block_until_ready", &Buffer::Await, nb::call_guard<nb::gil_scoped_release>())
@@ -210,6 +213,18 @@ NB_MODULE(_runtime, m) {
       .def_prop_ro("inputs", &Executable::inputs)
       .def_prop_ro("outputs", &Executable::outputs)
       .def_prop_ro("donated", &Executable::donated)
+      .def("memory_stats", [](const Executable& e) { return StatsDict(e.CompiledMemoryStats()); },
+           "XLA's compiled memory statistics: argument, output, alias, temp and generated-code bytes.")
+      .def("serialize",
+           [](const Executable& e) {
+             std::string bytes;
+             {
+               nb::gil_scoped_release release;
+               bytes = e.Serialize();
+             }
+             return nb::bytes(bytes.data(), bytes.size());
+           },
+           "Platform-specific bytes for Client.deserialize with the same plugin version.")
       .def("execute", &Execute, nb::arg("args"),
            "Enqueue one execution; outputs are device buffers, ready asynchronously.");
 

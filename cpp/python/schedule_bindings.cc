@@ -53,7 +53,6 @@ int64_t Index(const Plan& plan, int64_t i) {
 const metagrad::Plan& PlanFromPython(nb::handle plan) { return nb::cast<const PlanObject&>(plan).actions; }
 
 void BindSchedule(nb::module_& m) {
-  nb::exception<metagrad::PlanError>(m, "PlanError", PyExc_RuntimeError);
 
   nb::class_<Action>(m, "Action", "One step of a checkpointing plan.")
       .def("__init__",

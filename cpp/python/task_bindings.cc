@@ -1,6 +1,10 @@
-// Bindings of TaskRunner: a whole training run or metagradient per call.
+// Bindings of the task contract (programs.h) and TaskRunner: a whole
+// training run or metagradient per call, interruptible with Ctrl-C.
+#include <Python.h>
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/function.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -15,53 +19,94 @@ const Plan& PlanFromPython(nb::handle plan);  // schedule_bindings.cc
 
 namespace {
 
-nb::dict ReportDict(const RunReport& r) {
+// Called by the runner between executions with the GIL released: a pending
+// Ctrl-C becomes KeyboardInterrupt, raised through the runner (whose buffers
+// are released on the way out) back to the caller.
+void CheckSignals() {
+  nb::gil_scoped_acquire acquire;
+  if (PyErr_CheckSignals() != 0) throw nb::python_error();
+}
+
+nb::dict KindDict(const ProgramKind& kind) {
   nb::dict d;
-  d["steps"] = r.steps;
-  d["forward_steps"] = r.forward_steps;
-  d["reversed_steps"] = r.reversed_steps;
-  d["executions"] = r.executions;
-  d["peak_saved_states"] = r.peak_saved_states;
-  d["peak_saved_bytes"] = r.peak_saved_bytes;
-  d["state_bytes"] = r.state_bytes;
-  d["determinism_checks"] = r.determinism_checks;
-  d["seconds_forward"] = r.seconds_forward;
-  d["seconds_reverse"] = r.seconds_reverse;
-  d["seconds_total"] = r.seconds_total;
+  d["name"] = kind.name;
+  d["sized"] = kind.sized;
+  d["inputs"] = kind.inputs;
+  d["donated"] = kind.donated;
+  d["outputs"] = kind.outputs;
   return d;
 }
 
 }  // namespace
 
 void BindTaskRunner(nb::module_& m) {
-  nb::exception<CheckFailed>(m, "CheckFailed", PyExc_RuntimeError);
+  m.attr("MANIFEST_VERSION") = kManifestVersion;
+  m.def("program_kinds", [] {
+        nb::list kinds;
+        for (const ProgramKind& kind : ProgramKinds()) kinds.append(KindDict(kind));
+        return kinds;
+      },
+      "The programs of a task and their argument groups (see cpp/runtime/programs.h).");
+  m.def("parse_program_name", [](const std::string& name) {
+        const ProgramName parsed = ParseProgramName(name);
+        return std::make_pair(std::string(parsed.kind->name), parsed.length);
+      },
+      nb::arg("name"), "'segment_vjp_10' -> ('segment_vjp', 10); ValueError for unknown names.");
+
+  nb::class_<TaskLayout>(m, "TaskLayout", "Shapes and dtypes of a task's flat argument groups.")
+      .def(nb::init<>())
+      .def_rw("state", &TaskLayout::state)
+      .def_rw("z", &TaskLayout::z)
+      .def_rw("data", &TaskLayout::data)
+      .def_rw("differentiable", &TaskLayout::differentiable)
+      .def_rw("accumulators", &TaskLayout::accumulators)
+      .def_rw("phi", &TaskLayout::phi)
+      .def_rw("outputs", &TaskLayout::outputs)
+      .def("expected_signature",
+           [](const TaskLayout& layout, const std::string& name) {
+             const Signature s = ExpectedSignature(name, layout);
+             return nb::make_tuple(s.inputs, s.donated, s.outputs);
+           },
+           nb::arg("name"), "(inputs, donated, outputs) that program `name` must have.");
+
+  nb::class_<RunReport> report(m, "Report", "What one training or metagradient run did, measured by the runtime.");
+  report.def(nb::init<>());
+  VisitReportFields([&](const char* name, auto member, const char* doc) { report.def_rw(name, member, doc); });
+  report.def_prop_ro("replayed_steps", [](const RunReport& r) { return r.forward_steps - r.steps; },
+                     "Forward steps beyond the first pass.");
+  report.def("_asdict", [](const RunReport& r) {
+    nb::dict d;
+    VisitReportFields([&](const char* name, auto member, const char*) { d[name] = r.*member; });
+    return d;
+  }, "The fields as a dict.");
+  report.def("__repr__", [](const RunReport& r) {
+    std::string text = "Report(";
+    bool first = true;
+    VisitReportFields([&](const char* name, auto member, const char*) {
+      text += std::string(first ? "" : ", ") + name + "=" + nb::repr(nb::cast(r.*member)).c_str();
+      first = false;
+    });
+    return text + ")";
+  });
 
   nb::class_<TaskRunner>(m, "TaskRunner", "Runs a compiled task: training and metagradients, all in C++.")
       .def("__init__",
-           [](TaskRunner* self, std::map<std::string, ExecutablePtr> programs,
-              std::map<int64_t, ExecutablePtr> segment_vjp, std::map<int64_t, ExecutablePtr> advance, int64_t steps,
-              std::vector<bool> differentiable, int num_z, std::vector<BufferPtr> data) {
-             auto take = [&](const char* name) {
-               auto found = programs.find(name);
-               return found == programs.end() ? nullptr : found->second;
-             };
-             TaskPrograms p{take("init"),       take("step"),     take("output"), take("output_vjp"),
-                            take("step_vjp"),   take("init_vjp"), std::move(segment_vjp), take("all_finite"),
-                            std::move(advance)};
-             new (self) TaskRunner(std::move(p), steps, std::move(differentiable), num_z, std::move(data));
+           [](TaskRunner* self, const std::map<std::string, ExecutablePtr>& programs, TaskLayout layout,
+              int64_t steps, std::vector<BufferPtr> data) {
+             new (self) TaskRunner(TaskPrograms::FromNamed(programs), std::move(layout), steps, std::move(data));
            },
-           nb::arg("programs"), nb::arg("segment_vjp"), nb::arg("advance"), nb::arg("steps"), nb::arg("differentiable"),
-           nb::arg("num_z"), nb::arg("data"))
+           nb::arg("programs"), nb::arg("layout"), nb::arg("steps"), nb::arg("data"))
       .def_prop_ro("steps", &TaskRunner::steps)
       .def("train",
            [](TaskRunner& runner, const std::vector<BufferPtr>& z) {
              RunReport report;
              std::vector<BufferPtr> state;
+             runner.SetInterruptCheck(CheckSignals);
              {
                nb::gil_scoped_release release;
                state = runner.Train(z, &report);
              }
-             return nb::make_tuple(state, ReportDict(report));
+             return nb::make_tuple(state, report);
            },
            nb::arg("z"), "init and all steps; returns (final state buffers, report).")
       .def("metagradient",
@@ -69,11 +114,12 @@ void BindTaskRunner(nb::module_& m) {
               bool check_finite) {
              const Plan& plan = PlanFromPython(plan_object);
              TaskRunner::Result result;
+             runner.SetInterruptCheck(CheckSignals);
              {
                nb::gil_scoped_release release;
                result = runner.Metagradient(z, plan, MetagradientOptions{determinism_stride, check_finite});
              }
-             return nb::make_tuple(result.value, result.grad, ReportDict(result.report));
+             return nb::make_tuple(result.value, result.grad, result.report);
            },
            nb::arg("z"), nb::arg("plan"), nb::arg("determinism_stride") = 0, nb::arg("check_finite") = false,
            "Run the plan; returns (phi buffer, metagradient buffers, report).");

@@ -17,12 +17,7 @@ Buffer::Buffer(std::shared_ptr<Client> client, PJRT_Buffer* buffer) : client_(st
 Buffer::~Buffer() {
   auto args = PJRT_ARGS(PJRT_Buffer_Destroy_Args);
   args.buffer = buffer_;
-  PJRT_Error* error = client_->api()->PJRT_Buffer_Destroy(&args);
-  if (error != nullptr) {
-    auto destroy = PJRT_ARGS(PJRT_Error_Destroy_Args);
-    destroy.error = error;
-    client_->api()->PJRT_Error_Destroy(&destroy);
-  }
+  client_->api().Ignore(client_->api()->PJRT_Buffer_Destroy(&args));
 }
 
 bool Buffer::is_deleted() const {

@@ -5,69 +5,27 @@
 
 namespace metagrad {
 
-size_t ElementSize(PJRT_Buffer_Type type) {
-  switch (type) {
-    case PJRT_Buffer_Type_PRED:
-    case PJRT_Buffer_Type_S8:
-    case PJRT_Buffer_Type_U8:
-      return 1;
-    case PJRT_Buffer_Type_S16:
-    case PJRT_Buffer_Type_U16:
-    case PJRT_Buffer_Type_F16:
-    case PJRT_Buffer_Type_BF16:
-      return 2;
-    case PJRT_Buffer_Type_S32:
-    case PJRT_Buffer_Type_U32:
-    case PJRT_Buffer_Type_F32:
-      return 4;
-    case PJRT_Buffer_Type_S64:
-    case PJRT_Buffer_Type_U64:
-    case PJRT_Buffer_Type_F64:
-    case PJRT_Buffer_Type_C64:
-      return 8;
-    case PJRT_Buffer_Type_C128:
-      return 16;
-    default:
-      throw InvalidArgument("unsupported element type " + std::to_string(static_cast<int>(type)));
-  }
-}
-
-namespace {
-const std::pair<PJRT_Buffer_Type, const char*> kDTypeNames[] = {
-    {PJRT_Buffer_Type_PRED, "bool"},     {PJRT_Buffer_Type_S8, "int8"},       {PJRT_Buffer_Type_S16, "int16"},
-    {PJRT_Buffer_Type_S32, "int32"},     {PJRT_Buffer_Type_S64, "int64"},     {PJRT_Buffer_Type_U8, "uint8"},
-    {PJRT_Buffer_Type_U16, "uint16"},    {PJRT_Buffer_Type_U32, "uint32"},    {PJRT_Buffer_Type_U64, "uint64"},
-    {PJRT_Buffer_Type_F16, "float16"},   {PJRT_Buffer_Type_F32, "float32"},   {PJRT_Buffer_Type_F64, "float64"},
-    {PJRT_Buffer_Type_BF16, "bfloat16"}, {PJRT_Buffer_Type_C64, "complex64"}, {PJRT_Buffer_Type_C128, "complex128"},
-};
-}  // namespace
-
-std::string DTypeName(PJRT_Buffer_Type type) {
-  for (const auto& [t, name] : kDTypeNames) {
-    if (t == type) return name;
-  }
-  return "type" + std::to_string(static_cast<int>(type));
-}
-
-PJRT_Buffer_Type ParseDType(const std::string& name) {
-  for (const auto& [t, n] : kDTypeNames) {
-    if (name == n) return t;
-  }
-  throw InvalidArgument("unsupported dtype '" + name + "'");
-}
-
 size_t ArraySpec::num_elements() const {
   size_t n = 1;
   for (int64_t d : dims) n *= static_cast<size_t>(d);
   return n;
 }
 
-size_t ArraySpec::num_bytes() const { return num_elements() * ElementSize(type); }
+size_t ArraySpec::num_bytes() const { return num_elements() * DTypeOf(type).size; }
 
 std::string ArraySpec::ToString() const {
-  std::string s = DTypeName(type) + "[";
+  std::string s = std::string(DTypeOf(type).name) + "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? "," : "") + std::to_string(dims[i]);
   return s + "]";
+}
+
+std::map<std::string, Attribute> DefaultClientOptions(const std::string& plugin_path, int64_t cpu_device_count) {
+  const std::string file = plugin_path.substr(plugin_path.find_last_of('/') + 1);
+  if (file.find("cuda") != std::string::npos) {
+    return {{"platform_name", std::string("cuda")}, {"allocator", std::string("default")}, {"preallocate", false}};
+  }
+  if (cpu_device_count < 1) throw InvalidArgument("cpu_device_count must be >= 1, got " + std::to_string(cpu_device_count));
+  return {{"cpu_device_count", cpu_device_count}};
 }
 
 std::string SerializeCompileOptions(int num_replicas, int num_partitions) {
@@ -133,12 +91,7 @@ Client::Client(std::shared_ptr<const Api> api, PJRT_Client* client) : api_(std::
 Client::~Client() {
   auto args = PJRT_ARGS(PJRT_Client_Destroy_Args);
   args.client = client_;
-  PJRT_Error* error = api_->raw()->PJRT_Client_Destroy(&args);
-  if (error != nullptr) {
-    auto destroy = PJRT_ARGS(PJRT_Error_Destroy_Args);
-    destroy.error = error;
-    api_->raw()->PJRT_Error_Destroy(&destroy);
-  }
+  api_->Ignore(api_->raw()->PJRT_Client_Destroy(&args));
 }
 
 const DeviceInfo& Client::device(int index) const {
@@ -151,16 +104,12 @@ const DeviceInfo& Client::device(int index) const {
 
 std::shared_ptr<Executable> Client::Compile(const std::string& code, const std::string& format,
                                             std::vector<ArraySpec> inputs, std::vector<bool> donated,
-                                            int num_replicas, int num_partitions) {
+                                            const std::string& options) {
   if (code.empty()) throw InvalidArgument("cannot compile an empty program");
   if (format != "mlir" && format != "hlo") {
     throw InvalidArgument("unknown program format '" + format + "': use 'mlir' (text or bytecode) or 'hlo'");
   }
-  if (donated.size() != inputs.size()) {
-    throw InvalidArgument("donated flags (" + std::to_string(donated.size()) + ") must match the inputs (" +
-                          std::to_string(inputs.size()) + ")");
-  }
-  const std::string options = SerializeCompileOptions(num_replicas, num_partitions);
+  const std::string compile_options = options.empty() ? SerializeCompileOptions(1, 1) : options;
   auto program = PJRT_ARGS(PJRT_Program);
   program.code = const_cast<char*>(code.data());
   program.code_size = code.size();
@@ -169,15 +118,33 @@ std::shared_ptr<Executable> Client::Compile(const std::string& code, const std::
   auto args = PJRT_ARGS(PJRT_Client_Compile_Args);
   args.client = client_;
   args.program = &program;
-  args.compile_options = options.data();
-  args.compile_options_size = options.size();
+  args.compile_options = compile_options.data();
+  args.compile_options_size = compile_options.size();
   api_->Check(api_->raw()->PJRT_Client_Compile(&args), "compiling the program");
-  return std::make_shared<Executable>(shared_from_this(), args.executable, std::move(inputs), std::move(donated));
+  return Wrap(args.executable, std::move(inputs), std::move(donated));
+}
+
+std::shared_ptr<Executable> Client::Deserialize(const std::string& serialized, std::vector<ArraySpec> inputs,
+                                                std::vector<bool> donated) {
+  if (serialized.empty()) throw InvalidArgument("cannot load an empty serialized executable");
+  auto args = PJRT_ARGS(PJRT_Executable_DeserializeAndLoad_Args);
+  args.client = client_;
+  args.serialized_executable = serialized.data();
+  args.serialized_executable_size = serialized.size();
+  api_->Check(api_->raw()->PJRT_Executable_DeserializeAndLoad(&args), "loading a serialized executable");
+  return Wrap(args.loaded_executable, std::move(inputs), std::move(donated));
+}
+
+std::shared_ptr<Executable> Client::Wrap(PJRT_LoadedExecutable* executable, std::vector<ArraySpec> inputs,
+                                         std::vector<bool> donated) {
+  auto owned = std::make_shared<Executable>(shared_from_this(), executable);  // destroys it if the checks throw
+  owned->SetSignature(std::move(inputs), std::move(donated));
+  return owned;
 }
 
 std::shared_ptr<Buffer> Client::BufferFromHost(const void* data, const ArraySpec& spec,
                                                const std::vector<int64_t>& byte_strides, int device_index) {
-  ElementSize(spec.type);  // rejects unsupported types before the plugin sees them
+  DTypeOf(spec.type);  // rejects unsupported types before the plugin sees them
   auto args = PJRT_ARGS(PJRT_Client_BufferFromHostBuffer_Args);
   args.client = client_;
   args.data = data;

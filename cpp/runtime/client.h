@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/dtypes.h"
 #include "runtime/pjrt.h"
 
 namespace metagrad {
@@ -17,13 +18,9 @@ struct ArraySpec {
   PJRT_Buffer_Type type;
   size_t num_elements() const;
   size_t num_bytes() const;
-  std::string ToString() const;
+  std::string ToString() const;  // "float32[64,10]"
   bool operator==(const ArraySpec& other) const { return dims == other.dims && type == other.type; }
 };
-
-size_t ElementSize(PJRT_Buffer_Type type);
-std::string DTypeName(PJRT_Buffer_Type type);
-PJRT_Buffer_Type ParseDType(const std::string& name);
 
 struct DeviceInfo {
   PJRT_Device* device;
@@ -31,6 +28,15 @@ struct DeviceInfo {
   std::string kind;
   std::vector<std::string> memory_kinds;
 };
+
+// The create options metagrad uses for a plugin: the CUDA plugin gets
+// platform_name=cuda and no preallocation, the CPU plugin `cpu_device_count`.
+std::map<std::string, Attribute> DefaultClientOptions(const std::string& plugin_path, int64_t cpu_device_count);
+
+// Serialized xla.CompileOptionsProto with these replica and partition
+// counts. Never empty: empty options abort the CPU plugin inside its device
+// assignment.
+std::string SerializeCompileOptions(int num_replicas, int num_partitions);
 
 class Client : public std::enable_shared_from_this<Client> {
  public:
@@ -50,10 +56,17 @@ class Client : public std::enable_shared_from_this<Client> {
 
   // Compiles `code` ("mlir": MLIR text or bytecode, including portable
   // StableHLO artifacts). `inputs` is the program's signature, checked at
-  // every execution; `donated[i]` marks inputs the program aliases to outputs.
+  // every execution; `donated[i]` marks inputs the program aliases to
+  // outputs. `options`: a serialized CompileOptionsProto (empty: one replica,
+  // one partition).
   std::shared_ptr<Executable> Compile(const std::string& code, const std::string& format,
                                       std::vector<ArraySpec> inputs, std::vector<bool> donated,
-                                      int num_replicas = 1, int num_partitions = 1);
+                                      const std::string& options = "");
+
+  // Loads an executable written by Executable::Serialize with this plugin
+  // version (the caller keys its cache on that version).
+  std::shared_ptr<Executable> Deserialize(const std::string& serialized, std::vector<ArraySpec> inputs,
+                                          std::vector<bool> donated);
 
   // Copies dense host data (row-major, or with `byte_strides`) to a device.
   std::shared_ptr<Buffer> BufferFromHost(const void* data, const ArraySpec& spec,
@@ -61,15 +74,13 @@ class Client : public std::enable_shared_from_this<Client> {
 
  private:
   Client(std::shared_ptr<const Api> api, PJRT_Client* client);
+  std::shared_ptr<Executable> Wrap(PJRT_LoadedExecutable* executable, std::vector<ArraySpec> inputs,
+                                   std::vector<bool> donated);
   std::shared_ptr<const Api> api_;
   PJRT_Client* client_;
   std::string platform_name_;
   std::string platform_version_;
   std::vector<DeviceInfo> devices_;
 };
-
-// Serialized xla.CompileOptionsProto. Never empty: empty options abort the
-// CPU plugin inside its device assignment.
-std::string SerializeCompileOptions(int num_replicas, int num_partitions);
 
 }  // namespace metagrad

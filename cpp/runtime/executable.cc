@@ -4,30 +4,46 @@
 
 namespace metagrad {
 
-Executable::Executable(std::shared_ptr<Client> client, PJRT_LoadedExecutable* executable,
-                       std::vector<ArraySpec> inputs, std::vector<bool> donated)
-    : client_(std::move(client)), executable_(executable), inputs_(std::move(inputs)), donated_(std::move(donated)) {
-  const Api& api = client_->api();
-  auto get = PJRT_ARGS(PJRT_LoadedExecutable_GetExecutable_Args);
-  get.loaded_executable = executable_;
-  api.Check(api->PJRT_LoadedExecutable_GetExecutable(&get), "reading the executable");
-  PJRT_Executable* program = get.executable;
-  auto count = PJRT_ARGS(PJRT_Executable_NumOutputs_Args);
-  count.executable = program;
-  auto types = PJRT_ARGS(PJRT_Executable_OutputElementTypes_Args);
-  types.executable = program;
-  auto dims = PJRT_ARGS(PJRT_Executable_OutputDimensions_Args);
-  dims.executable = program;
-  try {
-    api.Check(api->PJRT_Executable_NumOutputs(&count), "counting outputs");
-    api.Check(api->PJRT_Executable_OutputElementTypes(&types), "reading output types");
-    api.Check(api->PJRT_Executable_OutputDimensions(&dims), "reading output shapes");
-  } catch (...) {
-    auto destroy = PJRT_ARGS(PJRT_Executable_Destroy_Args);
-    destroy.executable = program;
-    api->PJRT_Executable_Destroy(&destroy);
-    throw;
+namespace {
+
+// The PJRT_Executable behind a loaded executable, destroyed when done.
+class Description {
+ public:
+  explicit Description(const Executable& executable) : api_(executable.client()->api()) {
+    auto get = PJRT_ARGS(PJRT_LoadedExecutable_GetExecutable_Args);
+    get.loaded_executable = executable.raw();
+    api_.Check(api_->PJRT_LoadedExecutable_GetExecutable(&get), "reading the executable");
+    program_ = get.executable;
   }
+  ~Description() {
+    auto destroy = PJRT_ARGS(PJRT_Executable_Destroy_Args);
+    destroy.executable = program_;
+    api_.Ignore(api_->PJRT_Executable_Destroy(&destroy));
+  }
+  Description(const Description&) = delete;
+  Description& operator=(const Description&) = delete;
+  PJRT_Executable* get() const { return program_; }
+
+ private:
+  const Api& api_;
+  PJRT_Executable* program_;
+};
+
+}  // namespace
+
+Executable::Executable(std::shared_ptr<Client> client, PJRT_LoadedExecutable* executable)
+    : client_(std::move(client)), executable_(executable) {
+  const Api& api = client_->api();
+  const Description program(*this);
+  auto count = PJRT_ARGS(PJRT_Executable_NumOutputs_Args);
+  count.executable = program.get();
+  auto types = PJRT_ARGS(PJRT_Executable_OutputElementTypes_Args);
+  types.executable = program.get();
+  auto dims = PJRT_ARGS(PJRT_Executable_OutputDimensions_Args);
+  dims.executable = program.get();
+  api.Check(api->PJRT_Executable_NumOutputs(&count), "counting outputs");
+  api.Check(api->PJRT_Executable_OutputElementTypes(&types), "reading output types");
+  api.Check(api->PJRT_Executable_OutputDimensions(&dims), "reading output shapes");
   const int64_t* next = dims.dims;
   for (size_t i = 0; i < count.num_outputs; ++i) {
     ArraySpec spec;
@@ -36,20 +52,43 @@ Executable::Executable(std::shared_ptr<Client> client, PJRT_LoadedExecutable* ex
     spec.type = types.output_types[i];
     outputs_.push_back(std::move(spec));
   }
-  auto destroy = PJRT_ARGS(PJRT_Executable_Destroy_Args);
-  destroy.executable = program;
-  api.Check(api->PJRT_Executable_Destroy(&destroy), "releasing the executable description");
 }
 
 Executable::~Executable() {
   auto args = PJRT_ARGS(PJRT_LoadedExecutable_Destroy_Args);
   args.executable = executable_;
-  PJRT_Error* error = client_->api()->PJRT_LoadedExecutable_Destroy(&args);
-  if (error != nullptr) {
-    auto destroy = PJRT_ARGS(PJRT_Error_Destroy_Args);
-    destroy.error = error;
-    client_->api()->PJRT_Error_Destroy(&destroy);
+  client_->api().Ignore(client_->api()->PJRT_LoadedExecutable_Destroy(&args));
+}
+
+void Executable::SetSignature(std::vector<ArraySpec> inputs, std::vector<bool> donated) {
+  if (donated.size() != inputs.size()) {
+    throw InvalidArgument("donated flags (" + std::to_string(donated.size()) + ") must match the inputs (" +
+                          std::to_string(inputs.size()) + ")");
   }
+  for (const ArraySpec& spec : inputs) DTypeOf(spec.type);
+  inputs_ = std::move(inputs);
+  donated_ = std::move(donated);
+}
+
+MemoryStats Executable::CompiledMemoryStats() const {
+  const Api& api = client_->api();
+  const Description program(*this);
+  auto args = PJRT_ARGS(PJRT_Executable_GetCompiledMemoryStats_Args);
+  args.executable = program.get();
+  api.Check(api->PJRT_Executable_GetCompiledMemoryStats(&args), "reading compiled memory statistics");
+  return {args.argument_size_in_bytes, args.output_size_in_bytes, args.alias_size_in_bytes, args.temp_size_in_bytes,
+          args.generated_code_size_in_bytes};
+}
+
+std::string Executable::Serialize() const {
+  const Api& api = client_->api();
+  const Description program(*this);
+  auto args = PJRT_ARGS(PJRT_Executable_Serialize_Args);
+  args.executable = program.get();
+  api.Check(api->PJRT_Executable_Serialize(&args), "serializing the executable");
+  std::string bytes(args.serialized_bytes, args.serialized_bytes_size);
+  if (args.serialized_executable_deleter != nullptr) args.serialized_executable_deleter(args.serialized_executable);
+  return bytes;
 }
 
 void Executable::CheckArguments(const std::vector<Buffer*>& args) const {

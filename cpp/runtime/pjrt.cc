@@ -70,17 +70,22 @@ void Api::Check(PJRT_Error* error, const char* context) const {
   code_args.error = error;
   PJRT_Error_Code code = PJRT_Error_Code_UNKNOWN;
   if (api_->PJRT_Error_GetCode(&code_args) == nullptr) code = code_args.code;
+  Ignore(error);
+  throw PjrtError(code, std::string(context) + ": " + message);
+}
+
+void Api::Ignore(PJRT_Error* error) const noexcept {
+  if (error == nullptr) return;
   auto destroy = PJRT_ARGS(PJRT_Error_Destroy_Args);
   destroy.error = error;
   api_->PJRT_Error_Destroy(&destroy);
-  throw PjrtError(code, std::string(context) + ": " + message);
 }
 
 Event::~Event() {
   if (event_ == nullptr) return;
   auto args = PJRT_ARGS(PJRT_Event_Destroy_Args);
   args.event = event_;
-  api_->raw()->PJRT_Event_Destroy(&args);
+  api_->Ignore(api_->raw()->PJRT_Event_Destroy(&args));
 }
 
 void Event::Await(const char* context) const {

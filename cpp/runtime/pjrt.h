@@ -58,6 +58,9 @@ class Api {
 
   // Throws PjrtError (and frees the error) when `error` is set.
   void Check(PJRT_Error* error, const char* context) const;
+  // Frees `error` (if set) without looking at it: for destructors and other
+  // places that cannot throw.
+  void Ignore(PJRT_Error* error) const noexcept;
 
  private:
   Api(const PJRT_Api* api, std::string path) : api_(api), path_(std::move(path)) {}

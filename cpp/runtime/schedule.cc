@@ -12,6 +12,8 @@ namespace {
 
 constexpr int64_t kSaturated = std::numeric_limits<int64_t>::max();
 
+constexpr int64_t kMaxSteps = std::numeric_limits<int32_t>::max();
+
 int64_t SaturatingAdd(int64_t a, int64_t b) { return a > kSaturated - b ? kSaturated : a + b; }
 
 // a * b for a, b >= 0, saturating at INT64_MAX.
@@ -99,7 +101,7 @@ std::vector<int64_t> RevolveLevels(int64_t n, int64_t c) {
 // slots and the peak; slot numbers are the smallest free ones.
 class Builder {
  public:
-  Builder(int64_t T, int64_t leaf) : T_(T), leaf_(leaf), units_((T + leaf - 1) / leaf) {}
+  Builder(int64_t T, int64_t leaf) : T_(T), leaf_(leaf), units_(T / leaf + (T % leaf != 0)) {}
 
   int64_t units() const { return units_; }
   int64_t pos() const { return pos_; }
@@ -144,7 +146,8 @@ class Builder {
   }
 
  private:
-  int64_t Start(int64_t unit) const { return std::min(unit * leaf_, T_); }
+  // unit * leaf_ saturates: with a huge leaf, every unit past 0 starts at T.
+  int64_t Start(int64_t unit) const { return unit == 0 ? 0 : unit > T_ / leaf_ ? T_ : std::min(unit * leaf_, T_); }
 
   int64_t T_, leaf_, units_;
   int64_t pos_ = 0;
@@ -155,6 +158,10 @@ class Builder {
 
 void CheckCommon(int64_t T, int64_t leaf) {
   if (T < 1) throw std::invalid_argument("a plan needs T >= 1 steps, got T = " + std::to_string(T));
+  if (T > kMaxSteps) {
+    throw std::invalid_argument("a plan has at most 2^31-1 steps (the step index is an int32), got T = " +
+                                std::to_string(T));
+  }
   if (leaf < 1) throw std::invalid_argument("leaf must be >= 1 steps, got leaf = " + std::to_string(leaf));
 }
 
@@ -366,7 +373,9 @@ Plan PlanRevolve(int64_t T, int slots, int64_t leaf) {
 }
 
 PlanStats CheckPlan(const Plan& plan, int64_t T) {
-  if (T < 1) throw std::invalid_argument("CheckPlan needs T >= 1, got T = " + std::to_string(T));
+  if (T < 1 || T > kMaxSteps) {
+    throw std::invalid_argument("CheckPlan needs T >= 1 and T <= 2^31-1, got T = " + std::to_string(T));
+  }
   PlanStats stats{0, 0, 0, static_cast<int64_t>(plan.size()), {}};
   std::vector<int64_t> slot_step;  // -1: free
   int64_t occupied = 0;
@@ -415,6 +424,12 @@ PlanStats CheckPlan(const Plan& plan, int64_t T) {
       case ActionKind::kSave:
         need_slot(false);
         need_current(a.step);
+        // A plan cannot fill more slots than it has actions: this bounds the
+        // simulation's memory whatever the slot numbers of a hand-made plan.
+        if (static_cast<size_t>(a.slot) >= plan.size()) {
+          fail("slot misuse: slot " + std::to_string(a.slot) + " is beyond the plan's " +
+               std::to_string(plan.size()) + " actions (number slots from 0)");
+        }
         if (static_cast<size_t>(a.slot) >= slot_step.size()) slot_step.resize(a.slot + 1, -1);
         slot_step[a.slot] = a.step;
         stats.peak_saved = std::max(stats.peak_saved, ++occupied);
@@ -438,11 +453,11 @@ PlanStats CheckPlan(const Plan& plan, int64_t T) {
       case ActionKind::kReverse:
         if (a.count < 1) fail("reverse count must be >= 1");
         if (!output) fail("reverse before the output");
+        if (a.step < 0 || a.step >= T || a.count > T - a.step) fail("reverse of steps outside 0..T-1");
         if (a.step + a.count != next_reverse_end) {
           fail("reverse out of order: the next reverse must end at step " + std::to_string(next_reverse_end - 1) +
                " (covering steps " + std::to_string(a.step) + ".." + std::to_string(a.step + a.count - 1) + ")");
         }
-        if (a.step < 0) fail("reverse before step 0");
         need_current(a.step);
         next_reverse_end = a.step;
         stats.reversed_steps += a.count;

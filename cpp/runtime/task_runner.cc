@@ -1,6 +1,8 @@
 #include "runtime/task_runner.h"
 
-#include <chrono>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <unordered_map>
 
 namespace metagrad {
@@ -17,6 +19,12 @@ void AwaitAll(const std::vector<BufferPtr>& buffers) {
   for (const auto& buffer : buffers) buffer->Await();
 }
 
+int64_t TotalBytes(const std::vector<BufferPtr>& buffers) {
+  int64_t total = 0;
+  for (const auto& buffer : buffers) total += static_cast<int64_t>(buffer->spec().num_bytes());
+  return total;
+}
+
 std::vector<std::string> HostCopy(const std::vector<BufferPtr>& buffers) {
   std::vector<std::string> copies;
   for (const auto& buffer : buffers) {
@@ -27,24 +35,66 @@ std::vector<std::string> HostCopy(const std::vector<BufferPtr>& buffers) {
   return copies;
 }
 
-int64_t TotalBytes(const std::vector<BufferPtr>& buffers) {
-  int64_t total = 0;
-  for (const auto& buffer : buffers) total += static_cast<int64_t>(buffer->spec().num_bytes());
-  return total;
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  if (exponent == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(static_cast<float>(mantissa), -24);
+  if (exponent == 31) return mantissa ? NAN : (sign ? -INFINITY : INFINITY);
+  const uint32_t bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+double Element(const char* data, size_t i, PJRT_Buffer_Type type) {
+  switch (type) {
+    case PJRT_Buffer_Type_F32: { float v; std::memcpy(&v, data + 4 * i, 4); return v; }
+    case PJRT_Buffer_Type_F64: { double v; std::memcpy(&v, data + 8 * i, 8); return v; }
+    case PJRT_Buffer_Type_BF16: {
+      uint16_t h; std::memcpy(&h, data + 2 * i, 2);
+      const uint32_t bits = static_cast<uint32_t>(h) << 16;
+      float v; std::memcpy(&v, &bits, 4); return v;
+    }
+    case PJRT_Buffer_Type_F16: { uint16_t h; std::memcpy(&h, data + 2 * i, 2); return HalfToFloat(h); }
+    default: return 0;
+  }
+}
+
+// Two computations of the same state by different programs agree to
+// rounding: per floating leaf max|a - b| <= rtol * max|b| with rtol far above
+// the rounding of a few steps (fused programs round differently from single
+// steps) and far below what a step with per-program constants (numpy
+// randomness baked in at trace time) produces. Other leaves must be equal.
+bool AgreeToRounding(const std::string& a, const std::string& b, const ArraySpec& spec) {
+  if (!DTypeOf(spec.type).floating) return a == b;
+  const double eps = spec.type == PJRT_Buffer_Type_BF16 ? 7.8e-3 : spec.type == PJRT_Buffer_Type_F16 ? 9.8e-4 : 1.2e-7;
+  const double rtol = std::max(1e-3, 16 * eps);
+  double diff = 0, scale = 0;
+  for (size_t i = 0, n = spec.num_elements(); i < n; ++i) {
+    const double x = Element(a.data(), i, spec.type), y = Element(b.data(), i, spec.type);
+    if (std::isnan(x) != std::isnan(y)) return false;
+    if (!std::isnan(x)) diff = std::max(diff, std::fabs(x - y));
+    if (std::isfinite(y)) scale = std::max(scale, std::fabs(y));
+  }
+  return diff <= rtol * scale;
+}
+
+std::string StepRange(int64_t from, int64_t to) {
+  return to - from == 1 ? "step " + std::to_string(from) : "steps " + std::to_string(from) + ".." + std::to_string(to - 1);
 }
 
 }  // namespace
 
-TaskRunner::TaskRunner(TaskPrograms programs, int64_t steps, std::vector<bool> differentiable, int num_z,
-                       std::vector<BufferPtr> data)
-    : programs_(std::move(programs)),
-      steps_(steps),
-      differentiable_(std::move(differentiable)),
-      num_z_(num_z),
-      data_(std::move(data)) {
-  if (steps_ < 1) throw InvalidArgument("a task needs at least one step, got " + std::to_string(steps_));
-  for (const auto* program : {&programs_.init, &programs_.step}) {
-    if (*program == nullptr) throw InvalidArgument("the task's init and step programs are required");
+TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, std::vector<BufferPtr> data)
+    : programs_(std::move(programs)), layout_(std::move(layout)), steps_(steps), data_(std::move(data)) {
+  if (steps_ < 1 || steps_ > INT32_MAX) {
+    throw InvalidArgument("a task needs 1 to 2^31-1 steps (the step index is an int32), got " +
+                          std::to_string(steps_));
+  }
+  if (programs_.init == nullptr || programs_.step == nullptr) {
+    throw InvalidArgument("the task's init and step programs are required");
+  }
+  if (layout_.differentiable.size() != layout_.state.size()) {
+    throw InvalidArgument("the layout needs one differentiable flag per state leaf");
   }
 }
 
@@ -58,9 +108,31 @@ const BufferPtr& TaskRunner::StepIndex(int64_t t) {
   return slot;
 }
 
+int64_t TaskRunner::ExecutionBytes(const ExecutablePtr& program) {
+  auto found = execution_bytes_.find(program.get());
+  if (found != execution_bytes_.end()) return found->second;
+  int64_t bytes = 0;
+  try {
+    const MemoryStats stats = program->CompiledMemoryStats();
+    bytes = std::max<int64_t>(0, stats.output_bytes - stats.alias_bytes) + stats.temp_bytes;
+  } catch (const PjrtError&) {
+    // A plugin without memory statistics: count the outputs alone.
+    for (const ArraySpec& spec : program->outputs()) bytes += static_cast<int64_t>(spec.num_bytes());
+  }
+  execution_bytes_[program.get()] = bytes;
+  return bytes;
+}
+
 std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
                                        const std::vector<const std::vector<BufferPtr>*>& groups,
-                                       RunReport& report) const {
+                                       RunReport& report) {
+  if (interrupt_check_) {
+    const auto now = Clock::now();
+    if (now - last_check_ >= std::chrono::milliseconds(50)) {
+      last_check_ = now;
+      interrupt_check_();
+    }
+  }
   std::vector<Buffer*> args;
   for (const auto* group : groups) {
     for (const auto& buffer : *group) args.push_back(buffer.get());
@@ -69,37 +141,34 @@ std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
   return program->Execute(args);
 }
 
-void TaskRunner::Advance(std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z, int64_t from,
-                         int64_t count, RunReport& report) {
-  // Fused chunks start at multiples of their length, so the first pass and
-  // every replay run the same programs over the same steps wherever a replay
-  // covers a whole chunk.
+std::vector<std::pair<int64_t, int64_t>> TaskRunner::Chunks(int64_t from, int64_t count) const {
+  std::vector<std::pair<int64_t, int64_t>> chunks;
   const int64_t end = from + count;
   for (int64_t t = from; t < end;) {
-    std::vector<BufferPtr> index = {StepIndex(t)};
-    const ExecutablePtr* fused = nullptr;
     int64_t n = 1;
     for (auto it = programs_.advance.rbegin(); it != programs_.advance.rend(); ++it) {
       if (it->first > 1 && t % it->first == 0 && t + it->first <= end) {
-        fused = &it->second;
         n = it->first;
         break;
       }
     }
-    if (fused != nullptr) {
-      state = Run(*fused, {&state, &z, &data_, &index}, report);
-      t += n;
-    } else {
-      state = Run(programs_.step, {&state, &z, &data_, &index}, report);
-      t += 1;
-    }
+    chunks.emplace_back(t, n);
+    t += n;
   }
+  return chunks;
+}
+
+std::vector<BufferPtr> TaskRunner::Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
+                                         std::pair<int64_t, int64_t> chunk, RunReport& report) {
+  const std::vector<BufferPtr> index = {StepIndex(chunk.first)};
+  const ExecutablePtr& program = chunk.second == 1 ? programs_.step : programs_.advance.at(chunk.second);
+  return Run(program, {&state, &z, &data_, &index}, report);
 }
 
 void TaskRunner::CheckZ(const std::vector<BufferPtr>& z) const {
-  if (static_cast<int>(z.size()) != num_z_) {
+  if (z.size() != layout_.z.size()) {
     throw InvalidArgument("z has " + std::to_string(z.size()) + " leaves, the task was compiled for " +
-                          std::to_string(num_z_));
+                          std::to_string(layout_.z.size()));
   }
 }
 
@@ -109,13 +178,244 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
   RunReport& r = report ? *report : local;
   const auto start = Clock::now();
   std::vector<BufferPtr> state = Run(programs_.init, {&z, &data_}, r);
-  Advance(state, z, 0, steps_, r);
+  for (const auto& chunk : Chunks(0, steps_)) state = Apply(state, z, chunk, r);
   AwaitAll(state);
   r.steps = steps_;
   r.forward_steps = steps_;
+  r.state_bytes = layout_.state_bytes();
   r.seconds_forward = r.seconds_total = SecondsSince(start);
   return state;
 }
+
+// One metagradient run: the plan's actions applied to device buffers, one
+// method per action kind, with the optional checks.
+class Traversal {
+ public:
+  Traversal(TaskRunner& runner, const std::vector<BufferPtr>& z, const MetagradientOptions& options,
+            TaskRunner::Result& result)
+      : r_(runner), z_(z), options_(options), result_(result), report_(result.report) {}
+
+  void Begin() {
+    start_ = Clock::now();
+    report_.steps = r_.steps_;
+    report_.state_bytes = r_.layout_.state_bytes();
+    current_ = Execute(r_.programs_.init, {&z_, &r_.data_});
+    if (options_.determinism_stride > 0) {
+      CheckFusedAgainstSingle();
+      references_[0] = HostCopy(current_);
+    }
+  }
+
+  void Do(const Action& action) {
+    switch (action.kind) {
+      case ActionKind::kAdvance: Advance(action); break;
+      case ActionKind::kSave: Save(action); break;
+      case ActionKind::kRestore: Restore(action); break;
+      case ActionKind::kFree: Free(action); break;
+      case ActionKind::kOutput: Output(); break;
+      case ActionKind::kReverse: Reverse(action); break;
+    }
+  }
+
+  void Finish() {
+    result_.grad = Execute(r_.programs_.init_vjp, {&z_, &r_.data_, &cotangent_, &z_acc_});
+    AwaitAll(result_.grad);
+    result_.value->Await();
+    report_.peak_saved_bytes = report_.peak_saved_states * report_.state_bytes;
+    report_.seconds_total = SecondsSince(start_);
+    report_.seconds_reverse = report_.seconds_total - report_.seconds_forward;
+  }
+
+ private:
+  struct Slot {
+    int64_t position;
+    std::vector<BufferPtr> state;
+    bool exact;  // computed by the same programs from the same states as the first pass
+  };
+
+  std::vector<BufferPtr> Execute(const ExecutablePtr& program,
+                                 const std::vector<const std::vector<BufferPtr>*>& groups) {
+    const int64_t live = saved_bytes_ + (current_is_saved_ ? 0 : TotalBytes(current_)) + TotalBytes(cotangent_) +
+                         TotalBytes(z_acc_);
+    report_.peak_device_bytes = std::max(report_.peak_device_bytes, live + r_.ExecutionBytes(program));
+    return r_.Run(program, groups, report_);
+  }
+
+  void Advance(const Action& action) {
+    for (const auto& chunk : r_.Chunks(action.step, action.count)) {
+      std::vector<BufferPtr> before = current_;
+      const std::vector<BufferPtr> index = {r_.StepIndex(chunk.first)};
+      const ExecutablePtr& program = chunk.second == 1 ? r_.programs_.step : r_.programs_.advance.at(chunk.second);
+      current_ = Execute(program, {&before, &z_, &r_.data_, &index});
+      current_is_saved_ = false;
+      position_ = chunk.first + chunk.second;
+      if (!replaying_) first_pass_chunk_start_[position_] = chunk.first;
+      exact_ = exact_ && first_pass_chunk_start_.count(position_) && first_pass_chunk_start_[position_] == chunk.first;
+      if (options_.check_finite && !replaying_) CheckStateFinite(before, chunk);
+      if (options_.determinism_stride > 0 && position_ % options_.determinism_stride == 0) CheckDeterminism();
+    }
+    report_.forward_steps += action.count;
+  }
+
+  void Save(const Action& action) {
+    slots_[action.slot] = {position_, current_, exact_};
+    saved_bytes_ += TotalBytes(current_);
+    current_is_saved_ = true;
+    report_.peak_saved_states = std::max(report_.peak_saved_states, static_cast<int64_t>(slots_.size()));
+  }
+
+  void Restore(const Action& action) {
+    const Slot& slot = slots_.at(action.slot);
+    position_ = slot.position;
+    current_ = slot.state;
+    exact_ = slot.exact;
+    current_is_saved_ = true;
+    replay_origin_ = position_;
+    replaying_ = true;
+  }
+
+  void Free(const Action& action) {
+    auto found = slots_.find(action.slot);
+    saved_bytes_ -= TotalBytes(found->second.state);
+    if (found->second.state == current_) current_is_saved_ = false;
+    slots_.erase(found);
+  }
+
+  void Output() {
+    std::vector<BufferPtr> out = Execute(r_.programs_.output_vjp, {&current_, &z_, &r_.data_});
+    result_.value = out[0];
+    const size_t num_d = out.size() - 1 - r_.layout_.z.size();
+    cotangent_.assign(out.begin() + 1, out.begin() + 1 + static_cast<long>(num_d));
+    z_acc_.assign(out.begin() + 1 + static_cast<long>(num_d), out.end());
+    AwaitAll(z_acc_);
+    report_.seconds_forward = SecondsSince(start_);
+    if (options_.check_finite) CheckCotangentFinite(r_.steps_, "the output phi (or its gradient)");
+  }
+
+  void Reverse(const Action& action) {
+    const std::vector<BufferPtr> index = {r_.StepIndex(action.step)};
+    const ExecutablePtr& program =
+        action.count == 1 ? r_.programs_.step_vjp : r_.programs_.segment_vjp.at(action.count);
+    std::vector<BufferPtr> out = Execute(program, {&current_, &z_, &r_.data_, &index, &cotangent_, &z_acc_});
+    cotangent_.assign(out.begin(), out.begin() + static_cast<long>(cotangent_.size()));
+    z_acc_.assign(out.begin() + static_cast<long>(cotangent_.size()), out.end());
+    report_.reversed_steps += action.count;
+    if (options_.check_finite) {
+      CheckCotangentFinite(action.step, "reversing " + StepRange(action.step, action.step + action.count));
+    }
+  }
+
+  bool Finite(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups) {
+    std::vector<BufferPtr> flag = Execute(program, groups);
+    bool finite = false;
+    flag[0]->ToHost(&finite, sizeof(finite));
+    return finite;
+  }
+
+  // The first pass's state after `chunk`; on NaN/Inf, single steps from the
+  // chunk's (still held) input name the first step that produced it.
+  void CheckStateFinite(const std::vector<BufferPtr>& before, std::pair<int64_t, int64_t> chunk) {
+    if (Finite(r_.programs_.state_finite, {&current_})) return;
+    std::vector<BufferPtr> state = before;
+    for (int64_t t = chunk.first; t < chunk.first + chunk.second; ++t) {
+      state = r_.Apply(state, z_, {t, 1}, report_);
+      if (!Finite(r_.programs_.state_finite, {&state})) {
+        throw CheckFailed("training diverged: the state after step " + std::to_string(t) +
+                              " holds NaN or Inf (the first forward step that does). Lower the learning rate, "
+                              "clip, or check the data and z.",
+                          t);
+      }
+    }
+    throw CheckFailed("training diverged: the state after " + StepRange(chunk.first, chunk.first + chunk.second) +
+                          " holds NaN or Inf in the fused program, but not when the steps run one by one",
+                      chunk.first);
+  }
+
+  void CheckCotangentFinite(int64_t step, const std::string& where) {
+    if (Finite(r_.programs_.all_finite, {&cotangent_, &z_acc_})) return;
+    throw CheckFailed("the cotangent after " + where +
+                          " holds NaN or Inf while the forward pass was finite: the reverse of a step overflows "
+                          "there (lower the learning rate, clip, or use a smoother output)",
+                      step);
+  }
+
+  // Every fused forward program against the same steps run one by one, once,
+  // from state_0: a step that is not a pure function of its inputs (numpy
+  // randomness or Python state read at trace time) bakes different constants
+  // into each compiled program and shows up here.
+  void CheckFusedAgainstSingle() {
+    for (const auto& [n, program] : r_.programs_.advance) {
+      if (n > r_.steps_) continue;
+      std::vector<BufferPtr> single = current_;
+      for (int64_t t = 0; t < n; ++t) single = r_.Apply(single, z_, {t, 1}, report_);
+      const std::vector<BufferPtr> fused = r_.Apply(current_, z_, {0, n}, report_);
+      const auto a = HostCopy(fused), b = HostCopy(single);
+      ++report_.determinism_checks;
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (!AgreeToRounding(a[i], b[i], r_.layout_.state[i])) {
+          throw CheckFailed("training is not deterministic: the fused program for steps 0.." + std::to_string(n - 1) +
+                                " and the same steps run one by one disagree beyond rounding (state leaf " +
+                                std::to_string(i) + "). Each compiled program computes something different, as "
+                                "when a step reads numpy randomness or Python state while it is traced: derive "
+                                "randomness from t (jax.random.fold_in(key, t)) and read only its arguments.",
+                            0);
+        }
+      }
+    }
+  }
+
+  // First pass: record the state. Replays: compare. A replay that reached
+  // this position through the same programs from the same states as the first
+  // pass must agree bit for bit; one that got here through other programs
+  // (single steps where the first pass ran a fused chunk) must agree to
+  // rounding.
+  void CheckDeterminism() {
+    if (!replaying_) {
+      references_[position_] = HostCopy(current_);
+      return;
+    }
+    auto found = references_.find(position_);
+    if (found == references_.end()) return;
+    ++report_.determinism_checks;
+    const auto copy = HostCopy(current_);
+    if (copy == found->second) {
+      exact_ = true;
+      return;
+    }
+    bool close = true;
+    for (size_t i = 0; i < copy.size() && close; ++i) close = AgreeToRounding(copy[i], found->second[i], r_.layout_.state[i]);
+    if (exact_ || !close) {
+      throw CheckFailed("training is not deterministic: replaying " + StepRange(replay_origin_, position_) +
+                            " (from the state saved at step " + std::to_string(replay_origin_) +
+                            ") gave a state that differs from the first pass" +
+                            (exact_ ? " though the same programs ran" : " beyond rounding") +
+                            ". Steps must be pure functions of (state, z, data, t): derive randomness and batch "
+                            "order from t.",
+                        position_ - 1);
+    }
+    exact_ = false;
+  }
+
+  TaskRunner& r_;
+  const std::vector<BufferPtr>& z_;
+  const MetagradientOptions options_;
+  TaskRunner::Result& result_;
+  RunReport& report_;
+  Clock::time_point start_;
+
+  std::vector<BufferPtr> current_;
+  int64_t position_ = 0;
+  bool exact_ = true;
+  bool current_is_saved_ = false;
+  bool replaying_ = false;
+  int64_t replay_origin_ = 0;
+  std::unordered_map<int, Slot> slots_;
+  int64_t saved_bytes_ = 0;
+  std::vector<BufferPtr> cotangent_;  // dS[D]
+  std::vector<BufferPtr> z_acc_;
+  std::unordered_map<int64_t, int64_t> first_pass_chunk_start_;  // end position -> start of its first-pass chunk
+  std::unordered_map<int64_t, std::vector<std::string>> references_;
+};
 
 TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, const Plan& plan,
                                             const MetagradientOptions& options) {
@@ -123,8 +423,11 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
   for (const auto* program : {&programs_.output_vjp, &programs_.step_vjp, &programs_.init_vjp}) {
     if (*program == nullptr) throw InvalidArgument("the task was compiled without its reverse programs");
   }
-  if (options.check_finite && programs_.all_finite == nullptr) {
-    throw InvalidArgument("check_finite needs the all_finite program");
+  if (options.check_finite && (programs_.all_finite == nullptr || programs_.state_finite == nullptr)) {
+    throw InvalidArgument("check_finite needs the all_finite and state_finite programs");
+  }
+  if (options.determinism_stride < 0) {
+    throw InvalidArgument("determinism_stride must be >= 0, got " + std::to_string(options.determinism_stride));
   }
   // Validates the plan (every step reversed once, in order) before any device work.
   const PlanStats stats = CheckPlan(plan, steps_);
@@ -134,120 +437,11 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
                             " steps but no segment program of that length was compiled");
     }
   }
-
   Result result;
-  RunReport& report = result.report;
-  report.steps = steps_;
-  const auto start = Clock::now();
-
-  std::vector<BufferPtr> current = Run(programs_.init, {&z, &data_}, report);
-  report.state_bytes = TotalBytes(current);
-  int64_t position = 0;
-  std::unordered_map<int, std::pair<int64_t, std::vector<BufferPtr>>> slots;
-  std::vector<BufferPtr> cotangent;  // dS[D], then zacc
-  std::vector<BufferPtr> z_acc;
-
-  // Bit-exact copies of states from the first forward pass (before any
-  // restore), compared with the same positions when they are replayed.
-  std::unordered_map<int64_t, std::vector<std::string>> reference;
-  bool replaying = false;
-  auto record_or_check = [&](int64_t pos, int64_t replayed_from) {
-    if (options.determinism_stride <= 0 || pos % options.determinism_stride != 0) return;
-    if (!replaying) {
-      reference[pos] = HostCopy(current);
-      return;
-    }
-    auto found = reference.find(pos);
-    if (found == reference.end()) return;
-    ++report.determinism_checks;
-    if (HostCopy(current) != found->second) {
-      throw CheckFailed("training is not deterministic: replaying step " + std::to_string(pos - 1) +
-                            " (from the state saved at step " + std::to_string(replayed_from) +
-                            ") gave a state that differs from the first pass. Steps must be pure functions "
-                            "of (state, z, data, t): derive randomness and batch order from t.",
-                        pos - 1);
-    }
-  };
-
-  auto check_finite = [&](int64_t step) {
-    std::vector<BufferPtr> flag = Run(programs_.all_finite, {&cotangent, &z_acc}, report);
-    bool finite = false;
-    flag[0]->ToHost(&finite, sizeof(finite));
-    if (!finite) {
-      throw CheckFailed("the cotangent after reversing step " + std::to_string(step) +
-                            " holds NaN or Inf: training or phi is not finite there (lower the learning rate, "
-                            "clip, or check the data)",
-                        step);
-    }
-  };
-
-  int64_t replay_origin = 0;
-  record_or_check(0, 0);
-  for (const Action& action : plan) {
-    switch (action.kind) {
-      case ActionKind::kAdvance:
-        if (options.determinism_stride > 0) {
-          // Stop at every checked position (fused programs in between).
-          for (int64_t t = action.step; t < action.step + action.count;) {
-            const int64_t stride = options.determinism_stride;
-            const int64_t n = std::min(action.step + action.count - t, stride - t % stride);
-            Advance(current, z, t, n, report);
-            t += n;
-            position = t;
-            record_or_check(position, replay_origin);
-          }
-        } else {
-          Advance(current, z, action.step, action.count, report);
-          position = action.step + action.count;
-        }
-        report.forward_steps += action.count;
-        break;
-      case ActionKind::kSave: {
-        slots[action.slot] = {position, current};
-        const int64_t held = static_cast<int64_t>(slots.size());
-        report.peak_saved_states = std::max(report.peak_saved_states, held);
-        break;
-      }
-      case ActionKind::kRestore: {
-        const auto& saved = slots.at(action.slot);
-        position = saved.first;
-        current = saved.second;
-        replay_origin = position;
-        replaying = true;
-        break;
-      }
-      case ActionKind::kFree:
-        slots.erase(action.slot);
-        break;
-      case ActionKind::kOutput: {
-        std::vector<BufferPtr> out = Run(programs_.output_vjp, {&current, &z, &data_}, report);
-        result.value = out[0];
-        const size_t num_d = out.size() - 1 - static_cast<size_t>(num_z_);
-        cotangent.assign(out.begin() + 1, out.begin() + 1 + static_cast<long>(num_d));
-        z_acc.assign(out.begin() + 1 + static_cast<long>(num_d), out.end());
-        AwaitAll(z_acc);
-        report.seconds_forward = SecondsSince(start);
-        break;
-      }
-      case ActionKind::kReverse: {
-        std::vector<BufferPtr> index = {StepIndex(action.step)};
-        const ExecutablePtr& program =
-            action.count == 1 ? programs_.step_vjp : programs_.segment_vjp.at(action.count);
-        std::vector<BufferPtr> out = Run(program, {&current, &z, &data_, &index, &cotangent, &z_acc}, report);
-        cotangent.assign(out.begin(), out.begin() + static_cast<long>(cotangent.size()));
-        z_acc.assign(out.begin() + static_cast<long>(cotangent.size()), out.end());
-        report.reversed_steps += action.count;
-        if (options.check_finite) check_finite(action.step);
-        break;
-      }
-    }
-  }
-  result.grad = Run(programs_.init_vjp, {&z, &data_, &cotangent, &z_acc}, report);
-  AwaitAll(result.grad);
-  result.value->Await();
-  report.peak_saved_bytes = report.peak_saved_states * report.state_bytes;
-  report.seconds_total = SecondsSince(start);
-  report.seconds_reverse = report.seconds_total - report.seconds_forward;
+  Traversal traversal(*this, z, options, result);
+  traversal.Begin();
+  for (const Action& action : plan) traversal.Do(action);
+  traversal.Finish();
   return result;
 }
 

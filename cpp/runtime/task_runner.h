@@ -2,6 +2,8 @@
 // executing a checkpointing plan (schedule.h) with device buffers only.
 #pragma once
 
+#include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -9,49 +11,60 @@
 
 #include "runtime/buffer.h"
 #include "runtime/executable.h"
+#include "runtime/programs.h"
 #include "runtime/schedule.h"
 
 namespace metagrad {
 
-using ExecutablePtr = std::shared_ptr<Executable>;
-
-// The programs of lowering.py, with the same flat signatures.
-struct TaskPrograms {
-  ExecutablePtr init, step, output, output_vjp, step_vjp, init_vjp;
-  std::map<int64_t, ExecutablePtr> segment_vjp;  // fused reverse of n steps, by n
-  ExecutablePtr all_finite;                      // (dS[D], dZ) -> bool[]; for the non-finite check
-  // Optional fused forward programs, by n: (S, Z, X, t0) -> S after steps
-  // t0..t0+n-1 in one execution. Training and the plan's advances use the
-  // largest that fits (one execution instead of n: each execution costs tens
-  // of microseconds on the CPU plugin beyond its compute). Chunks start at
-  // multiples of n, so replays over whole chunks run the same programs as the
-  // first pass; elsewhere results agree with single steps to rounding.
-  std::map<int64_t, ExecutablePtr> advance;
-};
-
 struct MetagradientOptions {
-  // Compare replayed states with the first forward pass, bit for bit, at
-  // every `determinism_stride`-th position (0 disables the check).
+  // Compare replayed states with the first forward pass at every
+  // `determinism_stride`-th position the run reaches anyway (0 disables),
+  // and the fused forward programs with single steps once.
   int64_t determinism_stride = 0;
-  // Stop at the first reversed step whose cotangent holds NaN or Inf.
+  // Stop at the first forward step whose state, or the first reversed step
+  // whose cotangent, holds NaN or Inf.
   bool check_finite = false;
 };
 
+// What one run did. Its fields are listed once, in VisitReportFields.
 struct RunReport {
+  std::string schedule;
   int64_t steps = 0;
-  int64_t forward_steps = 0;   // step executions, replays included
+  int64_t forward_steps = 0;   // steps applied by forward programs, replays included
   int64_t reversed_steps = 0;  // steps reversed (by step_vjp or fused segments)
   int64_t executions = 0;      // program executions dispatched
   int64_t peak_saved_states = 0;
   int64_t peak_saved_bytes = 0;
   int64_t state_bytes = 0;
+  int64_t peak_device_bytes = 0;  // saved states + current state + cotangents + the running program's temporaries
   int64_t determinism_checks = 0;
   double seconds_forward = 0;  // init, first pass to T, output_vjp
   double seconds_reverse = 0;  // reverse traversal with its replays, init_vjp
   double seconds_total = 0;
 };
 
-// A non-deterministic step, or a non-finite cotangent, found during a run.
+// Calls visit(name, member pointer, doc) for each field of RunReport: the
+// bindings and the harness's JSON read the fields from here.
+template <typename Visit>
+void VisitReportFields(Visit&& visit) {
+  visit("schedule", &RunReport::schedule, "the schedule that ran");
+  visit("steps", &RunReport::steps, "training steps T");
+  visit("forward_steps", &RunReport::forward_steps, "steps run forward, replays included");
+  visit("reversed_steps", &RunReport::reversed_steps, "steps reversed");
+  visit("executions", &RunReport::executions, "program executions dispatched");
+  visit("peak_saved_states", &RunReport::peak_saved_states, "most saved states held at once");
+  visit("peak_saved_bytes", &RunReport::peak_saved_bytes, "their bytes");
+  visit("state_bytes", &RunReport::state_bytes, "bytes of one training state");
+  visit("peak_device_bytes", &RunReport::peak_device_bytes,
+        "most device bytes the run held at once: saved states, the current state, cotangents and accumulators, and "
+        "the temporaries of the program running (XLA's compiled memory statistics)");
+  visit("determinism_checks", &RunReport::determinism_checks, "replayed states compared with the first pass");
+  visit("seconds_forward", &RunReport::seconds_forward, "init, the first forward pass and the output");
+  visit("seconds_reverse", &RunReport::seconds_reverse, "the reverse traversal with its replays");
+  visit("seconds_total", &RunReport::seconds_total, "the whole run");
+}
+
+// A non-deterministic step, or a non-finite state or cotangent, found during a run.
 class CheckFailed : public std::runtime_error {
  public:
   CheckFailed(const std::string& message, int64_t step) : std::runtime_error(message), step_(step) {}
@@ -63,11 +76,15 @@ class CheckFailed : public std::runtime_error {
 
 class TaskRunner {
  public:
-  TaskRunner(TaskPrograms programs, int64_t steps, std::vector<bool> differentiable, int num_z,
-             std::vector<BufferPtr> data);
+  TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, std::vector<BufferPtr> data);
 
   int64_t steps() const { return steps_; }
   const TaskPrograms& programs() const { return programs_; }
+  const TaskLayout& layout() const { return layout_; }
+
+  // Called between executions, at most every 50 ms, during Train and
+  // Metagradient; it may throw to abandon the run (a Ctrl-C from Python).
+  void SetInterruptCheck(std::function<void()> check) { interrupt_check_ = std::move(check); }
 
   // init then all T steps; returns the final state.
   std::vector<BufferPtr> Train(const std::vector<BufferPtr>& z, RunReport* report = nullptr);
@@ -80,21 +97,31 @@ class TaskRunner {
   Result Metagradient(const std::vector<BufferPtr>& z, const Plan& plan, const MetagradientOptions& options);
 
  private:
+  friend class Traversal;
+
   std::vector<BufferPtr> Run(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups,
-                             RunReport& report) const;
-  // Applies steps [from, from + count) to `state`, with the largest fused
-  // `advance` programs that fit, single steps for the rest.
-  void Advance(std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z, int64_t from, int64_t count,
-               RunReport& report);
+                             RunReport& report);
+  // The executions that apply steps [from, from + count): the largest fused
+  // advance whose chunk starts at a multiple of its length and fits, else
+  // single steps. The same steps always decompose the same way.
+  std::vector<std::pair<int64_t, int64_t>> Chunks(int64_t from, int64_t count) const;
+  // Applies one chunk (start, length) to `state`.
+  std::vector<BufferPtr> Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
+                               std::pair<int64_t, int64_t> chunk, RunReport& report);
   const BufferPtr& StepIndex(int64_t t);
   void CheckZ(const std::vector<BufferPtr>& z) const;
+  // Device bytes an execution of `program` adds to its live arguments:
+  // outputs that do not alias a donated argument, and its temporaries.
+  int64_t ExecutionBytes(const ExecutablePtr& program);
 
   TaskPrograms programs_;
+  TaskLayout layout_;
   int64_t steps_;
-  std::vector<bool> differentiable_;
-  int num_z_;
   std::vector<BufferPtr> data_;
   std::vector<BufferPtr> step_indices_;  // int32 scalars t, uploaded once
+  std::map<const Executable*, int64_t> execution_bytes_;
+  std::function<void()> interrupt_check_;
+  std::chrono::steady_clock::time_point last_check_{};
 };
 
 }  // namespace metagrad

@@ -10,9 +10,12 @@ Implementation lives in ``metagrad._src``; this module and the submodules
 ``runtime``, ``schedules``, ``baselines`` and ``mgd`` are the public API.
 """
 
+__version__ = "0.2.0"
+
 from metagrad import baselines, mgd, runtime, schedules
 from metagrad._runtime import CheckFailed, PjrtError
-from metagrad._src.compiled import CompiledTask, Report, clear_cache, load
+from metagrad._src.clear import clear_cache
+from metagrad._src.compiled import CompiledTask, Report, load
 from metagrad._src.lowering import EnzymeUnsupportedError
 from metagrad._src.schedules import Budget, Periodic, PlanError, Replay, StoreAll
 from metagrad._src.task import Task

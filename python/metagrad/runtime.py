@@ -6,11 +6,12 @@ programs without a task (see ``tests/test_runtime.py`` for examples).
 
 from metagrad._src.runtime import (
     ArraySpec, Buffer, Client, Executable, PjrtError, Plugin, Signature, compile_module, cpu_plugin_path,
-    cuda_plugin_path, default_plugin_path, get_client, load_plugin, module_signature, stablehlo_target, to_device,
+    cuda_plugin_path, default_plugin_path, get_client, load_plugin, module_signature, portable_artifact, stablehlo_target,
+    to_device,
 )
 
 __all__ = [
     "ArraySpec", "Buffer", "Client", "Executable", "PjrtError", "Plugin", "Signature", "compile_module",
     "cpu_plugin_path", "cuda_plugin_path", "default_plugin_path", "get_client", "load_plugin", "module_signature",
-    "stablehlo_target", "to_device",
+    "portable_artifact", "stablehlo_target", "to_device",
 ]

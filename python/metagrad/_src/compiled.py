@@ -3,72 +3,108 @@
 from __future__ import annotations
 
 import json
-import os
-import pickle
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import lowering, runtime
-from metagrad._src.lowering import Layout, LeafSpec, Program
+from metagrad._src import lowering, programs, runtime, saved, trees
+from metagrad._src.layout import Layout, describe
+from metagrad._src.programs import Program
 from metagrad._src.schedules import Budget
-from metagrad._src.task import Task
 
-MANIFEST_VERSION = 1
+# The report of a run: bound from C++ (cpp/runtime/task_runner.h lists its fields).
+Report = _runtime.Report
 
-
-@dataclass(frozen=True)
-class Report:
-    """What one metagradient (or training) run did, measured by the runtime."""
-
-    steps: int
-    forward_steps: int
-    reversed_steps: int
-    executions: int
-    peak_saved_states: int
-    peak_saved_bytes: int
-    state_bytes: int
-    determinism_checks: int
-    seconds_forward: float
-    seconds_reverse: float
-    seconds_total: float
-    schedule: str = ""
-
-    @property
-    def replayed_steps(self) -> int:
-        """Forward steps beyond the first pass."""
-        return self.forward_steps - self.steps
+BASE_PROGRAMS = ("init", "step", "output", "output_vjp", "step_vjp", "init_vjp", "all_finite", "state_finite")
 
 
-def _all_finite_program(layout: Layout, target: str) -> Program:
-    specs = [s.struct() for s, d in zip(layout.state, layout.differentiable) if d]
-    specs += [s.struct() for s in layout.z]
+def _task_layout(layout: Layout) -> _runtime.TaskLayout:
+    def specs(structs):
+        return [runtime.ArraySpec(list(s.shape), np.dtype(s.dtype).name) for s in structs]
 
-    def all_finite(*leaves):
-        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+    task_layout = _runtime.TaskLayout()
+    task_layout.state = specs(s.struct() for s in layout.state)
+    task_layout.z = specs(s.struct() for s in layout.z)
+    task_layout.data = specs(s.struct() for s in layout.data)
+    task_layout.differentiable = list(layout.differentiable)
+    task_layout.accumulators = specs(layout.accumulators())
+    task_layout.phi = runtime.ArraySpec(list(layout.phi_shape), layout.phi_dtype)
+    task_layout.outputs = layout.outputs
+    return task_layout
 
-    return Program("all_finite", lowering.portable_artifact(jax.jit(all_finite).lower(*specs), target), "none")
+
+def _host_leaves(tree, specs, what: str) -> list[np.ndarray]:
+    """The leaves of ``tree`` as numpy arrays of the compiled dtypes, checked against ``specs``.
+
+    Like ``jax.jit``, 64-bit numpy arrays are taken as 32-bit unless x64 is on.
+    """
+    paths = trees.leaf_paths(tree, what)
+    expected = [spec.path for spec in specs]
+    if paths != expected:
+        raise ValueError(f"{what} has the leaves {paths}, the task was compiled for {expected}")
+    arrays = []
+    for spec, leaf in zip(specs, jax.tree_util.tree_leaves(tree)):
+        if spec.key_impl is not None:
+            leaf = jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+        array = np.asarray(leaf)
+        dtype = np.dtype(jax.dtypes.canonicalize_dtype(array.dtype))
+        if tuple(array.shape) != spec.shape or dtype != np.dtype(spec.dtype):
+            hint = (" (numpy arrays are 64-bit by default: cast them with .astype, or compile with "
+                    "jax_enable_x64 on)" if array.dtype.itemsize == 8 and np.dtype(spec.dtype).itemsize < 8 else "")
+            raise ValueError(f"{spec.path} is {array.dtype.name}{list(array.shape)}, the task was compiled for "
+                             f"{spec.dtype}{list(spec.shape)}{hint}")
+        arrays.append(np.asarray(array, dtype=dtype, order="C"))
+    return arrays
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _determinism_stride(value) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        return 1 if value else 0
+    try:
+        stride = operator.index(value)
+    except TypeError:
+        stride = 0
+    if stride < 1 or stride > 2**31 - 1:
+        raise ValueError(f"check_determinism must be True, False or a stride >= 1 (every n-th state), got {value!r}")
+    return stride
+
+
+def _check_schedule(schedule):
+    if isinstance(schedule, type):
+        raise TypeError(f"schedule must be a schedule instance, got the class {schedule.__name__}: write "
+                        f"{schedule.__name__}(...)")
+    if not hasattr(schedule, "plan"):
+        raise TypeError(f"schedule must be a metagrad schedule (Replay, StoreAll, Periodic, Budget), "
+                        f"got {type(schedule).__name__}")
+    return schedule
 
 
 @dataclass
 class CompiledTask:
-    """Executables of a task, its data on the device, and runners per fusion length.
+    """Executables of a task, its data on the device, and runners per fused reverse length.
 
-    Made by :meth:`Task.compile` (see :func:`compile_task`) or :func:`load`.
+    Made by :meth:`metagrad.Task.compile` or :func:`metagrad.load`.
     """
 
     layout: Layout
     steps: int
     backend: str
-    programs: dict[str, Program]
-    client: Any
+    exports: dict[str, bytes] = field(repr=False)  # the forward functions: every program derives from them
+    programs: dict[str, Program] = field(repr=False)
+    client: Any = field(repr=False)
     data: list = field(repr=False)  # host arrays of the data leaves, uploaded once
     z_example: Any = field(repr=False)
-    task: Task | None = None  # None when loaded from disk
+    forward: programs.Forward | None = field(default=None, repr=False)  # the task's own functions, if known
     _executables: dict = field(default_factory=dict, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
@@ -76,64 +112,62 @@ class CompiledTask:
     def __post_init__(self):
         for name, program in self.programs.items():
             if name not in self._executables:
-                self._executables[name] = runtime.compile_module(program.artifact, self.client)
+                self._executables[name] = runtime.compile_program(program, self.client)
         self._data = [runtime.to_device(leaf, self.client) for leaf in self.data]
-
-    # -- inputs ---------------------------------------------------------------
+        self._task_layout = _task_layout(self.layout)
 
     def _z_buffers(self, z) -> list:
-        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(z)
-        if treedef != self.layout.z_tree:
-            raise ValueError(f"z has structure {treedef}, the task was compiled for {self.layout.z_tree}")
-        buffers = []
-        for (path, leaf), spec in zip(paths_and_leaves, self.layout.z):
-            array = np.asarray(leaf)
-            if tuple(array.shape) != spec.shape or array.dtype != np.dtype(spec.dtype):
-                raise ValueError(f"z{jax.tree_util.keystr(path)} is {array.dtype}{list(array.shape)}, the task was "
-                                 f"compiled for {spec.dtype}{list(spec.shape)}")
-            buffers.append(runtime.to_device(array, self.client))
-        return buffers
+        return [runtime.to_device(a, self.client) for a in _host_leaves(z, self.layout.z, "z")]
+
+    def _ensure(self, names) -> None:
+        """Lower and compile programs ``names`` that this task does not have yet."""
+        missing = [name for name in names if name not in self.programs]
+        if not missing:
+            return
+        built = lowering.lower(self.exports, self.layout, missing, backend=self.backend,
+                               target=runtime.stablehlo_target(self.client), forward=self.forward)
+        for name, program in built.items():
+            self.programs[name] = program
+            self._executables[name] = runtime.compile_program(program, self.client)
 
     def _runner(self, fused_lengths: tuple[int, ...] = ()):
-        """The runner holding the fused reverse programs of these lengths (compiled on first use)."""
+        """The runner with the fused reverse programs of these lengths (built on first use)."""
         if fused_lengths not in self._runners:
-            missing = tuple(n for n in fused_lengths if f"segment_vjp_{n}" not in self.programs)
-            if missing:
-                if self.task is None:
-                    raise ValueError(f"this loaded task has no fused reverse of {list(missing)} steps; save it after "
-                                     f"running that schedule, or use a schedule with leaf=1")
-                new = lowering.lower_task(self.task, self.layout, backend=self.backend,
-                                          target=runtime.stablehlo_target(self.client), segment_lengths=missing,
-                                          only_segments=True)
-                for name, program in new.items():
-                    self.programs[name] = program
-                    self._executables[name] = runtime.compile_module(program.artifact, self.client)
-            segments = {n: self._executables[f"segment_vjp_{n}"] for n in fused_lengths}
-            advance = {int(name.rsplit("_", 1)[1]): exe for name, exe in self._executables.items()
-                       if name.startswith("advance_")}
-            base = {name: exe for name, exe in self._executables.items()
-                    if not name.startswith(("segment_vjp_", "advance_"))}
-            self._runners[fused_lengths] = _runtime.TaskRunner(base, segments, advance, self.steps,
-                                                               list(self.layout.differentiable), len(self.layout.z),
-                                                               self._data)
+            self._ensure([f"segment_vjp_{n}" for n in fused_lengths])
+            chosen = {name: exe for name, exe in self._executables.items()
+                      if not name.startswith("segment_vjp_") or int(name.rsplit("_", 1)[1]) in fused_lengths}
+            self._runners[fused_lengths] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data)
         return self._runners[fused_lengths]
+
+    def _plan(self, schedule):
+        schedule = _check_schedule(schedule if schedule is not None else Budget(k=4))
+        plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
+        fused = tuple(n for n in plan.stats(self.steps)["fused_lengths"] if n > 1)
+        return schedule, plan, fused
 
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused reverse programs ``schedule`` needs for this task.
 
         ``metagradient`` does this on first use; call it before :meth:`save` so
-        a saved task can run that schedule without the user's code.
+        that the saved task holds them (a loaded task can also build them: it
+        keeps the forward functions, but that needs jax and enzyme-ad).
         """
-        plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
-        self._runner(tuple(n for n in plan.stats(self.steps)["fused_lengths"] if n > 1))
+        self._runner(self._plan(schedule)[2])
         return self
 
     # -- running --------------------------------------------------------------
 
+    def _state_tree(self, buffers):
+        leaves = []
+        for spec, buffer in zip(self.layout.state, buffers):
+            array = buffer.to_numpy()
+            leaves.append(array if spec.key_impl is None else jax.random.wrap_key_data(array, impl=spec.key_impl))
+        return self.layout.unflatten("state", leaves)
+
     def train(self, z):
         """Train with metaparameter ``z``; returns the final state (numpy leaves)."""
         state, _ = self._runner().train(self._z_buffers(z))
-        return jax.tree_util.tree_unflatten(self.layout.state_tree, [b.to_numpy() for b in state])
+        return self._state_tree(state)
 
     def metagradient(self, z, schedule=None, *, check_determinism: bool | int = False, check_finite: bool = False,
                      report: bool = False):
@@ -143,153 +177,82 @@ class CompiledTask:
           z: metaparameter, with the structure of the example it was compiled with.
           schedule: a policy from :mod:`metagrad.schedules` (default ``Budget(k=4)``:
             revolve in the memory of ``Replay(k=4)``, with fewer forward steps).
-          check_determinism: compare replayed states with the first pass bit for
-            bit (``True``: every state; an int ``n``: every n-th state); raises
-            ``CheckFailed`` naming the first step that differs.
-          check_finite: raise ``CheckFailed`` at the first reversed step whose
-            cotangent holds NaN or Inf.
+          check_determinism: compare replayed states with the first pass
+            (``True``: at every state the run reaches; an int ``n``: every n-th),
+            and the fused forward programs with single steps once; raises
+            ``CheckFailed`` naming the first step that differs. The checked run
+            executes the same programs as the unchecked one.
+          check_finite: raise ``CheckFailed`` at the first forward step whose
+            state, or the first reversed step whose cotangent, holds NaN or Inf.
           report: also return a :class:`Report` of the run.
 
         Returns:
           ``(value, grad)``, or ``(value, grad, report)``; ``grad`` has z's structure.
         """
-        schedule = schedule if schedule is not None else Budget(k=4)
-        if not hasattr(schedule, "plan"):
-            raise TypeError(f"schedule must be a metagrad schedule (Replay, StoreAll, Periodic, Budget), "
-                            f"got {type(schedule).__name__}")
-        if isinstance(check_determinism, bool):
-            stride = 1 if check_determinism else 0
-        elif isinstance(check_determinism, int) and check_determinism >= 1:
-            stride = check_determinism
-        else:
-            raise ValueError(f"check_determinism must be a bool or a stride >= 1, got {check_determinism!r}")
+        stride = _determinism_stride(check_determinism)
+        check_finite = _check_flag("check_finite", check_finite)
+        report = _check_flag("report", report)
         z_buffers = self._z_buffers(z)
-        plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
-        runner = self._runner(tuple(n for n in plan.stats(self.steps)["fused_lengths"] if n > 1))
-        value, grad, stats = runner.metagradient(z_buffers, plan, stride, check_finite)
-        value = value.to_numpy()[()]
-        grad = jax.tree_util.tree_unflatten(self.layout.z_tree, [b.to_numpy() for b in grad])
+        schedule, plan, fused = self._plan(schedule)
+        value, grad, stats = self._runner(fused).metagradient(z_buffers, plan, stride, check_finite)
+        value = value.to_numpy()
+        value = value[()] if value.ndim == 0 else value
+        grad = [b.to_numpy().astype(spec.dtype, copy=False) for b, spec in zip(grad, self.layout.z)]
+        grad = self.layout.unflatten("z", grad)
         if report:
-            return value, grad, Report(schedule=repr(schedule), **stats)
+            stats.schedule = repr(schedule)
+            return value, grad, stats
         return value, grad
 
-    # -- persistence ----------------------------------------------------------
-
     def save(self, path: str) -> None:
-        """Write artifacts, manifest, data and the example z to directory ``path``.
+        """Write the task to directory ``path``: data only (see :func:`metagrad.load`).
 
-        The C++ harness (``metagrad-bench``) and :func:`load` run it without the
-        user's code.
+        The C++ harness (``metagrad-bench``) and :func:`metagrad.load` run it
+        without the user's code.
         """
-        import enzyme_ad
-        from jaxlib.mlir.dialects import stablehlo
-
-        os.makedirs(os.path.join(path, "programs"), exist_ok=True)
-        os.makedirs(os.path.join(path, "arrays"), exist_ok=True)
-        for name, program in self.programs.items():
-            with open(os.path.join(path, "programs", f"{name}.mlirbc"), "wb") as f:
-                f.write(program.artifact)
-        data = [np.asarray(leaf) for leaf in self.data]
-        z_leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(self.z_example)]
-        for prefix, leaves in (("data", data), ("z", z_leaves)):
-            for i, leaf in enumerate(leaves):
-                np.ascontiguousarray(leaf).tofile(os.path.join(path, "arrays", f"{prefix}_{i}.bin"))
-        with open(os.path.join(path, "trees.pkl"), "wb") as f:
-            pickle.dump({"z": self.layout.z_tree, "data": self.layout.data_tree, "state": self.layout.state_tree}, f)
-
-        def leaves(specs):
-            return [{"path": s.path, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
-
-        manifest = {
-            "format": "metagrad-task", "version": MANIFEST_VERSION, "steps": self.steps, "backend": self.backend,
-            "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__,
-                         "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16"),
-                         "stablehlo_producer": stablehlo.get_current_version(),
-                         "stablehlo_target": runtime.stablehlo_target(self.client)},
-            "programs": {name: {"file": f"programs/{name}.mlirbc", "backend": p.backend}
-                         for name, p in self.programs.items()},
-            "z": leaves(self.layout.z), "data": leaves(self.layout.data), "state": leaves(self.layout.state),
-            "differentiable": list(self.layout.differentiable),
-            "trees": {"z": str(self.layout.z_tree), "data": str(self.layout.data_tree),
-                      "state": str(self.layout.state_tree)},
-        }
-        with open(os.path.join(path, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-
-
-def load(path: str, *, client=None) -> CompiledTask:
-    """Load a task written by :meth:`CompiledTask.save` (no user code needed)."""
-    manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.exists(manifest_path):
-        raise FileNotFoundError(f"{path!r} holds no manifest.json: not a saved metagrad task")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != "metagrad-task" or manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{manifest_path} is not a metagrad task manifest of version {MANIFEST_VERSION}")
-    with open(os.path.join(path, "trees.pkl"), "rb") as f:
-        trees = pickle.load(f)
-
-    def specs(entries):
-        return tuple(LeafSpec(e["path"], tuple(e["shape"]), e["dtype"]) for e in entries)
-
-    def arrays(prefix, entries):
-        return [np.fromfile(os.path.join(path, "arrays", f"{prefix}_{i}.bin"), dtype=e["dtype"]).reshape(e["shape"])
-                for i, e in enumerate(entries)]
-
-    layout = Layout(trees["z"], specs(manifest["z"]), trees["data"], specs(manifest["data"]), trees["state"],
-                    specs(manifest["state"]), tuple(manifest["differentiable"]))
-    programs = {}
-    for name, entry in manifest["programs"].items():
-        with open(os.path.join(path, entry["file"]), "rb") as f:
-            programs[name] = Program(name, f.read(), entry["backend"])
-    z_example = jax.tree_util.tree_unflatten(layout.z_tree, arrays("z", manifest["z"]))
-    return CompiledTask(layout, manifest["steps"], manifest["backend"], programs, client or runtime.get_client(),
-                        data=arrays("data", manifest["data"]), z_example=z_example)
+        saved.write(self, path)
 
 
 # Programs take the data as arguments, so tasks that differ only in their data
 # values (seeds, subsets, configurations) share programs and executables.
-_CACHE: dict = {}
+_MEMORY: dict = {}
 
 
-def clear_cache() -> None:
-    """Forget every compiled task of this process (and JAX baselines' compilations)."""
-    from metagrad._src import baselines
-
-    _CACHE.clear()
-    baselines.clear_cache()
+def forget_compiled() -> None:
+    """Forget the tasks compiled in this process."""
+    _MEMORY.clear()
 
 
-def compile_task(task: Task, z_example, *, backend: str = "enzyme", fuse_forward: int = 10,
-                 client=None) -> CompiledTask:
-    """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``.
-
-    ``fuse_forward = n > 1`` also compiles a program running ``n`` steps per
-    execution (``min(n, steps)``), used by training and by the replays of every
-    schedule: fewer executions, so less per-execution overhead where a step is
-    short (1.3-1.9x faster training on the digits MLP and CNN), for a few
-    seconds more compile. ``1`` runs one execution per step.
-
-    Compiling a task with the same functions, steps, backend and shapes again
-    (whatever its data values) reuses the compiled programs from an in-memory
-    cache; only the data is uploaded.
-    """
+def compile_task(task, z_example, *, backend: str, fuse_forward: int, client=None) -> CompiledTask:
+    """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``."""
     if backend not in lowering.BACKENDS:
         raise ValueError(f"backend must be one of {lowering.BACKENDS}, got {backend!r}")
-    client = client or runtime.get_client()
-    layout = lowering.describe(task, z_example)
-    if isinstance(fuse_forward, bool) or not isinstance(fuse_forward, int) or fuse_forward < 1:
+    if isinstance(fuse_forward, bool) or not isinstance(fuse_forward, (int, np.integer)) or fuse_forward < 1:
         raise ValueError(f"fuse_forward must be an integer >= 1 (steps per forward execution), got {fuse_forward!r}")
-    fuse_forward = min(fuse_forward, int(task.steps))
-    key = (task.init, task.step, task.output, task.steps, layout.data, layout.z, backend, fuse_forward, id(client))
-    if key not in _CACHE:
-        target = runtime.stablehlo_target(client)
-        advance = (fuse_forward,) if fuse_forward > 1 else ()
-        programs = lowering.lower_task(task, layout, backend=backend, target=target, advance_lengths=advance)
-        programs["all_finite"] = _all_finite_program(layout, target)
-        executables = {name: runtime.compile_module(p.artifact, client) for name, p in programs.items()}
-        _CACHE[key] = (programs, executables)
-    programs, executables = _CACHE[key]
-    z_copy = jax.tree_util.tree_map(np.asarray, z_example)
-    return CompiledTask(layout, int(task.steps), backend, programs, client, data=jax.tree_util.tree_leaves(task.data),
-                        z_example=z_copy, task=task, _executables=executables)
+    client = client or runtime.get_client()
+    layout = describe(task, z_example)
+    steps = int(task.steps)
+    fuse = int(min(fuse_forward, steps))
+    key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, fuse, id(client),
+           bool(jax.config.jax_enable_x64))
+    if key not in _MEMORY:
+        forward = programs.forward_of_task(task, layout)
+        exports = programs.export_forward(forward, layout)
+        names = BASE_PROGRAMS + ((f"advance_{fuse}",) if fuse > 1 else ())
+        built = lowering.lower(exports, layout, names, backend=backend, target=runtime.stablehlo_target(client),
+                               forward=forward)
+        _MEMORY[key] = (forward, exports, built,
+                        {name: runtime.compile_program(p, client) for name, p in built.items()})
+    forward, exports, built, executables = _MEMORY[key]
+    return CompiledTask(layout, steps, backend, exports, built, client,
+                        data=_host_leaves(task.data, layout.data, "data"),
+                        z_example=jax.tree_util.tree_map(np.asarray, z_example), forward=forward,
+                        _executables=executables)
+
+
+def load(path: str, *, client=None) -> CompiledTask:
+    """Load a task written by :meth:`CompiledTask.save`: no user code is needed, and
+    nothing in the directory is executed (see ``saved``)."""
+    client = client or runtime.get_client()
+    parts = saved.read(path, client)
+    return CompiledTask(**parts, client=client)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from metagrad import _runtime
 from metagrad._runtime import ArraySpec, Buffer, Client, Executable, PjrtError, Plugin
 
 __all__ = [
     "ArraySpec", "Buffer", "Client", "Executable", "PjrtError", "Plugin", "Signature",
     "cpu_plugin_path", "cuda_plugin_path", "default_plugin_path", "get_client", "load_plugin",
-    "module_signature", "compile_module", "stablehlo_target", "to_device",
+    "module_signature", "compile_module", "portable_artifact", "stablehlo_target", "to_device",
 ]
 
 PLUGIN_ENV = "METAGRAD_PJRT_PLUGIN"
@@ -81,12 +82,6 @@ def load_plugin(path: str) -> Plugin:
     return Plugin.load(path)
 
 
-def _default_options(plugin_path: str, cpu_device_count: int | None) -> dict:
-    if "cuda" in os.path.basename(plugin_path):
-        return {"platform_name": "cuda", "allocator": "default", "preallocate": False}
-    return {"cpu_device_count": int(cpu_device_count or 1)}
-
-
 @functools.lru_cache(maxsize=None)
 def _client(path: str, options: tuple) -> Client:
     return Client.create(load_plugin(path), dict(options))
@@ -102,7 +97,7 @@ def get_client(plugin: str | None = None, *, cpu_device_count: int | None = None
     path = os.path.abspath(plugin or default_plugin_path())
     if cpu_device_count is not None and cpu_device_count < 1:
         raise ValueError(f"cpu_device_count must be >= 1, got {cpu_device_count}")
-    chosen = options if options is not None else _default_options(path, cpu_device_count)
+    chosen = options if options is not None else _runtime.default_client_options(path, int(cpu_device_count or 1))
     return _client(path, tuple(sorted(chosen.items())))
 
 
@@ -131,9 +126,8 @@ class Signature:
     donated: tuple[bool, ...]
 
 
-_MLIR_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64", "i1": "bool",
-                "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64", "ui8": "uint8",
-                "ui16": "uint16", "ui32": "uint32", "ui64": "uint64"}
+_MLIR_DTYPES = {mlir: name for name, mlir, _ in _runtime.dtypes()}
+_DTYPES = frozenset(_MLIR_DTYPES.values())
 
 
 def _spec_of(mlir_type) -> ArraySpec:
@@ -174,6 +168,21 @@ def module_signature(code: str | bytes) -> Signature:
     raise ValueError("the module has no func.func @main")
 
 
+def portable_artifact(lowered, target: str | None = None, client: Client | None = None) -> bytes:
+    """A lowered jax function (``jax.jit(f).lower(...)``) as a portable StableHLO artifact.
+
+    ``target``: the StableHLO version to write (default: :func:`stablehlo_target`
+    of ``client``). Goes through XLA's serializer, which legalizes CHLO ops
+    (``erf_inv`` from ``jax.random.normal``, ...) that the Python StableHLO
+    bindings reject.
+    """
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib import _jax
+
+    bytecode = jax_mlir.module_to_bytecode(lowered.compiler_ir("stablehlo"))
+    return _jax.mlir.serialize_portable_artifact(bytecode, target or stablehlo_target(client))
+
+
 def compile_module(code: str | bytes, client: Client | None = None) -> Executable:
     """Compile StableHLO (MLIR text or portable artifact bytes) for ``client``."""
     client = client or get_client()
@@ -185,4 +194,40 @@ def compile_module(code: str | bytes, client: Client | None = None) -> Executabl
 def to_device(array, client: Client | None = None, device: int = 0) -> Buffer:
     """Copy a host array (numpy, jax, anything array-like) to a device buffer."""
     client = client or get_client()
-    return client.buffer_from_array(np.asarray(array), device)  # strided arrays are copied by PJRT directly
+    array = np.asarray(array)
+    if array.dtype.name not in _DTYPES:
+        raise TypeError(f"cannot copy an array of dtype {array.dtype} to the device: the runtime holds "
+                        f"{', '.join(sorted(_DTYPES))}")
+    return client.buffer_from_array(array, device)  # strided arrays are copied by PJRT directly
+
+
+def _client_identity(client: Client) -> dict:
+    return {"plugin": os.path.abspath(client.plugin_path), "platform": client.platform_name,
+            "version": client.platform_version, "api": list(client.plugin_api_version),
+            "devices": len(client.devices)}
+
+
+def compile_program(program, client: Client | None = None, options: bytes = b"") -> Executable:
+    """Compile a task's program (a ``programs.Program``) for ``client``.
+
+    The executable comes from the disk cache when this program was compiled
+    with the same options by the same plugin before (see ``cache``); a
+    cached executable the plugin refuses is recompiled.
+    """
+    from metagrad._src import cache
+
+    client = client or get_client()
+    inputs = [ArraySpec(list(shape), dtype) for shape, dtype in program.inputs]
+    entry = cache.key("executable", _client_identity(client), bytes(options), program.artifact)
+    serialized = cache.get("executables", entry)
+    if serialized is not None:
+        try:
+            return client.deserialize(serialized, inputs, list(program.donated))
+        except (PjrtError, ValueError):
+            pass
+    executable = client.compile(program.artifact, "mlir", inputs, list(program.donated), bytes(options))
+    try:
+        cache.put("executables", entry, executable.serialize())
+    except PjrtError:  # a plugin that cannot serialize: nothing to cache
+        pass
+    return executable

@@ -46,18 +46,16 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-from metagrad._runtime import Action, Plan, PlanError
-from metagrad._runtime import plan_periodic as _plan_periodic
-from metagrad._runtime import plan_replay as _plan_replay
-from metagrad._runtime import plan_revolve as _plan_revolve
-from metagrad._runtime import plan_store_all as _plan_store_all
-from metagrad._runtime import revolve_forward_steps
+from metagrad._runtime import (Action, Plan, PlanError, plan_periodic, plan_replay, plan_revolve, plan_store_all,
+                               revolve_forward_steps)
 
 __all__ = [
-    "Action", "Budget", "Periodic", "Plan", "PlanError", "Replay", "StoreAll", "revolve_forward_steps",
+    "Action", "Budget", "Periodic", "Plan", "PlanError", "Replay", "StoreAll", "plan_periodic", "plan_replay",
+    "plan_revolve", "plan_store_all", "revolve_forward_steps",
 ]
 
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = 2**31 - 1  # the step index is an int32, and so are slot numbers
+_INT64_MAX = 2**63 - 1  # every integer the C++ planner takes fits an int64
 
 
 def _int(name: str, value, minimum: int, maximum: int | None = None, where: str = "") -> int:
@@ -76,7 +74,7 @@ def _int(name: str, value, minimum: int, maximum: int | None = None, where: str 
 
 
 def _steps(steps) -> int:
-    return _int("steps", steps, 1)
+    return _int("steps", steps, 1, _INT32_MAX)
 
 
 @dataclass(frozen=True)
@@ -94,10 +92,10 @@ class Replay:
 
     def __post_init__(self):
         _int("k", self.k, 2, _INT32_MAX, "Replay: ")
-        _int("leaf", self.leaf, 1, None, "Replay: ")
+        _int("leaf", self.leaf, 1, _INT64_MAX, "Replay: ")
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
-        return _plan_replay(_steps(steps), self.k, self.leaf)
+        return plan_replay(_steps(steps), self.k, self.leaf)
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ class StoreAll:
     """Save every state: ``T`` saved states, no replay."""
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
-        return _plan_store_all(_steps(steps))
+        return plan_store_all(_steps(steps))
 
 
 @dataclass(frozen=True)
@@ -121,13 +119,13 @@ class Periodic:
     leaf: int = 1
 
     def __post_init__(self):
-        every = _int("every", self.every, 1, None, "Periodic: ")
-        leaf = _int("leaf", self.leaf, 1, None, "Periodic: ")
+        every = _int("every", self.every, 1, _INT64_MAX, "Periodic: ")
+        leaf = _int("leaf", self.leaf, 1, _INT64_MAX, "Periodic: ")
         if every % leaf:
             raise ValueError(f"Periodic: every ({every}) must be a multiple of leaf ({leaf})")
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
-        return _plan_periodic(_steps(steps), self.every, self.leaf)
+        return plan_periodic(_steps(steps), self.every, self.leaf)
 
 
 @dataclass(frozen=True)
@@ -155,10 +153,10 @@ class Budget:
         if self.states is not None:
             _int("states", self.states, 1, _INT32_MAX, "Budget: ")
         elif self.bytes is not None:
-            _int("bytes", self.bytes, 1, None, "Budget: ")
+            _int("bytes", self.bytes, 1, _INT64_MAX, "Budget: ")
         else:
             _int("k", self.k, 2, _INT32_MAX, "Budget: ")
-        _int("leaf", self.leaf, 1, None, "Budget: ")
+        _int("leaf", self.leaf, 1, _INT64_MAX, "Budget: ")
 
     def slots(self, state_bytes: int = 0, steps: int | None = None) -> int:
         """The number of states the budget holds, for states of ``state_bytes`` bytes
@@ -169,8 +167,8 @@ class Budget:
             if steps is None:
                 raise ValueError("Budget(k=...): the number of states depends on steps; pass steps=")
             steps = _steps(steps)
-            return max(1, _plan_replay(steps, self.k, self.leaf).stats(steps)["peak_saved"])
-        size = _int("state_bytes", state_bytes, 1, None, "Budget(bytes=...): ")
+            return max(1, plan_replay(steps, self.k, self.leaf).stats(steps)["peak_saved"])
+        size = _int("state_bytes", state_bytes, 1, _INT64_MAX, "Budget(bytes=...): ")
         states = self.bytes // size
         if states < 1:
             raise ValueError(f"Budget: bytes={self.bytes} holds {states} states of {size} bytes; the minimum is "
@@ -179,4 +177,4 @@ class Budget:
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
         steps = _steps(steps)
-        return _plan_revolve(steps, self.slots(state_bytes, steps), self.leaf)
+        return plan_revolve(steps, self.slots(state_bytes, steps), self.leaf)

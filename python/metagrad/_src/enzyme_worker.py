@@ -1,0 +1,172 @@
+"""Enzyme's lowering in a separate process, so that it cannot take ours down.
+
+Why a process: Enzyme (enzyme-ad 0.0.16) runs inside the lowering of a jitted
+function, in native code, and on some programs it does not raise but
+crashes: ``jnp.sort`` / ``jnp.median`` / ``jnp.quantile`` end in SIGSEGV, a
+``stablehlo.while`` it cannot type in an LLVM abort. No list of known-bad ops
+can be complete, and a crash kills a notebook kernel with its state. So
+every reverse program that Enzyme builds is built here, in a child process
+that receives only data (the task's exported forward functions, its layout,
+the program's name) and returns the portable artifact or the error. A crash
+ends the child, not the caller: the caller gets :class:`EnzymeFailed`, and
+the next request starts a fresh child. The child is kept between requests,
+so its start-up (importing jax and Enzyme, about two seconds) is paid once
+per process. What Enzyme prints goes to the ``metagrad`` logger at DEBUG
+level, not to the user's terminal.
+
+Run as ``python -m metagrad._src.enzyme_worker`` (by :class:`Worker` only).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+
+log = logging.getLogger("metagrad")
+
+_ADJOINT_ERROR = re.compile(r"could not compute the adjoint for this operation\s*\n?\s*%?[^\"]*\"([\w.]+)\"")
+
+
+class EnzymeFailed(Exception):
+    """Enzyme could not build a program: it raised (``op`` parsed from its
+    message where it names one) or its process died (``signal_number`` set)."""
+
+    def __init__(self, message: str, op: str | None = None, signal_number: int | None = None):
+        super().__init__(message)
+        self.op, self.signal_number = op, signal_number
+
+
+def _write(stream, payload) -> None:
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _read(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    (size,) = struct.unpack("<Q", header)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)
+
+
+def _serve() -> None:
+    """The child: answer build requests until stdin closes."""
+    import jax
+
+    from metagrad._src import programs
+    from metagrad._src.layout import Layout
+
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    while (request := _read(requests)) is not None:
+        try:
+            jax.config.update("jax_enable_x64", request["x64"])
+            forward = programs.forward_of_exports(request["exports"])
+            layout = Layout.from_json(request["layout"])
+            program = programs.build(request["name"], forward, layout, "enzyme", request["target"])
+            reply = {"program": program}
+        except Exception as error:  # every failure goes back to the caller, typed there
+            text = f"{type(error).__name__}: {error}"
+            match = _ADJOINT_ERROR.search(text)
+            reply = {"error": text, "op": match.group(1) if match else None}
+        _write(replies, reply)
+
+
+class Worker:
+    """The client side: one child process, started on first use, restarted after a crash."""
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None
+        self._stderr = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> None:
+        import metagrad
+
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(metagrad.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env["JAX_PLATFORMS"] = "cpu"  # lowering only: no accelerator needed
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen([sys.executable, "-m", "metagrad._src.enzyme_worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._stderr, env=env)
+
+    def _drain_log(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace")
+        self._stderr.seek(0)
+        self._stderr.truncate()
+        if text.strip():
+            log.debug("Enzyme's output:\n%s", text)
+        return text
+
+    def build(self, request: dict):
+        """The Program Enzyme built for ``request``; raises EnzymeFailed."""
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._start()
+            try:
+                _write(self._process.stdin, request)
+                reply = _read(self._process.stdout)
+            except BrokenPipeError:
+                reply = None
+            except BaseException:  # KeyboardInterrupt while Enzyme works: drop the child
+                self.close()
+                raise
+            if reply is None:
+                code = self._process.wait()
+                self._drain_log()
+                self._process = None
+                how = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+                raise EnzymeFailed(f"Enzyme crashed ({how}) while building {request['name']}", None,
+                                   -code if code < 0 else None)
+            self._drain_log()
+        if "error" in reply:
+            raise EnzymeFailed(reply["error"], reply["op"])
+        return reply["program"]
+
+    def close(self) -> None:
+        """End the child (it exits when its input closes) and release its pipes."""
+        if self._process is not None:
+            for stream in (self._process.stdin, self._process.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+
+_WORKER = Worker()
+atexit.register(_WORKER.close)
+
+
+def build(request: dict):
+    """Build one program with Enzyme in the shared child process."""
+    return _WORKER.build(request)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,279 @@
+"""The programs of a task as flat JAX functions, built from its forward functions.
+
+The contract (which programs exist, their argument groups, what is donated)
+is stated once, in ``cpp/runtime/programs.h``, and read here through the
+bindings. A task's forward functions ``init``, ``step`` and ``output`` are
+exported once (``jax.export``: serialized StableHLO, data only); every
+program is built from those exports, so the reverse programs can be built in
+another process (Enzyme's, see ``enzyme_worker``) or from a saved task,
+without the user's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metagrad import _runtime
+from metagrad._src import layout as layout_lib, runtime
+from metagrad._src.layout import Layout
+
+KINDS = {kind["name"]: kind for kind in _runtime.program_kinds()}
+REVERSE_KINDS = ("output_vjp", "step_vjp", "segment_vjp", "init_vjp")
+
+
+def kind_of(name: str) -> tuple[str, int]:
+    """``"segment_vjp_10"`` -> ``("segment_vjp", 10)``; ValueError for names outside the contract."""
+    return _runtime.parse_program_name(name)
+
+
+def is_reverse(name: str) -> bool:
+    return kind_of(name)[0] in REVERSE_KINDS
+
+
+Spec = tuple  # (shape tuple, dtype name)
+
+
+@dataclass(frozen=True)
+class Program:
+    """One compiled-to-be program: its portable StableHLO and its flat signature."""
+
+    name: str
+    artifact: bytes  # portable StableHLO
+    backend: str  # "enzyme" or "jax" for reverse programs, "none" for forward ones
+    inputs: tuple[Spec, ...]
+    donated: tuple[bool, ...]
+    outputs: tuple[Spec, ...]
+
+    def to_json(self) -> dict:
+        """The manifest entry of this program (the artifact itself is stored beside it)."""
+        return {"backend": self.backend,
+                "inputs": [{"shape": list(s), "dtype": d, "donated": bool(k)}
+                           for (s, d), k in zip(self.inputs, self.donated)],
+                "outputs": [{"shape": list(s), "dtype": d} for s, d in self.outputs]}
+
+    @classmethod
+    def from_json(cls, name: str, entry: dict, artifact: bytes) -> "Program":
+        """Inverse of :meth:`to_json`; raises KeyError, TypeError or ValueError on malformed entries."""
+        def spec(e):
+            return tuple(int(d) for d in e["shape"]), str(e["dtype"])
+
+        return cls(name, artifact, str(entry["backend"]), tuple(spec(e) for e in entry["inputs"]),
+                   tuple(bool(e["donated"]) for e in entry["inputs"]), tuple(spec(e) for e in entry["outputs"]))
+
+
+class Forward(NamedTuple):
+    """A task's forward functions on flat arguments (typed keys as key data).
+
+    init(*Z, *X) -> S; step(*S, *Z, *X, t) -> S; output(*S, *Z, *X) -> phi.
+    """
+
+    init: Callable
+    step: Callable
+    output: Callable
+
+
+def forward_of_task(task, layout: Layout) -> Forward:
+    """The user's functions with flat arguments and results."""
+    ns, nz = len(layout.state), len(layout.z)
+
+    def trees(s, z, x):
+        state = layout.unflatten("state", layout_lib.wrap(layout.state, s)) if s is not None else None
+        return state, layout.unflatten("z", z), layout.unflatten("data", layout_lib.wrap(layout.data, x))
+
+    def flat_state(state):
+        return tuple(layout_lib.unwrap(layout.state, jax.tree_util.tree_leaves(state)))
+
+    def init(*args):
+        _, z, x = trees(None, args[:nz], args[nz:])
+        return flat_state(task.init(z, x))
+
+    def step(*args):
+        state, z, x = trees(args[:ns], args[ns:ns + nz], args[ns + nz:-1])
+        return flat_state(task.step(state, z, x, args[-1]))
+
+    def output(*args):
+        state, z, x = trees(args[:ns], args[ns:ns + nz], args[ns + nz:])
+        return task.output(state, z, x)
+
+    return Forward(init, step, output)
+
+
+def group_specs(layout: Layout, groups: str) -> list[jax.ShapeDtypeStruct]:
+    table = {
+        "S": lambda: [s.struct() for s in layout.state],
+        "Z": lambda: [s.struct() for s in layout.z],
+        "X": lambda: [s.struct() for s in layout.data],
+        "t": lambda: [jax.ShapeDtypeStruct((), jnp.int32)],
+        "D": layout.cotangents,
+        "A": layout.accumulators,
+        "p": lambda: [jax.ShapeDtypeStruct(layout.phi_shape, layout.phi_dtype)],
+        "f": lambda: [jax.ShapeDtypeStruct((), jnp.bool_)],
+    }
+    return [spec for group in groups for spec in table[group]()]
+
+
+def signature(layout: Layout, name: str) -> tuple[list, tuple[bool, ...], list]:
+    """(input structs, donated flags, output structs) of program ``name`` by the contract."""
+    kind = KINDS[kind_of(name)[0]]
+    inputs, donated = [], []
+    for group in kind["inputs"]:
+        specs = group_specs(layout, group)
+        inputs += specs
+        donated += [group in kind["donated"]] * len(specs)
+    return inputs, tuple(donated), group_specs(layout, kind["outputs"])
+
+
+def export_forward(forward: Forward, layout: Layout) -> dict[str, bytes]:
+    """The forward functions, exported (serialized StableHLO with their signatures)."""
+    exports = {}
+    for name in ("init", "step", "output"):
+        inputs, _, _ = signature(layout, name)
+        exported = jax.export.export(jax.jit(getattr(forward, name)))(*inputs)
+        # With its VJP, so that JAX's autodiff can differentiate a loaded export too.
+        exports[name] = bytes(exported.serialize(vjp_order=1))
+    return exports
+
+
+def forward_of_exports(exports: dict[str, bytes]) -> Forward:
+    """Forward functions from their exports (deserializing runs no code)."""
+    calls = {name: jax.export.deserialize(bytearray(blob)).call for name, blob in exports.items()}
+    return Forward(calls["init"], lambda *args: tuple(calls["step"](*args)), calls["output"])
+
+
+def _split(args, *sizes):
+    out, i = [], 0
+    for size in sizes:
+        out.append(list(args[i:i + size]))
+        i += size
+    return out
+
+
+def _reversible(forward: Forward, layout: Layout, backend: str) -> Forward:
+    """The forward functions as Enzyme differentiates them (``backend="enzyme"``), else as they are."""
+    if backend != "enzyme":
+        return forward
+    from enzyme_ad.jax import enzyme_jax_ir
+
+    ns, nz, nx = len(layout.state), len(layout.z), len(layout.data)
+    # enzyme-ad 0.0.16's reverse rule (enzyme_vjp) indexes its list of
+    # per-argument activities by output position, so a function with more
+    # outputs than arguments fails with an IndexError: unused scalar arguments
+    # pad the list (init returns every state leaf from fewer z and data leaves).
+    pad = max(0, ns - nz - nx)
+    init = enzyme_jax_ir()(lambda *args: forward.init(*args[:nz + nx]))
+    padding = [jnp.zeros((), jnp.float32)] * pad
+    return Forward(lambda *args: init(*args, *padding), enzyme_jax_ir()(forward.step),
+                   enzyme_jax_ir()(forward.output))
+
+
+def function(name: str, forward: Forward, layout: Layout, backend: str) -> Callable:
+    """The flat function of program ``name``; ``backend`` ("enzyme" or "jax") builds the reverses."""
+    kind, n = kind_of(name)
+    ns, nz, nx = len(layout.state), len(layout.z), len(layout.data)
+    diff = [i for i, spec in enumerate(layout.state) if spec.floating]
+    nd = len(diff)
+    m = layout.outputs
+    acc_dtypes = [a.dtype for a in layout.accumulators()]
+
+    def merge(state, leaves):
+        state = list(state)
+        for i, leaf in zip(diff, leaves):
+            state[i] = leaf
+        return state
+
+    def full(d_leaves):
+        """A cotangent for every state leaf: ``d_leaves`` where differentiable, float0 zeros elsewhere.
+
+        Enzyme's vjp wants one cotangent per output of the function it differentiated.
+        """
+        it = iter(d_leaves)
+        return [next(it) if spec.floating else np.zeros(spec.shape, jax.dtypes.float0) for spec in layout.state]
+
+    def pull_all(pull, cotangent, expand=lambda c: c):
+        """The vjp at one cotangent, or at each of the m cotangents stacked on a leading axis."""
+        return pull(expand(cotangent)) if m == 0 else jax.vmap(lambda c: pull(expand(c)))(cotangent)
+
+    def accumulate(acc, z_bar):
+        return [a + jnp.asarray(g).astype(a.dtype) for a, g in zip(acc, z_bar)]
+
+    if kind == "init":
+        return forward.init
+    if kind == "step":
+        return forward.step
+    if kind == "output":
+        return forward.output
+    if kind == "advance":
+        # Unrolled: XLA's CPU backend runs convolutions inside a while loop (a
+        # scan) several times slower than in straight-line code.
+        def advance(*args):
+            s, z, x, (t0,) = _split(args, ns, nz, nx, 1)
+            for i in range(n):
+                s = list(forward.step(*s, *z, *x, t0 + i))
+            return tuple(s)
+        return advance
+    if kind == "all_finite":
+        return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
+    if kind == "state_finite":
+        return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaves[i])) for i in diff] or [True]))
+
+    rev = _reversible(forward, layout, backend)
+    if kind == "output_vjp":
+        def output_vjp(*args):
+            s, z, x = _split(args, ns, nz, nx)
+            phi, pull = jax.vjp(lambda d, zz: rev.output(*merge(s, d), *zz, *x), [s[i] for i in diff], z)
+            seed = jnp.ones_like(phi) if m == 0 else jnp.eye(m, dtype=phi.dtype)
+            d_bar, z_bar = pull_all(pull, seed)
+            return (phi, *d_bar, *[g.astype(dt) for g, dt in zip(z_bar, acc_dtypes)])
+        return output_vjp
+    if kind in ("step_vjp", "segment_vjp"):
+        steps = 1 if kind == "step_vjp" else n
+
+        def reverse_steps(*args):
+            s, z, x, (t0,), d, acc = _split(args, ns, nz, nx, 1, nd, nz)
+
+            def run(d_leaves, zz):
+                state = merge(s, d_leaves)
+                if steps == 1 or backend == "enzyme":
+                    # Unrolled for Enzyme, which cannot type every stablehlo.while.
+                    for i in range(steps):
+                        state = list(rev.step(*state, *zz, *x, t0 + i))
+                else:
+                    body = lambda carry, i: (list(rev.step(*carry, *zz, *x, t0 + i)), None)  # noqa: E731
+                    state = jax.lax.scan(body, state, jnp.arange(steps, dtype=jnp.int32))[0]
+                return state
+
+            _, pull = jax.vjp(run, [s[i] for i in diff], z)
+            d_bar, z_bar = pull_all(pull, d, full)
+            return (*d_bar, *accumulate(acc, z_bar))
+        return reverse_steps
+    if kind == "init_vjp":
+        def init_vjp(*args):
+            z, x, d, acc = _split(args, nz, nx, nd, nz)
+            _, pull = jax.vjp(lambda zz: list(rev.init(*zz, *x)), z)
+            (z_bar,) = pull_all(pull, d, full)
+            return tuple(accumulate(acc, z_bar))
+        return init_vjp
+    raise ValueError(f"no function for program {name!r}")
+
+
+def _spec(struct) -> Spec:
+    return tuple(int(d) for d in struct.shape), np.dtype(struct.dtype).name
+
+
+def build(name: str, forward: Forward, layout: Layout, backend: str, target: str) -> Program:
+    """Lower program ``name`` to a portable artifact with its contract signature."""
+    import warnings
+
+    inputs, donated, outputs = signature(layout, name)
+    fn = function(name, forward, layout, backend)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        lowered = jax.jit(fn, donate_argnums=tuple(i for i, d in enumerate(donated) if d),
+                          keep_unused=True).lower(*inputs)
+    return Program(name, runtime.portable_artifact(lowered, target), backend if is_reverse(name) else "none",
+                   tuple(_spec(s) for s in inputs), donated, tuple(_spec(s) for s in outputs))

@@ -1,0 +1,184 @@
+"""Saved tasks: a directory of data that runs without the user's code.
+
+Format (``MANIFEST_VERSION``; the C++ harness, ``cpp/bench/manifest.cc``,
+reads the same)::
+
+    manifest.json                format, version, steps, backend, versions,
+                                 layout (leaf specs, phi, accumulators, pytree
+                                 structures as JSON), programs, exports, arrays
+    programs/<name>.mlirbc       portable StableHLO, one per program, with its
+                                 signature (inputs, donation, outputs) in the manifest
+    exports/<fn>.jaxexport       the forward functions (jax.export), from which
+                                 new programs (other fused lengths) can be built
+    arrays/{data,z}_<i>.bin      raw little-endian arrays, C order
+
+Loading never executes anything from the directory: the manifest is JSON,
+pytree structures are rebuilt from plain data (see ``trees``), every path
+must stay inside the directory, and every error names the file (and field)
+at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from metagrad import _runtime
+from metagrad._src import programs as programs_lib, runtime, trees
+from metagrad._src.layout import Layout
+
+MANIFEST_VERSION = _runtime.MANIFEST_VERSION  # the constant the C++ reader checks too
+FORMAT = "metagrad-task"
+
+
+def write(compiled, path: str) -> None:
+    import enzyme_ad
+    import jaxlib
+    from jaxlib.mlir.dialects import stablehlo
+
+    from metagrad import __version__
+
+    for folder in ("programs", "arrays", "exports"):
+        os.makedirs(os.path.join(path, folder), exist_ok=True)
+
+    def write(relative: str, data: bytes) -> str:
+        with open(os.path.join(path, relative), "wb") as f:
+            f.write(data)
+        return relative
+
+    program_entries = {name: {"file": write(f"programs/{name}.mlirbc", p.artifact), **p.to_json()}
+                       for name, p in compiled.programs.items()}
+    exports = {name: write(f"exports/{name}.jaxexport", blob) for name, blob in compiled.exports.items()}
+    z_leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(compiled.z_example)]
+    arrays = {prefix: [write(f"arrays/{prefix}_{i}.bin", np.ascontiguousarray(leaf).tobytes())
+                       for i, leaf in enumerate(leaves)]
+              for prefix, leaves in (("data", compiled.data), ("z", z_leaves))}
+    manifest = {
+        "format": FORMAT, "version": MANIFEST_VERSION, "steps": compiled.steps, "backend": compiled.backend,
+        "versions": {"metagrad": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                     "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16"),
+                     "stablehlo_producer": stablehlo.get_current_version(),
+                     "stablehlo_target": runtime.stablehlo_target(compiled.client)},
+        "layout": compiled.layout.to_json(), "programs": program_entries, "exports": exports, "arrays": arrays,
+    }
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+class _Reader:
+    """Reads a task directory; every error names the file (and field) at fault."""
+
+    def __init__(self, path: str):
+        self.root = os.path.realpath(path)
+        self.manifest_path = os.path.join(path, "manifest.json")
+
+    def fail(self, where: str, why: str):
+        raise ValueError(f"{where}: {why}")
+
+    def inside(self, relative, field: str) -> str:
+        """The path of ``relative`` (a manifest field) if it stays inside the directory."""
+        if not isinstance(relative, str) or not relative or os.path.isabs(relative):
+            self.fail(f"{self.manifest_path}: {field}", f"must be a relative path inside the task directory, got "
+                                                         f"{relative!r}")
+        full = os.path.realpath(os.path.join(self.root, relative))
+        if os.path.commonpath([full, self.root]) != self.root:
+            self.fail(f"{self.manifest_path}: {field}", f"{relative!r} points outside the task directory")
+        return full
+
+    def read(self, relative, field: str) -> bytes:
+        full = self.inside(relative, field)
+        try:
+            with open(full, "rb") as f:
+                return f.read()
+        except OSError as error:
+            self.fail(full, f"cannot be read ({error.strerror}); it is listed as {field} in {self.manifest_path}")
+
+    def field(self, entry: dict, name: str, kind, where: str):
+        if not isinstance(entry, dict) or name not in entry:
+            self.fail(f"{self.manifest_path}: {where}", f"missing field '{name}'")
+        value = entry[name]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            self.fail(f"{self.manifest_path}: {where}.{name}", f"must be {getattr(kind, '__name__', kind)}, got "
+                                                               f"{type(value).__name__}")
+        return value
+
+
+def read(path: str, client) -> dict:
+    """The parts of a saved task, as keyword arguments of ``CompiledTask`` (all but the client)."""
+    reader = _Reader(path)
+    if not os.path.exists(reader.manifest_path):
+        raise FileNotFoundError(f"{path!r} holds no manifest.json: not a saved metagrad task")
+    try:
+        with open(reader.manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{reader.manifest_path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        reader.fail(reader.manifest_path, "not a metagrad task manifest (format != 'metagrad-task')")
+    if manifest.get("version") != MANIFEST_VERSION:
+        reader.fail(reader.manifest_path, f"manifest version {manifest.get('version')!r}; this metagrad reads "
+                                          f"version {MANIFEST_VERSION} (save the task again with this version)")
+    steps = reader.field(manifest, "steps", int, "manifest")
+    if not 1 <= steps <= 2**31 - 1:
+        reader.fail(f"{reader.manifest_path}: steps", f"must be in [1, 2^31-1], got {steps}")
+    backend = reader.field(manifest, "backend", str, "manifest")
+    layout_entry = reader.field(manifest, "layout", dict, "manifest")
+    try:
+        layout = Layout.from_json(layout_entry)
+        for name in ("z", "data", "state"):
+            leaves = trees.check(layout_entry["trees"][name])
+            if leaves != len(getattr(layout, name)):
+                raise ValueError(f"trees.{name} holds {leaves} leaves for {len(getattr(layout, name))} specs")
+        for spec in (*layout.z, *layout.data, *layout.state):
+            np.dtype(spec.dtype)
+    except (KeyError, TypeError, ValueError) as error:
+        reader.fail(f"{reader.manifest_path}: layout", f"malformed ({type(error).__name__}: {error})")
+
+    loaded = {}
+    for name, entry in reader.field(manifest, "programs", dict, "manifest").items():
+        where = f"programs.{name}"
+        try:
+            programs_lib.kind_of(name)
+            expected_inputs, expected_donated, _ = programs_lib.signature(layout, name)
+        except ValueError as error:
+            reader.fail(f"{reader.manifest_path}: {where}", str(error))
+        artifact = reader.read(reader.field(entry, "file", str, where), f"{where}.file")
+        try:
+            program = programs_lib.Program.from_json(name, entry, artifact)
+        except (KeyError, TypeError, ValueError) as error:
+            reader.fail(f"{reader.manifest_path}: {where}", f"malformed ({type(error).__name__}: {error})")
+        wanted = tuple((tuple(s.shape), np.dtype(s.dtype).name) for s in expected_inputs)
+        if program.inputs != wanted or program.donated != expected_donated:
+            reader.fail(f"{reader.manifest_path}: {where}.inputs", "do not match the layout's signature for "
+                                                                   f"{name}: {list(program.inputs)} vs {list(wanted)}")
+        loaded[name] = program
+    exports = {name: reader.read(file, f"exports.{name}")
+               for name, file in reader.field(manifest, "exports", dict, "manifest").items()}
+
+    def arrays(prefix: str, specs) -> list[np.ndarray]:
+        files = reader.field(reader.field(manifest, "arrays", dict, "manifest"), prefix, list, "arrays")
+        if len(files) != len(specs):
+            reader.fail(f"{reader.manifest_path}: arrays.{prefix}", f"lists {len(files)} files for {len(specs)} leaves")
+        out = []
+        for i, (file, spec) in enumerate(zip(files, specs)):
+            raw = reader.read(file, f"arrays.{prefix}[{i}]")
+            if len(raw) != spec.nbytes:
+                reader.fail(reader.inside(file, f"arrays.{prefix}[{i}]"),
+                            f"holds {len(raw)} bytes, {spec.path} ({spec.dtype}{list(spec.shape)}) needs {spec.nbytes}")
+            out.append(np.frombuffer(raw, dtype=spec.dtype).reshape(spec.shape).copy())
+        return out
+
+    data = arrays("data", layout.data)
+    z_leaves = arrays("z", layout.z)
+    executables = {}
+    for name, program in loaded.items():
+        try:
+            executables[name] = runtime.compile_program(program, client)
+        except (runtime.PjrtError, ValueError) as error:
+            reader.fail(reader.inside(manifest["programs"][name]["file"], f"programs.{name}.file"),
+                        f"does not compile as program {name}: {error}")
+    return {"layout": layout, "steps": steps, "backend": backend, "exports": exports, "programs": loaded,
+            "data": data, "z_example": layout.unflatten("z", z_leaves), "_executables": executables}
