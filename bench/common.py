@@ -1,13 +1,16 @@
-"""Shared helpers of the bench scripts: timing, the harness binary, saving tasks."""
+"""Shared helpers of the bench scripts: timing, the harness binary, saving tasks, cells run in
+subprocesses under time and memory limits, device-memory accounting."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -92,3 +95,70 @@ def run_harness(task_dir: str, args: list[str], timeout: float | None = None) ->
 
 def fmt_ratio(x) -> str:
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.2f}x"
+
+
+# --------------------------------------------------------------------------- #
+# subprocess runner with a time and RSS limit
+# --------------------------------------------------------------------------- #
+
+def _rss_bytes(pid: int) -> int:
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
+def run_limited(command: list[str], timeout: float, mem_limit: int) -> dict:
+    """Run ``command`` (which prints one JSON object); kill it at the limits."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = {"killed": None, "peak_rss_seen": 0}
+
+    def watch():
+        start = time.monotonic()
+        while proc.poll() is None:
+            rss = _rss_bytes(proc.pid)
+            state["peak_rss_seen"] = max(state["peak_rss_seen"], rss)
+            if rss > mem_limit:
+                state["killed"] = f"over {mem_limit / 2**30:.0f} GB RSS"
+                proc.kill()
+                return
+            if time.monotonic() - start > timeout:
+                state["killed"] = f"over {timeout:.0f} s"
+                proc.kill()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate()
+    watcher.join()
+    if state["killed"]:
+        return {"status": "limit", "reason": state["killed"]}
+    if proc.returncode != 0:
+        if "RESOURCE_EXHAUSTED" in stderr or "Out of memory" in stderr:
+            asked = re.search(r"allocating (\d+) bytes", stderr)
+            what = f" ({int(asked.group(1)) / 2**30:.0f} GiB asked)" if asked else ""
+            return {"status": "limit", "reason": f"out of memory{what}"}
+        tail = stderr.strip().splitlines()[-3:]
+        return {"status": "error", "reason": f"exit {proc.returncode}: {' | '.join(tail)}"[:300]}
+    try:
+        return {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
+    except (json.JSONDecodeError, IndexError):
+        return {"status": "error", "reason": "no JSON output"}
+
+
+def replay_device_bytes(stats: dict, step_vjp: dict) -> int:
+    """Python REPLAY's device memory: its peak live states (``stats`` of ``replay_metagradient``) plus its
+    step-vjp program's arguments, outputs and temporaries (``baselines.memory_stats(method="replay")``)."""
+    return stats["max_live_states"] * step_vjp["state_bytes"] + step_vjp["total_bytes"]
+
+
+def fmt_bytes(b) -> str:
+    if b is None:
+        return "-"
+    return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"

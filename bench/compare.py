@@ -44,10 +44,9 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from common import BENCH_DIR, RESULTS_DIR, harness_path, machine_notes
+from common import BENCH_DIR, RESULTS_DIR, fmt_bytes, harness_path, machine_notes, replay_device_bytes, run_limited
 
 SCHEDULE_K, SCHEDULE_LEAF = 32, 10
 
@@ -75,80 +74,13 @@ LABELS = {
 
 
 # --------------------------------------------------------------------------- #
-# subprocess runner with a time and RSS limit
-# --------------------------------------------------------------------------- #
-
-def _rss_bytes(pid: int) -> int:
-    total = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    total = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return total
-
-
-def run_limited(command: list[str], timeout: float, mem_limit: int) -> dict:
-    """Run ``command`` (which prints one JSON object); kill it at the limits."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = {"killed": None, "peak_rss_seen": 0}
-
-    def watch():
-        start = time.monotonic()
-        while proc.poll() is None:
-            rss = _rss_bytes(proc.pid)
-            state["peak_rss_seen"] = max(state["peak_rss_seen"], rss)
-            if rss > mem_limit:
-                state["killed"] = f"over {mem_limit / 2**30:.0f} GB RSS"
-                proc.kill()
-                return
-            if time.monotonic() - start > timeout:
-                state["killed"] = f"over {timeout:.0f} s"
-                proc.kill()
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    stdout, stderr = proc.communicate()
-    watcher.join()
-    if state["killed"]:
-        return {"status": "limit", "reason": state["killed"]}
-    if proc.returncode != 0:
-        if "RESOURCE_EXHAUSTED" in stderr or "Out of memory" in stderr:
-            import re
-
-            asked = re.search(r"allocating (\d+) bytes", stderr)
-            what = f" ({int(asked.group(1)) / 2**30:.0f} GiB asked)" if asked else ""
-            return {"status": "limit", "reason": f"out of memory{what}"}
-        tail = stderr.strip().splitlines()[-3:]
-        return {"status": "error", "reason": f"exit {proc.returncode}: {' | '.join(tail)}"[:300]}
-    try:
-        return {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
-    except (json.JSONDecodeError, IndexError):
-        return {"status": "error", "reason": "no JSON output"}
-
-
-# --------------------------------------------------------------------------- #
 # the JAX worker (runs in its own process)
 # --------------------------------------------------------------------------- #
-
-def _compiled_bytes(fn, *args) -> int | None:
-    try:
-        analysis = fn.lower(*args).compile().memory_analysis()
-        return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-                   - analysis.alias_size_in_bytes)
-    except Exception:  # memory analysis is best effort
-        return None
-
 
 def worker(spec: dict) -> dict:
     import statistics
 
     import jax
-    import numpy as np
 
     from metagrad import baselines
     from tasks import make_task
@@ -161,18 +93,12 @@ def worker(spec: dict) -> dict:
     elif method in ("scan_storeall", "scan_checkpoint"):
         every = None if method == "scan_storeall" else max(1, round(math.sqrt(T)))
         run = lambda: jax.block_until_ready(baselines.scan_metagradient(task, z, checkpoint_every=every))  # noqa: E731
-        run()
-        fn = baselines._CACHE[baselines._key(task, "scan", every)]
-        device = _compiled_bytes(fn, z, task.data)
+        device = baselines.memory_stats(task, z, checkpoint_every=every)["total_bytes"]
     elif method == "python_replay":
         stats = {}
         run = lambda: jax.block_until_ready(baselines.replay_metagradient(task, z, k=SCHEDULE_K, stats=stats))  # noqa: E731
         run()
-        fns = baselines._CACHE[baselines._key(task, "replay")]
-        state = fns.init(z, task.data)
-        state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
-        vjp = _compiled_bytes(fns.step_vjp, state, z, task.data, np.int32(0), state, np.zeros_like(z))
-        device = stats["max_live_states"] * state_bytes + (vjp or 0)
+        device = replay_device_bytes(stats, baselines.memory_stats(task, z, method="replay"))
     else:
         raise ValueError(method)
     run()  # warm-up (compiles)
@@ -202,12 +128,6 @@ def metagrad_row(out: dict) -> dict:
     return {"status": "ok", "seconds": m["seconds"]["median"], "device_bytes": device,
             "peak_rss_bytes": out["peak_rss_bytes"], "peak_saved_states": m["peak_saved_states"],
             "forward_steps": m["forward_steps"], "value": m["value"], "own_train_seconds": out["train"]["seconds"]["median"]}
-
-
-def fmt_bytes(b) -> str:
-    if b is None:
-        return "-"
-    return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
 def prepare(kind: str, backend: str, directory: str, timeout: float) -> None:

@@ -110,3 +110,48 @@ def test_bad_arguments():
         baselines.replay_metagradient(task, z, k=1)
     with pytest.raises(TypeError, match="Task"):
         baselines.train(object(), z)
+
+
+def _bytes(*trees):
+    return sum(np.asarray(x).nbytes for tree in trees for x in jax.tree_util.tree_leaves(tree))
+
+
+def _about(measured, expected):
+    """XLA counts a tuple output's table of buffer pointers (8 bytes a leaf) in output bytes."""
+    return expected <= measured <= expected + 8 * 16
+
+
+def test_memory_stats_accounts_arguments_outputs_and_residuals():
+    task, z = _task(40, np.float32)
+    state = task.init(z, task.data)
+    store_all = baselines.memory_stats(task, z)
+    checkpointed = baselines.memory_stats(task, z, checkpoint_every=5)
+    for stats in (store_all, checkpointed):
+        assert stats["argument_bytes"] == _bytes(z, task.data)
+        assert _about(stats["output_bytes"], _bytes(z) + 4)  # the gradient and phi
+        assert stats["total_bytes"] == (stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"]
+                                        - stats["alias_bytes"])
+        assert stats["state_bytes"] == _bytes(state)
+    # store-all keeps residuals of all 40 steps, at least the 40 states; 5-step segments far fewer
+    assert store_all["temp_bytes"] >= 40 * _bytes(state)
+    assert checkpointed["temp_bytes"] < store_all["temp_bytes"] / 2
+    # jit drops the arguments a program never reads: training and a step never see the validation set
+    read = {name: x for name, x in task.data.items() if name not in ("xv", "yv")}
+    train = baselines.memory_stats(task, z, method="train")
+    assert train["argument_bytes"] == _bytes(z, read) and _about(train["output_bytes"], _bytes(state))
+    replay = baselines.memory_stats(task, z, method="replay")  # step_vjp(state, z, data, t, state_bar, z_bar)
+    read.pop("w1"), read.pop("w2")  # read by init only
+    assert replay["argument_bytes"] == 2 * _bytes(state) + 2 * _bytes(z) + _bytes(read) + 4
+    assert _about(replay["output_bytes"], _bytes(state) + _bytes(z))
+
+
+def test_memory_stats_bad_arguments():
+    task, z = _task(3, np.float32)
+    with pytest.raises(ValueError, match="method must be one of"):
+        baselines.memory_stats(task, z, method="revolve")
+    with pytest.raises(ValueError, match="checkpoint_every applies to method='scan' only"):
+        baselines.memory_stats(task, z, method="train", checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoint_every must be None or an int"):
+        baselines.memory_stats(task, z, checkpoint_every=0)
+    with pytest.raises(TypeError, match="Task"):
+        baselines.memory_stats(object(), z)

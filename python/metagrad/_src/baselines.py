@@ -11,6 +11,8 @@ against, and a pure-JAX engine the applications can fall back to:
 * :func:`replay_metagradient` -- the REPLAY schedule (recursive ``k``-ary split
   of ``[0, T)``, design.md section 2) driven from Python with jitted ``step``
   and step-vjp, the way a user would write it by hand.
+* :func:`memory_stats` -- XLA's compiled memory statistics of the program
+  behind each of them: the device memory a baseline needs.
 
 Jitted functions are cached per ``(init, step, output, steps)``; the data is an
 argument of every jitted function (not a closed-over constant), so tasks that
@@ -29,7 +31,7 @@ from jax import lax
 
 from metagrad._src.task import Task
 
-__all__ = ["train", "scan_metagradient", "replay_metagradient", "clear_cache"]
+__all__ = ["train", "scan_metagradient", "replay_metagradient", "memory_stats", "clear_cache"]
 
 PyTree = Any
 
@@ -127,6 +129,13 @@ def _build_scan(task: Task, checkpoint_every: int | None) -> Callable:
     return jax.jit(jax.value_and_grad(objective))
 
 
+def _scan_fn(task: Task, checkpoint_every: int | None) -> Callable:
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
+    return _cached(_key(task, "scan", checkpoint_every), lambda: _build_scan(task, checkpoint_every))
+
+
 def scan_metagradient(task: Task, z: PyTree, checkpoint_every: int | None = None):
     """``(phi(A(z)), d phi(A(z)) / dz)`` by ``jax.value_and_grad`` through ``lax.scan``.
 
@@ -141,11 +150,7 @@ def scan_metagradient(task: Task, z: PyTree, checkpoint_every: int | None = None
         shorter segment is checkpointed too.
     """
     _check(task)
-    if checkpoint_every is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
-    fn = _cached(_key(task, "scan", checkpoint_every), lambda: _build_scan(task, checkpoint_every))
-    return fn(z, task.data)
+    return _scan_fn(task, checkpoint_every)(z, task.data)
 
 
 # --------------------------------------------------------------------------- #
@@ -269,3 +274,63 @@ def replay_metagradient(task: Task, z: PyTree, k: int = 4, *, stats: dict | None
         stats.update(forward_steps=counters["forward_steps"], reverse_steps=counters["reverse_steps"],
                      max_live_states=counters["max_live_states"])
     return value, z_bar
+
+
+# --------------------------------------------------------------------------- #
+# device memory of the baselines' programs
+# --------------------------------------------------------------------------- #
+
+MEMORY_METHODS = ("train", "scan", "replay")
+
+
+def _tree_bytes(tree) -> int:
+    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def memory_stats(task: Task, z: PyTree, *, method: str = "scan", checkpoint_every: int | None = None) -> dict:
+    """XLA's compiled memory statistics of the jitted program behind a baseline.
+
+    Compiles the program for ``z``'s shapes (nothing is run) and reads
+    ``memory_analysis()`` of the executable.
+
+    Args:
+      method: ``"train"`` (:func:`train`'s program), ``"scan"``
+        (:func:`scan_metagradient`'s, with ``checkpoint_every``) or
+        ``"replay"`` (the step-vjp that :func:`replay_metagradient` runs, its
+        largest program; REPLAY holds ``stats["max_live_states"]`` states of
+        ``state_bytes`` each on top of it).
+      checkpoint_every: as in :func:`scan_metagradient`; only with ``"scan"``.
+
+    Returns:
+      a dict of ints: ``argument_bytes`` (for ``"train"`` and ``"scan"``: z
+      and the data), ``output_bytes``, ``temp_bytes``, ``alias_bytes``,
+      ``total_bytes`` (argument + output + temp - alias: what the program
+      holds on the device while it runs), XLA's own ``peak_bytes`` estimate,
+      and ``state_bytes`` (one training state).
+    """
+    _check(task)
+    if method not in MEMORY_METHODS:
+        raise ValueError(f"method must be one of {MEMORY_METHODS}, got {method!r}")
+    if checkpoint_every is not None and method != "scan":
+        raise ValueError(f"checkpoint_every applies to method='scan' only, got method={method!r}")
+    z = jax.tree_util.tree_map(jnp.asarray, z)
+    data = task.data
+    state = jax.eval_shape(task.init, z, data)
+    if method == "train":
+        fn, args = _cached(_key(task, "train"), lambda: _build_train(task)), (z, data)
+    elif method == "scan":
+        fn, args = _scan_fn(task, checkpoint_every), (z, data)
+    else:
+        fns = _cached(_key(task, "replay"), lambda: _ReplayFns(task))
+        fn, args = fns.step_vjp, (state, z, data, jnp.int32(0), state, z)
+    analysis = fn.lower(*args).compile().memory_analysis()
+    if analysis is None:
+        raise NotImplementedError(f"the {jax.default_backend()} backend reports no compiled memory statistics")
+    stats = {"argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
+             "temp_bytes": analysis.temp_size_in_bytes, "alias_bytes": analysis.alias_size_in_bytes,
+             "peak_bytes": analysis.peak_memory_in_bytes}
+    stats = {name: int(value) for name, value in stats.items()}
+    stats["total_bytes"] = (stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"]
+                            - stats["alias_bytes"])
+    stats["state_bytes"] = _tree_bytes(state)
+    return stats
