@@ -7,8 +7,18 @@
   SGD with momentum; per-example weights.
 * ``wide``: a compute-bound MLP 64-512-512-10, batch 128, SGD with
   momentum; per-example weights.
+* ``mlp_table``: ``mlp`` with shuffled batches: step ``t`` reads row ``t`` of a
+  ``(T, 128)`` int32 index table held in ``data`` (a fresh permutation of the
+  training set each epoch), the way a user's data loader would feed it.
+* ``transformer``: a small causal language model on synthetic tokens (token
+  and position embeddings, 2 pre-LayerNorm blocks of 4-head causal attention
+  and a GELU MLP, final LayerNorm and unembedding; about 110k parameters),
+  AdamW from optax; 4 sequences of 16 tokens per step read from an index
+  table like ``mlp_table``; the metaparameter is a weight per training
+  sequence, the output the mean next-token loss on held-out sequences.
 
-Every step is pure: the batch is a function of the step index ``t``.
+Every step is pure: the batch is a function of the step index ``t`` (the
+index tables are fixed by a seed when the task is made).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import numpy as np
 
 import metagrad
 
-KINDS = ("mlp", "cnn", "wide")
+KINDS = ("mlp", "cnn", "wide", "mlp_table", "transformer")
 N_TRAIN = 1024
 N_VAL = 256
 
@@ -90,10 +100,25 @@ CONFIGS = {
 }
 
 
+def index_table(steps: int, n: int, batch: int, seed: int = 0) -> np.ndarray:
+    """``(steps, batch)`` int32: row ``t`` is step ``t``'s batch, epochs of fresh permutations of ``range(n)``."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-steps * batch // n)
+    order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
+    return order[:steps * batch].reshape(steps, batch).astype(np.int32)
+
+
 def make_task(kind: str = "mlp", steps: int = 1000):
     """``(task, z0)``: the benchmark task of ``kind`` with ``steps`` steps, z0 = ones."""
-    init_params, apply, batch, lr = CONFIGS[kind]
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}: one of {', '.join(KINDS)}")
+    if kind == "transformer":
+        return _transformer_task(steps)
+    table = kind == "mlp_table"
+    init_params, apply, batch, lr = CONFIGS["mlp" if table else kind]
     data = {k: jnp.asarray(v) for k, v in digits().items()}
+    if table:
+        data["batches"] = jnp.asarray(index_table(steps, N_TRAIN, batch))
     momentum = 0.9
 
     def loss(params, x, y, weights):
@@ -105,7 +130,7 @@ def make_task(kind: str = "mlp", steps: int = 1000):
 
     def step(state, z, data, t):
         params, velocity = state
-        index = (t * batch + jnp.arange(batch)) % N_TRAIN
+        index = data["batches"][t] if table else (t * batch + jnp.arange(batch)) % N_TRAIN
         grads = jax.grad(loss)(params, data["x"][index], data["y"][index], z[index])
         velocity = jax.tree_util.tree_map(lambda v, g: momentum * v + g, velocity, grads)
         params = jax.tree_util.tree_map(lambda p, v: p - lr * v, params, velocity)
@@ -118,3 +143,112 @@ def make_task(kind: str = "mlp", steps: int = 1000):
 
     task = metagrad.Task(init=init, step=step, output=output, steps=steps, data=data)
     return task, np.ones(N_TRAIN, np.float32)
+
+
+# --------------------------------------------------------------------------- #
+# the transformer language model
+# --------------------------------------------------------------------------- #
+
+LM = {"vocab": 64, "length": 16, "width": 64, "heads": 4, "blocks": 2, "batch": 4, "n_train": 512, "n_val": 64,
+      "lr": 3e-3, "weight_decay": 0.01}
+
+
+@functools.lru_cache(maxsize=None)
+def tokens():
+    """Synthetic sequences from a fixed sparse Markov chain (each token has 4 likely successors), so the
+    model has something to learn: ``length + 1`` tokens per sequence (inputs and shifted targets)."""
+    rng = np.random.default_rng(1)
+    vocab, length = LM["vocab"], LM["length"]
+    successors = rng.integers(0, vocab, (vocab, 4))
+    n = LM["n_train"] + LM["n_val"]
+    seqs = np.empty((n, length + 1), np.int32)
+    seqs[:, 0] = rng.integers(0, vocab, n)
+    for i in range(length):
+        pick = successors[seqs[:, i], rng.integers(0, 4, n)]
+        noise = rng.integers(0, vocab, n)
+        seqs[:, i + 1] = np.where(rng.random(n) < 0.1, noise, pick)
+    return {"seqs": seqs[:LM["n_train"]], "seqs_val": seqs[LM["n_train"]:]}
+
+
+def _layer_norm(p, x):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["g"] + p["b"]
+
+
+def _transformer_init():
+    vocab, length, width, blocks = LM["vocab"], LM["length"], LM["width"], LM["blocks"]
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 3 + 4 * blocks))
+
+    def normal(shape, scale):
+        return jax.random.normal(next(keys), shape, jnp.float32) * scale
+
+    def norm():
+        return {"g": jnp.ones(width, jnp.float32), "b": jnp.zeros(width, jnp.float32)}
+
+    return {
+        "embed": normal((vocab, width), 0.1), "pos": normal((length, width), 0.1),
+        "blocks": [{"ln1": norm(), "qkv": normal((width, 3 * width), width ** -0.5),
+                    "proj": normal((width, width), width ** -0.5), "ln2": norm(),
+                    "up": _dense_init(next(keys), width, 4 * width), "down": _dense_init(next(keys), 4 * width, width)}
+                   for _ in range(blocks)],
+        "ln": norm(), "unembed": normal((width, vocab), width ** -0.5),
+    }
+
+
+def _transformer_apply(params, seqs):
+    """Next-token logits ``(batch, length, vocab)`` for token ids ``(batch, length)``."""
+    heads = LM["heads"]
+    x = params["embed"][seqs] + params["pos"]
+    b, n, width = x.shape
+    causal = jnp.tril(jnp.ones((n, n), bool))
+    for block in params["blocks"]:
+        h = _layer_norm(block["ln1"], x)
+        q, k, v = jnp.split(h @ block["qkv"], 3, axis=-1)
+        q, k, v = (a.reshape(b, n, heads, width // heads) for a in (q, k, v))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(width // heads)
+        # A large finite negative, not -inf: the reverse of the softmax stays finite.
+        attention = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+        x = x + jnp.einsum("bhqk,bkhd->bqhd", attention, v).reshape(b, n, width) @ block["proj"]
+        h = _layer_norm(block["ln2"], x)
+        h = jax.nn.gelu(h @ block["up"]["w"] + block["up"]["b"])
+        x = x + h @ block["down"]["w"] + block["down"]["b"]
+    return _layer_norm(params["ln"], x) @ params["unembed"]
+
+
+def _sequence_loss(params, seqs):
+    """Mean next-token cross-entropy of each sequence, ``(batch,)``."""
+    logits = _transformer_apply(params, seqs[:, :-1])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, seqs[:, 1:, None], axis=-1)[..., 0].mean(-1)
+
+
+def _transformer_task(steps: int):
+    import optax
+
+    # eps_root > 0: the reverse through sqrt(nu) stays finite where nu is 0
+    # (embedding rows of tokens not yet seen).
+    optimizer = optax.adamw(LM["lr"], b2=0.99, eps_root=1e-12, weight_decay=LM["weight_decay"])
+    data = {k: jnp.asarray(v) for k, v in tokens().items()}
+    data["batches"] = jnp.asarray(index_table(steps, LM["n_train"], LM["batch"]))
+
+    def loss(params, seqs, weights):
+        return jnp.mean(weights * _sequence_loss(params, seqs))
+
+    def init(z, data):
+        params = _transformer_init()
+        return params, optimizer.init(params)
+
+    def step(state, z, data, t):
+        params, opt_state = state
+        index = data["batches"][t]
+        grads = jax.grad(loss)(params, data["seqs"][index], z[index])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def output(state, z, data):
+        params, _ = state
+        return jnp.mean(_sequence_loss(params, data["seqs_val"]))
+
+    task = metagrad.Task(init=init, step=step, output=output, steps=steps, data=data)
+    return task, np.ones(LM["n_train"], np.float32)
