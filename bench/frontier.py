@@ -1,0 +1,559 @@
+"""The time-memory frontier: metagrad's schedules and planner against JAX and Equinox at every memory budget.
+
+    python bench/frontier.py --steps 1000                          # the four tasks at T = 1000
+    python bench/frontier.py --kinds mlp_table,transformer --steps 10000 --out bench/results/frontier10k
+    python bench/frontier.py --kinds mlp_table --steps 100 --repeat 1 --out /tmp/f   # a quick try
+    python bench/frontier.py --render a.json b.json --out bench/results/frontier_all  # tables + plot again
+
+Tasks (bench/tasks.py): ``mlp_table`` (the digits MLP, batches read from a
+``(T, 128)`` index table in ``data``), ``cnn``, ``wide`` and ``transformer``
+(a 2-block causal LM with AdamW); z = per-example (per-sequence) weights.
+
+Cells, one subprocess each (a clean process peak RSS; a crash or a limit hits
+only that cell), for each task and T:
+
+* training: the runtime's ``compiled.train(z)`` and ``jax.jit`` of one
+  ``lax.scan`` (``baselines.train``), the unit of the ``x train`` columns and
+  of the plot's y axis (JAX's);
+* metagrad: ``compiled.metagradient(z, schedule=...)`` for fixed schedules
+  (``Budget(states=s, leaf=l)``, ``Replay(k)``, ``StoreAll()``,
+  ``Periodic(every, leaf)``), the default ``metagradient(z)``, and the planner
+  ``Auto(memory=B)`` at budgets B taken from the peers' measured memory (each
+  peer's device bytes less the data and z, which the planner's budget does not
+  count) and below the smallest of them;
+* peers: JAX store-all (``baselines.scan_metagradient``), JAX
+  ``jax.checkpoint`` segments of s steps (``checkpoint_every=s``), Python-driven
+  REPLAY (``baselines.replay_metagradient``, k in {4, 32}), and Equinox's
+  checkpointed scan (``equinox.internal.scan(kind="checkpointed",
+  checkpoints=c)``, ``jax.value_and_grad`` through it, jitted).
+
+The tasks are compiled and saved once per (task, T) (with the fused 10-step
+reverse), and each metagrad cell loads the saved task (``metagrad.load``).
+
+Times: median of ``--repeat`` runs after one warm-up run (compilation
+excluded everywhere). Device memory, in bytes a method holds on the device at
+its peak, all counting the same things -- the arguments (z and the data), the
+outputs (value and gradient) and everything in between:
+
+* metagrad: the Report's ``peak_device_bytes`` (saved states, current state,
+  cotangents and gradient accumulators, the running program's temporaries)
+  plus the bytes of the data and z (which the runtime also holds);
+* jitted JAX and Equinox: XLA's compiled memory analysis, argument + output +
+  temp - alias bytes (``baselines.memory_stats``; for Equinox the
+  executable's ``memory_analysis()``);
+* Python REPLAY: its peak live states plus its step-vjp program's argument +
+  output + temp bytes.
+
+``RSS`` is the cell's process peak resident set (compilation included).
+
+The per-budget table takes as budgets the memory of every point on the peers'
+and on metagrad's Pareto frontiers; at each it names the fastest peer that fits,
+metagrad's fastest plan that fits (any fixed schedule, the default or Auto) and
+checks issue 10's targets: metagrad <= 1.0x the fastest peer that fits, and
+<= 0.8x where the budget is below JAX checkpoint's smallest peak (the least
+memory of its segment-length sweep); where no peer fits, metagrad must still
+run. Also: the default within 1.1x of the best plan fitting its memory, and
+training through the runtime <= 1.0x ``jax.jit(lax.scan)``.
+
+A cell that runs past --timeout seconds or --mem-limit-gb of RSS is killed and
+the tables say so. Writes ``<out>.{md,json,png}`` (default bench/results/frontier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from common import RESULTS_DIR, fmt_bytes, machine_notes, replay_device_bytes, run_limited
+
+PEERS = ("jax_storeall", "jax_checkpoint", "python_replay", "equinox")
+TRAINING = ("train_runtime", "train_jax")
+LEAF = 10  # the fused reverse block length of the leaf > 1 schedules (saved with each task)
+TARGET_PEER, TARGET_BELOW_CHECKPOINT, TARGET_DEFAULT = 1.0, 0.8, 1.1
+
+
+# --------------------------------------------------------------------------- #
+# the sweeps
+# --------------------------------------------------------------------------- #
+
+def fixed_schedules(T: int) -> list[dict]:
+    """metagrad's fixed schedules at T, as ``{"name": class name, "args": keyword arguments}``."""
+    every = max(LEAF, round(math.sqrt(T) / LEAF) * LEAF)
+    out = [{"name": "Budget", "args": {"states": s, "leaf": 1}} for s in (8, 32, 128, 512) if s < T]
+    out += [{"name": "Budget", "args": {"states": s, "leaf": LEAF}} for s in (4, 8, 16, 32, 64, 256, 512)
+            if s < T // LEAF]
+    out += [{"name": "Replay", "args": {"k": k}} for k in (4, 32)]
+    out += [{"name": "Periodic", "args": {"every": every, "leaf": leaf}} for leaf in (1, LEAF)]
+    out += [{"name": "StoreAll", "args": {}}, {"name": "default", "args": {}}]
+    return out
+
+
+def peer_params(method: str, T: int) -> list:
+    if method == "jax_storeall":
+        return [None]
+    if method == "jax_checkpoint":  # segment lengths around sqrt(T), the usual choice
+        root = math.sqrt(T)
+        return sorted({s for s in (10, round(root / 2), round(root), round(2 * root), T // 10) if 1 <= s < T})
+    if method == "python_replay":
+        return [4, 32]
+    if method == "equinox":
+        return [c for c in (8, 16, 32, 64, 128) if c < T]
+    raise ValueError(method)
+
+
+def auto_budgets(peer_cells: list[dict], base_bytes: int) -> list[int]:
+    """Planner budgets: each peer's device bytes less the data and z, and two below the smallest."""
+    budgets = sorted(c["device_bytes"] - base_bytes for c in peer_cells
+                     if c["status"] == "ok" and c.get("device_bytes") and c["device_bytes"] > base_bytes)
+    if budgets:
+        budgets = [budgets[0] // 4, budgets[0] // 2] + budgets
+    kept = []
+    for b in budgets:  # budgets within 5% of one already kept add nothing
+        if not kept or b > kept[-1] * 1.05:
+            kept.append(b)
+    return kept
+
+
+def label(cell: dict) -> str:
+    method, p = cell["method"], cell.get("param")
+    if method == "metagrad":
+        if p["name"] == "default":
+            return "metagrad default metagradient(z)"
+        args = ", ".join(f"{k}={v}" for k, v in p["args"].items())
+        return f"metagrad {p['name']}({args})"
+    if method == "auto":
+        return f"metagrad Auto(memory={fmt_bytes(p)})"
+    return {"train_runtime": "training, runtime compiled.train", "train_jax": "training, jax.jit(lax.scan)",
+            "jax_storeall": "JAX scan store-all", "jax_checkpoint": f"JAX scan + checkpoint every {p}",
+            "python_replay": f"Python REPLAY k={p}", "equinox": f"Equinox checkpointed scan, {p} checkpoints"}[method]
+
+
+def family(cell: dict) -> str:
+    """The plot's curve a cell belongs to: one per method."""
+    method, p = cell["method"], cell.get("param")
+    if method == "metagrad":
+        return "metagrad default" if p["name"] == "default" else "metagrad fixed schedules"
+    return {"auto": "metagrad Auto", "jax_storeall": "JAX store-all", "jax_checkpoint": "JAX checkpoint",
+            "python_replay": "Python REPLAY", "equinox": "Equinox checkpointed"}.get(method, method)
+
+
+# --------------------------------------------------------------------------- #
+# cells (each runs in its own process)
+# --------------------------------------------------------------------------- #
+
+def _tree_bytes(tree) -> int:
+    import jax
+    import numpy as np
+
+    return sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree))
+
+
+def prepare(spec: dict) -> dict:
+    """Compile the task as a user would (``task.compile(z)``), with the fused LEAF-step reverse, and save it."""
+    import metagrad
+    from tasks import make_task
+
+    task, z = make_task(spec["kind"], spec["steps"])
+    t0 = time.perf_counter()
+    compiled = task.compile(z)
+    compiled.prepare(metagrad.Budget(states=2, leaf=LEAF))
+    seconds = time.perf_counter() - t0
+    compiled.save(spec["task_dir"])
+    return {"compile_seconds": seconds, "state_bytes": int(compiled.layout.state_bytes),
+            "data_bytes": _tree_bytes(task.data), "z_bytes": _tree_bytes(z),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _schedule(param: dict):
+    import metagrad
+
+    return None if param["name"] == "default" else getattr(metagrad, param["name"])(**param["args"])
+
+
+def _equinox_fn(task, checkpoints: int):
+    """``jax.value_and_grad`` of phi(A(z)) through Equinox's checkpointed scan, jitted."""
+    import equinox.internal as eqxi
+    import jax
+    import jax.numpy as jnp
+
+    def objective(z, data):
+        def body(state, t):
+            return task.step(state, z, data, t), None
+
+        state, _ = eqxi.scan(body, task.init(z, data), jnp.arange(task.steps, dtype=jnp.int32),
+                             kind="checkpointed", checkpoints=checkpoints)
+        return task.output(state, z, data)
+
+    return jax.jit(jax.value_and_grad(objective))
+
+
+def worker(spec: dict) -> dict:
+    import jax
+    import numpy as np
+
+    import metagrad
+    from metagrad import baselines
+    from tasks import make_task
+
+    method, param, T = spec["method"], spec.get("param"), spec["steps"]
+    task, z = make_task(spec["kind"], T)
+    out = {}
+    device = None
+    if method in ("metagrad", "auto", "train_runtime"):
+        compiled = metagrad.load(spec["task_dir"])
+        base = _tree_bytes(task.data) + _tree_bytes(z)
+        if method == "train_runtime":
+            run = lambda: compiled.train(z)  # noqa: E731
+        else:
+            schedule = metagrad.Auto(memory=param) if method == "auto" else _schedule(param)
+            kwargs = {} if schedule is None else {"schedule": schedule}
+            run = lambda: compiled.metagradient(z, report=True, **kwargs)  # noqa: E731
+    elif method == "train_jax":
+        run = lambda: jax.block_until_ready(baselines.train(task, z))  # noqa: E731
+        device = baselines.memory_stats(task, z, method="train")["total_bytes"]
+    elif method in ("jax_storeall", "jax_checkpoint"):
+        run = lambda: jax.block_until_ready(baselines.scan_metagradient(task, z, checkpoint_every=param))  # noqa: E731
+        device = baselines.memory_stats(task, z, checkpoint_every=param)["total_bytes"]
+    elif method == "python_replay":
+        stats = {}
+        run = lambda: jax.block_until_ready(baselines.replay_metagradient(task, z, k=param, stats=stats))  # noqa: E731
+    elif method == "equinox":
+        executable = _equinox_fn(task, param).lower(z, task.data).compile()
+        analysis = executable.memory_analysis()
+        device = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+                     - analysis.alias_size_in_bytes)
+        run = lambda: jax.block_until_ready(executable(z, task.data))  # noqa: E731
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    result = run()  # warm-up: compiles the jitted peers
+    samples = []
+    for _ in range(spec["repeat"]):
+        t0 = time.perf_counter()
+        result = run()
+        samples.append(time.perf_counter() - t0)
+    if method in ("metagrad", "auto"):
+        value, grad, report = result
+        device = int(report.peak_device_bytes) + base
+        out["report"] = {name: getattr(report, name) for name in (
+            "schedule", "forward_steps", "executions", "peak_saved_states", "peak_device_bytes", "seconds_total",
+            "predicted_peak_device_bytes", "predicted_seconds") if hasattr(report, name)}
+        out["report"]["schedule"] = str(out["report"].get("schedule"))
+    elif method == "python_replay":
+        value, grad = result
+        device = replay_device_bytes(stats, baselines.memory_stats(task, z, method="replay"))
+        out["max_live_states"] = stats["max_live_states"]
+    elif method not in TRAINING:
+        value, grad = result
+    if method not in TRAINING:
+        out["value"] = float(np.asarray(value))
+        out["grad_norm"] = float(np.linalg.norm(np.concatenate(
+            [np.ravel(np.asarray(g)) for g in jax.tree_util.tree_leaves(grad)])))
+    return {"seconds": statistics.median(samples), "samples": samples, "device_bytes": device,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **out}
+
+
+# --------------------------------------------------------------------------- #
+# analysis
+# --------------------------------------------------------------------------- #
+
+def _ok(cell) -> bool:
+    return cell["status"] == "ok" and cell.get("device_bytes") is not None
+
+
+def _pareto(cells: list[dict]) -> list[dict]:
+    """The cells no other cell beats in both time and memory, by memory."""
+    front = []
+    for cell in sorted(cells, key=lambda c: (c["device_bytes"], c["seconds"])):
+        if not front or cell["seconds"] < front[-1]["seconds"]:
+            front.append(cell)
+    return front
+
+
+def _fastest(cells: list[dict], budget: int):
+    fits = [c for c in cells if c["device_bytes"] <= budget]
+    return min(fits, key=lambda c: c["seconds"]) if fits else None
+
+
+def analyse(run: dict) -> dict:
+    """Per-budget rows and target checks of one (task, T)."""
+    cells = run["cells"]
+    unit = next((c["seconds"] for c in cells if c["method"] == "train_jax" and c["status"] == "ok"), None)
+    peers = [c for c in cells if c["method"] in PEERS and _ok(c)]
+    ours = [c for c in cells if c["method"] in ("metagrad", "auto") and _ok(c)]
+    autos = [c for c in ours if c["method"] == "auto"]
+    checkpoint = [c["device_bytes"] for c in peers if c["method"] == "jax_checkpoint"]
+    checkpoint_floor = min(checkpoint) if checkpoint else math.inf
+    budgets = sorted({c["device_bytes"] for c in _pareto(peers) + _pareto(ours)})
+    rows = []
+    for budget in budgets:
+        peer, best, auto = _fastest(peers, budget), _fastest(ours, budget), _fastest(autos, budget)
+        row = {"budget": budget, "peer": peer and label(peer), "peer_seconds": peer and peer["seconds"],
+               "best": best and label(best), "best_seconds": best and best["seconds"],
+               "auto": auto and label(auto), "auto_seconds": auto and auto["seconds"]}
+        if peer is None:
+            row["target"] = None
+            row["verdict"] = "met: no peer fits, metagrad runs" if best else "missed: nothing fits"
+        else:
+            target = TARGET_BELOW_CHECKPOINT if budget < checkpoint_floor else TARGET_PEER
+            row["target"] = target
+            if best is None:
+                row["verdict"] = "missed: no metagrad plan fits"
+            else:
+                row["ratio"] = best["seconds"] / peer["seconds"]
+                row["verdict"] = ("met" if row["ratio"] <= target
+                                  else f"missed by {100 * (row['ratio'] / target - 1):.0f}%")
+        rows.append(row)
+    out = {"unit_seconds": unit, "rows": rows, "checkpoint_floor": None if math.isinf(checkpoint_floor)
+           else checkpoint_floor}
+    train = {c["method"]: c for c in cells if c["method"] in TRAINING and c["status"] == "ok"}
+    if len(train) == 2:
+        ratio = train["train_runtime"]["seconds"] / train["train_jax"]["seconds"]
+        out["training"] = {"ratio": ratio, "verdict": "met" if ratio <= 1.0 else f"missed by {100 * (ratio - 1):.0f}%"}
+    default = next((c for c in ours if c["method"] == "metagrad" and c["param"]["name"] == "default"), None)
+    if default is not None:
+        best = _fastest([c for c in ours if c is not default], default["device_bytes"])
+        if best is not None:
+            ratio = default["seconds"] / best["seconds"]
+            out["default"] = {"seconds": default["seconds"], "device_bytes": default["device_bytes"],
+                              "best": label(best), "best_seconds": best["seconds"], "ratio": ratio,
+                              "verdict": "met" if ratio <= TARGET_DEFAULT
+                              else f"missed by {100 * (ratio / TARGET_DEFAULT - 1):.0f}%"}
+    # every metagradient cell against JAX store-all (else the first peer): the same value and gradient
+    reference = next((c for c in peers if c["method"] == "jax_storeall"), peers[0] if peers else None)
+    mismatches = []
+    if reference is not None:
+        for c in peers + ours:
+            dv = abs(c["value"] - reference["value"]) / max(abs(reference["value"]), 1e-30)
+            dg = abs(c["grad_norm"] - reference["grad_norm"]) / max(reference["grad_norm"], 1e-30)
+            if dv > 1e-4 or dg > 1e-2:
+                mismatches.append(f"{label(c)}: value {c['value']:.6g} vs {reference['value']:.6g}, "
+                                  f"|grad| {c['grad_norm']:.6g} vs {reference['grad_norm']:.6g}")
+    out["mismatches"] = mismatches
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# output
+# --------------------------------------------------------------------------- #
+
+def _x(seconds, unit) -> str:
+    return f"{seconds / unit:.2f}x" if seconds is not None and unit else "-"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Command: `{results['command']}`; {results.get('seconds_total', 0):.0f} s in all; "
+             f"load average {results['machine'].get('loadavg_start')} at the start, "
+             f"{results['machine'].get('loadavg_end')} at the end. Times: median of {results['repeat']} runs "
+             f"after a warm-up; `x train` = / `jax.jit(lax.scan)` training of the same task and T. Device memory "
+             f"counts arguments (z, data), outputs and everything between, for every method (see the docstring)."]
+    for key, run in results["runs"].items():
+        analysis = analyse(run)
+        unit = analysis["unit_seconds"]
+        info = run.get("prepare", {})
+        lines.append(f"\n## {run['kind']}, T = {run['steps']}\n")
+        if info.get("status") == "ok":
+            lines.append(f"State {fmt_bytes(info['state_bytes'])}, data + z {fmt_bytes(info['data_bytes'] + info['z_bytes'])}"
+                         f" (counted in metagrad's device memory); compile + save {info['compile_seconds']:.0f} s.\n")
+        else:
+            lines.append(f"Compiling the task failed ({info.get('reason')}): no metagrad cells.\n")
+        lines.append("| budget (device memory) | fastest peer that fits | x train | metagrad's best that fits | x train "
+                     "| Auto's best that fits | metagrad / peer | target | verdict |")
+        lines.append("|---:|---|---:|---|---:|---|---:|---:|---|")
+        for row in analysis["rows"]:
+            ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
+            target = f"<= {row['target']:.1f}x" if row["target"] else "-"
+            lines.append(f"| {fmt_bytes(row['budget'])} | {row['peer'] or 'none'} | {_x(row['peer_seconds'], unit)} "
+                         f"| {row['best'] or 'none'} | {_x(row['best_seconds'], unit)} | {row['auto'] or '-'} "
+                         f"| {ratio} | {target} | {row['verdict']} |")
+        floor = analysis["checkpoint_floor"]
+        lines.append(f"\nJAX checkpoint's smallest peak: {fmt_bytes(floor) if floor else 'none ran'} "
+                     f"(budgets below it: target 0.8x).")
+        if "training" in analysis:
+            t = analysis["training"]
+            lines.append(f"Training through the runtime: {t['ratio']:.2f}x `jax.jit(lax.scan)` (target <= 1.0x: "
+                         f"{t['verdict']}).")
+        if "default" in analysis:
+            d = analysis["default"]
+            lines.append(f"Default `metagradient(z)`: {_x(d['seconds'], unit)} train at {fmt_bytes(d['device_bytes'])};"
+                         f" best plan within that memory: {d['best']} {_x(d['best_seconds'], unit)}; "
+                         f"{d['ratio']:.2f}x (target <= 1.1x: {d['verdict']}).")
+        for m in analysis["mismatches"]:
+            lines.append(f"**Value or gradient differs from JAX store-all**: {m}.")
+        lines.append("\n| method | time (s) | x train | device memory | process peak RSS | notes |")
+        lines.append("|---|---:|---:|---:|---:|---|")
+        for c in run["cells"]:
+            if c["status"] != "ok":
+                lines.append(f"| {label(c)} | {c['status']}: {c['reason']} | | | | |")
+                continue
+            notes = []
+            if "report" in c:
+                r = c["report"]
+                notes.append(f"{r['peak_saved_states']} states, {r['forward_steps']} forward steps")
+                if c["method"] == "auto" or (c["param"] or {}).get("name") == "default":
+                    notes.append(f"plan {r['schedule']}")
+                if r.get("predicted_seconds") is not None:
+                    notes.append(f"predicted {r['predicted_seconds']:.3g} s, "
+                                 f"{fmt_bytes(r.get('predicted_peak_device_bytes'))}")
+                if c["method"] == "auto":
+                    fits = r["peak_device_bytes"] <= c["param"]
+                    notes.append(f"peak {'within' if fits else 'OVER'} its budget")
+            if "max_live_states" in c:
+                notes.append(f"{c['max_live_states']} live states")
+            lines.append(f"| {label(c)} | {c['seconds']:.3f} | {_x(c['seconds'], unit)} | "
+                         f"{fmt_bytes(c.get('device_bytes'))} | {fmt_bytes(c.get('peak_rss_bytes'))} | "
+                         f"{'; '.join(notes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    runs = list(results["runs"].values())
+    kinds = list(dict.fromkeys(r["kind"] for r in runs))
+    steps = sorted({r["steps"] for r in runs})
+    fig, axes = plt.subplots(len(steps), len(kinds), figsize=(5.5 * len(kinds), 4.5 * len(steps)), squeeze=False)
+    families = sorted({family(c) for r in runs for c in r["cells"] if c["method"] not in TRAINING})
+    colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
+    for run in runs:
+        ax = axes[steps.index(run["steps"])][kinds.index(run["kind"])]
+        ax.set(title=f"{run['kind']}, T = {run['steps']}", xscale="log",
+               xlabel="peak device memory (MiB)", ylabel="time / training time (jax.jit scan)")
+        unit = analyse(run)["unit_seconds"]
+        for fam in families if unit else ():
+            cells = [c for c in run["cells"] if family(c) == fam and _ok(c)]
+            if not cells:
+                continue
+            # every cell as a point; the method's curve through the cells no other of its cells beats
+            ax.plot([c["device_bytes"] / 2**20 for c in cells], [c["seconds"] / unit for c in cells], "o",
+                    color=colors[fam], alpha=0.35, markersize=4)
+            front = _pareto(cells)
+            ax.plot([c["device_bytes"] / 2**20 for c in front], [c["seconds"] / unit for c in front],
+                    "o-" if fam.startswith("metagrad") else "s--", color=colors[fam], label=fam, markersize=5,
+                    drawstyle="steps-post" if len(front) > 1 else "default")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
+        for formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_ylim(bottom=0)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def save_json(results: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def write(results: dict, out: str) -> str:
+    """The JSON, the markdown tables and the plot."""
+    save_json(results, out)
+    text = markdown(results)
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    try:
+        plot(results, out + ".png")
+    except Exception as error:  # the tables matter more than the figure
+        print(f"plot failed: {error}", file=sys.stderr)
+    return text
+
+
+# --------------------------------------------------------------------------- #
+# the driver
+# --------------------------------------------------------------------------- #
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="mlp_table,cnn,wide,transformer")
+    parser.add_argument("--steps", default="1000,10000")
+    parser.add_argument("--max-steps", type=int, default=None, help="skip sizes above this T")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per cell (median), after one warm-up")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per cell")
+    parser.add_argument("--mem-limit-gb", type=float, default=6.0, help="RSS limit per cell")
+    parser.add_argument("--skip", default="", help="comma-separated methods not to run (e.g. python_replay,equinox)")
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "frontier"))
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite tables and plot from result files")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker or args.prepare:
+        print(json.dumps(worker(json.loads(args.worker)) if args.worker else prepare(json.loads(args.prepare))))
+        return 0
+    if args.render:
+        parts = []
+        for path in args.render:
+            with open(path) as f:
+                parts.append(json.load(f))
+        results = {"command": "`; `".join(p["command"] for p in parts), "repeat": parts[0]["repeat"],
+                   "machine": parts[0]["machine"], "seconds_total": sum(p.get("seconds_total", 0) for p in parts),
+                   "runs": {k: v for p in parts for k, v in p["runs"].items()}}
+        print(write(results, args.out))
+        return 0
+
+    import metagrad
+
+    skip = set(filter(None, args.skip.split(",")))
+    steps = [int(s) for s in args.steps.split(",") if args.max_steps is None or int(s) <= args.max_steps]
+    mem_limit = int(args.mem_limit_gb * 2**30)
+    results = {"machine": machine_notes(), "command": " ".join(["python bench/frontier.py"] + sys.argv[1:]),
+               "repeat": args.repeat, "auto_available": hasattr(metagrad, "Auto"), "runs": {}}
+    start = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="metagrad-frontier-")
+
+    def cell(spec: dict) -> dict:
+        command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+        out = {"method": spec["method"], "param": spec.get("param"), **run_limited(command, args.timeout, mem_limit)}
+        shown = f"{out['seconds']:.3f} s, {fmt_bytes(out.get('device_bytes'))}" if out["status"] == "ok" else (
+            f"{out['status']}: {out['reason']}")
+        print(f"[{time.perf_counter() - start:6.0f} s] {spec['kind']} T={spec['steps']} {label(out)}: {shown}",
+              file=sys.stderr)
+        return out
+
+    for T in steps:
+        for kind in args.kinds.split(","):
+            run = results["runs"][f"{kind}/{T}"] = {"kind": kind, "steps": T, "cells": []}
+            base = {"kind": kind, "steps": T, "repeat": args.repeat, "task_dir": os.path.join(workdir, f"{kind}-{T}")}
+            command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(base)]
+            run["prepare"] = run_limited(command, 2 * args.timeout, mem_limit)
+            print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled: {run['prepare']}", file=sys.stderr)
+            compiled = run["prepare"]["status"] == "ok"
+            specs = [{**base, "method": "train_jax"}]
+            specs += [{**base, "method": "train_runtime"}] if compiled else []
+            specs += [{**base, "method": m, "param": p} for m in PEERS if m not in skip for p in peer_params(m, T)]
+            if compiled and "metagrad" not in skip:
+                specs += [{**base, "method": "metagrad", "param": p} for p in fixed_schedules(T)]
+            for spec in specs:
+                run["cells"].append(cell(spec))
+                save_json(results, args.out)
+            if not compiled or "auto" in skip:
+                continue
+            if not results["auto_available"]:
+                run["cells"].append({"method": "auto", "param": None, "status": "n/a",
+                                     "reason": "not available (metagrad.Auto is not in this build)"})
+                continue
+            data_z = run["prepare"]["data_bytes"] + run["prepare"]["z_bytes"]
+            peers = [c for c in run["cells"] if c["method"] in PEERS]
+            for budget in auto_budgets(peers, data_z):
+                run["cells"].append(cell({**base, "method": "auto", "param": budget}))
+                save_json(results, args.out)
+    results["seconds_total"] = time.perf_counter() - start
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    print(write(results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
