@@ -13,8 +13,7 @@ Cells, one subprocess each (a clean process peak RSS; a crash or a limit hits
 only that cell), for each task and T:
 
 * training: the runtime's ``compiled.train(z)`` and ``jax.jit`` of one
-  ``lax.scan`` (``baselines.train``), the unit of the ``x train`` columns and
-  of the plot's y axis (JAX's);
+  ``lax.scan`` (``baselines.train``, the unit of time: see below);
 * metagrad: ``compiled.metagradient(z, schedule=...)`` for fixed schedules
   (``Budget(states=s, leaf=l)``, ``Replay(k)``, ``StoreAll()``,
   ``Periodic(every, leaf)``), the default ``metagradient(z)``, and the planner
@@ -30,8 +29,13 @@ only that cell), for each task and T:
 The tasks are compiled and saved once per (task, T) (with the fused 10-step
 reverse), and each metagrad cell loads the saved task (``metagrad.load``).
 
-Times: median of ``--repeat`` runs after one warm-up run (compilation
-excluded everywhere). Device memory, in bytes a method holds on the device at
+Time: each cell runs its method once to warm up (compiling the jitted peers)
+and then ``--repeat`` times, each run followed by a run of JAX's training of
+the same task (``baselines.train``) in the same process; ``x train`` is the
+median of the per-run ratios. The machines are shared, and the load of other
+processes changes from cell to cell: a ratio to a yardstick timed beside it
+cancels most of that, so every comparison (tables, plot, targets) uses
+``x train``; the median seconds are shown too. Device memory, in bytes a method holds on the device at
 its peak, all counting the same things -- the arguments (z and the data), the
 outputs (value and gradient) and everything in between:
 
@@ -66,6 +70,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,12 +237,19 @@ def worker(spec: dict) -> dict:
         run = lambda: jax.block_until_ready(executable(z, task.data))  # noqa: E731
     else:
         raise ValueError(f"unknown method {method!r}")
+    # The yardstick, JAX's training of the same task, runs after each timed run in this process: the ratio
+    # of the two cancels most of the load other processes put on the machine at that moment.
+    yardstick = lambda: jax.block_until_ready(baselines.train(task, z))  # noqa: E731
     result = run()  # warm-up: compiles the jitted peers
-    samples = []
+    yardstick()
+    samples, ratios = [], []
     for _ in range(spec["repeat"]):
         t0 = time.perf_counter()
         result = run()
-        samples.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        yardstick()
+        samples.append(t1 - t0)
+        ratios.append((t1 - t0) / (time.perf_counter() - t1))
     if method in ("metagrad", "auto"):
         value, grad, report = result
         device = int(report.peak_device_bytes) + base
@@ -255,7 +267,8 @@ def worker(spec: dict) -> dict:
         out["value"] = float(np.asarray(value))
         out["grad_norm"] = float(np.linalg.norm(np.concatenate(
             [np.ravel(np.asarray(g)) for g in jax.tree_util.tree_leaves(grad)])))
-    return {"seconds": statistics.median(samples), "samples": samples, "device_bytes": device,
+    return {"seconds": statistics.median(samples), "samples": samples, "x_train": statistics.median(ratios),
+            "x_train_samples": ratios, "device_bytes": device,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **out}
 
 
@@ -270,21 +283,20 @@ def _ok(cell) -> bool:
 def _pareto(cells: list[dict]) -> list[dict]:
     """The cells no other cell beats in both time and memory, by memory."""
     front = []
-    for cell in sorted(cells, key=lambda c: (c["device_bytes"], c["seconds"])):
-        if not front or cell["seconds"] < front[-1]["seconds"]:
+    for cell in sorted(cells, key=lambda c: (c["device_bytes"], c["x_train"])):
+        if not front or cell["x_train"] < front[-1]["x_train"]:
             front.append(cell)
     return front
 
 
 def _fastest(cells: list[dict], budget: int):
     fits = [c for c in cells if c["device_bytes"] <= budget]
-    return min(fits, key=lambda c: c["seconds"]) if fits else None
+    return min(fits, key=lambda c: c["x_train"]) if fits else None
 
 
 def analyse(run: dict) -> dict:
     """Per-budget rows and target checks of one (task, T)."""
     cells = run["cells"]
-    unit = next((c["seconds"] for c in cells if c["method"] == "train_jax" and c["status"] == "ok"), None)
     peers = [c for c in cells if c["method"] in PEERS and _ok(c)]
     ours = [c for c in cells if c["method"] in ("metagrad", "auto") and _ok(c)]
     autos = [c for c in ours if c["method"] == "auto"]
@@ -294,9 +306,9 @@ def analyse(run: dict) -> dict:
     rows = []
     for budget in budgets:
         peer, best, auto = _fastest(peers, budget), _fastest(ours, budget), _fastest(autos, budget)
-        row = {"budget": budget, "peer": peer and label(peer), "peer_seconds": peer and peer["seconds"],
-               "best": best and label(best), "best_seconds": best and best["seconds"],
-               "auto": auto and label(auto), "auto_seconds": auto and auto["seconds"]}
+        row = {"budget": budget, "peer": peer and label(peer), "peer_x": peer and peer["x_train"],
+               "best": best and label(best), "best_x": best and best["x_train"],
+               "auto": auto and label(auto), "auto_x": auto and auto["x_train"]}
         if peer is None:
             row["target"] = None
             row["verdict"] = "met: no peer fits, metagrad runs" if best else "missed: nothing fits"
@@ -306,23 +318,23 @@ def analyse(run: dict) -> dict:
             if best is None:
                 row["verdict"] = "missed: no metagrad plan fits"
             else:
-                row["ratio"] = best["seconds"] / peer["seconds"]
+                row["ratio"] = best["x_train"] / peer["x_train"]
                 row["verdict"] = ("met" if row["ratio"] <= target
                                   else f"missed by {100 * (row['ratio'] / target - 1):.0f}%")
         rows.append(row)
-    out = {"unit_seconds": unit, "rows": rows, "checkpoint_floor": None if math.isinf(checkpoint_floor)
+    out = {"rows": rows, "checkpoint_floor": None if math.isinf(checkpoint_floor)
            else checkpoint_floor}
-    train = {c["method"]: c for c in cells if c["method"] in TRAINING and c["status"] == "ok"}
-    if len(train) == 2:
-        ratio = train["train_runtime"]["seconds"] / train["train_jax"]["seconds"]
+    runtime = next((c for c in cells if c["method"] == "train_runtime" and c["status"] == "ok"), None)
+    if runtime is not None:
+        ratio = runtime["x_train"]
         out["training"] = {"ratio": ratio, "verdict": "met" if ratio <= 1.0 else f"missed by {100 * (ratio - 1):.0f}%"}
     default = next((c for c in ours if c["method"] == "metagrad" and c["param"]["name"] == "default"), None)
     if default is not None:
         best = _fastest([c for c in ours if c is not default], default["device_bytes"])
         if best is not None:
-            ratio = default["seconds"] / best["seconds"]
-            out["default"] = {"seconds": default["seconds"], "device_bytes": default["device_bytes"],
-                              "best": label(best), "best_seconds": best["seconds"], "ratio": ratio,
+            ratio = default["x_train"] / best["x_train"]
+            out["default"] = {"x_train": default["x_train"], "device_bytes": default["device_bytes"],
+                              "best": label(best), "best_x": best["x_train"], "ratio": ratio,
                               "verdict": "met" if ratio <= TARGET_DEFAULT
                               else f"missed by {100 * (ratio / TARGET_DEFAULT - 1):.0f}%"}
     # every metagradient cell against JAX store-all (else the first peer): the same value and gradient
@@ -343,19 +355,19 @@ def analyse(run: dict) -> dict:
 # output
 # --------------------------------------------------------------------------- #
 
-def _x(seconds, unit) -> str:
-    return f"{seconds / unit:.2f}x" if seconds is not None and unit else "-"
+def _x(ratio) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else "-"
 
 
 def markdown(results: dict) -> str:
     lines = [f"Command: `{results['command']}`; {results.get('seconds_total', 0):.0f} s in all; "
              f"load average {results['machine'].get('loadavg_start')} at the start, "
-             f"{results['machine'].get('loadavg_end')} at the end. Times: median of {results['repeat']} runs "
-             f"after a warm-up; `x train` = / `jax.jit(lax.scan)` training of the same task and T. Device memory "
+             f"{results['machine'].get('loadavg_end')} at the end. `x train`: median over {results['repeat']} "
+             f"runs (after a warm-up) of the run's time / the time of `jax.jit(lax.scan)` training of the same "
+             f"task and T timed right after it in the same process; every comparison uses it. Device memory "
              f"counts arguments (z, data), outputs and everything between, for every method (see the docstring)."]
     for key, run in results["runs"].items():
         analysis = analyse(run)
-        unit = analysis["unit_seconds"]
         info = run.get("prepare", {})
         lines.append(f"\n## {run['kind']}, T = {run['steps']}\n")
         if info.get("status") == "ok":
@@ -369,8 +381,8 @@ def markdown(results: dict) -> str:
         for row in analysis["rows"]:
             ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
             target = f"<= {row['target']:.1f}x" if row["target"] else "-"
-            lines.append(f"| {fmt_bytes(row['budget'])} | {row['peer'] or 'none'} | {_x(row['peer_seconds'], unit)} "
-                         f"| {row['best'] or 'none'} | {_x(row['best_seconds'], unit)} | {row['auto'] or '-'} "
+            lines.append(f"| {fmt_bytes(row['budget'])} | {row['peer'] or 'none'} | {_x(row['peer_x'])} "
+                         f"| {row['best'] or 'none'} | {_x(row['best_x'])} | {row['auto'] or '-'} "
                          f"| {ratio} | {target} | {row['verdict']} |")
         floor = analysis["checkpoint_floor"]
         lines.append(f"\nJAX checkpoint's smallest peak: {fmt_bytes(floor) if floor else 'none ran'} "
@@ -381,8 +393,8 @@ def markdown(results: dict) -> str:
                          f"{t['verdict']}).")
         if "default" in analysis:
             d = analysis["default"]
-            lines.append(f"Default `metagradient(z)`: {_x(d['seconds'], unit)} train at {fmt_bytes(d['device_bytes'])};"
-                         f" best plan within that memory: {d['best']} {_x(d['best_seconds'], unit)}; "
+            lines.append(f"Default `metagradient(z)`: {_x(d['x_train'])} train at {fmt_bytes(d['device_bytes'])};"
+                         f" best plan within that memory: {d['best']} {_x(d['best_x'])}; "
                          f"{d['ratio']:.2f}x (target <= 1.1x: {d['verdict']}).")
         for m in analysis["mismatches"]:
             lines.append(f"**Value or gradient differs from JAX store-all**: {m}.")
@@ -406,7 +418,7 @@ def markdown(results: dict) -> str:
                     notes.append(f"peak {'within' if fits else 'OVER'} its budget")
             if "max_live_states" in c:
                 notes.append(f"{c['max_live_states']} live states")
-            lines.append(f"| {label(c)} | {c['seconds']:.3f} | {_x(c['seconds'], unit)} | "
+            lines.append(f"| {label(c)} | {c['seconds']:.3f} | {_x(c['x_train'])} | "
                          f"{fmt_bytes(c.get('device_bytes'))} | {fmt_bytes(c.get('peak_rss_bytes'))} | "
                          f"{'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
@@ -428,17 +440,16 @@ def plot(results: dict, path: str) -> None:
     for run in runs:
         ax = axes[steps.index(run["steps"])][kinds.index(run["kind"])]
         ax.set(title=f"{run['kind']}, T = {run['steps']}", xscale="log",
-               xlabel="peak device memory (MiB)", ylabel="time / training time (jax.jit scan)")
-        unit = analyse(run)["unit_seconds"]
-        for fam in families if unit else ():
+               xlabel="peak device memory (MiB)", ylabel="time / training time (jax.jit scan, same process)")
+        for fam in families:
             cells = [c for c in run["cells"] if family(c) == fam and _ok(c)]
             if not cells:
                 continue
             # every cell as a point; the method's curve through the cells no other of its cells beats
-            ax.plot([c["device_bytes"] / 2**20 for c in cells], [c["seconds"] / unit for c in cells], "o",
+            ax.plot([c["device_bytes"] / 2**20 for c in cells], [c["x_train"] for c in cells], "o",
                     color=colors[fam], alpha=0.35, markersize=4)
             front = _pareto(cells)
-            ax.plot([c["device_bytes"] / 2**20 for c in front], [c["seconds"] / unit for c in front],
+            ax.plot([c["device_bytes"] / 2**20 for c in front], [c["x_train"] for c in front],
                     "o-" if fam.startswith("metagrad") else "s--", color=colors[fam], label=fam, markersize=5,
                     drawstyle="steps-post" if len(front) > 1 else "default")
         ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
@@ -511,44 +522,50 @@ def main(argv=None):
     results = {"machine": machine_notes(), "command": " ".join(["python bench/frontier.py"] + sys.argv[1:]),
                "repeat": args.repeat, "auto_available": hasattr(metagrad, "Auto"), "runs": {}}
     start = time.perf_counter()
-    workdir = tempfile.mkdtemp(prefix="metagrad-frontier-")
+    workdir = tempfile.mkdtemp(prefix="metagrad-frontier-")  # the saved tasks, removed at the end
 
     def cell(spec: dict) -> dict:
         command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
         out = {"method": spec["method"], "param": spec.get("param"), **run_limited(command, args.timeout, mem_limit)}
-        shown = f"{out['seconds']:.3f} s, {fmt_bytes(out.get('device_bytes'))}" if out["status"] == "ok" else (
+        shown = (f"{out['seconds']:.3f} s, {out['x_train']:.2f}x train, {fmt_bytes(out.get('device_bytes'))}"
+                 if out["status"] == "ok" else
             f"{out['status']}: {out['reason']}")
         print(f"[{time.perf_counter() - start:6.0f} s] {spec['kind']} T={spec['steps']} {label(out)}: {shown}",
               file=sys.stderr)
         return out
 
-    for T in steps:
-        for kind in args.kinds.split(","):
-            run = results["runs"][f"{kind}/{T}"] = {"kind": kind, "steps": T, "cells": []}
-            base = {"kind": kind, "steps": T, "repeat": args.repeat, "task_dir": os.path.join(workdir, f"{kind}-{T}")}
-            command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(base)]
-            run["prepare"] = run_limited(command, 2 * args.timeout, mem_limit)
-            print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled: {run['prepare']}", file=sys.stderr)
-            compiled = run["prepare"]["status"] == "ok"
-            specs = [{**base, "method": "train_jax"}]
-            specs += [{**base, "method": "train_runtime"}] if compiled else []
-            specs += [{**base, "method": m, "param": p} for m in PEERS if m not in skip for p in peer_params(m, T)]
-            if compiled and "metagrad" not in skip:
-                specs += [{**base, "method": "metagrad", "param": p} for p in fixed_schedules(T)]
-            for spec in specs:
-                run["cells"].append(cell(spec))
-                save_json(results, args.out)
-            if not compiled or "auto" in skip:
-                continue
-            if not results["auto_available"]:
-                run["cells"].append({"method": "auto", "param": None, "status": "n/a",
-                                     "reason": "not available (metagrad.Auto is not in this build)"})
-                continue
-            data_z = run["prepare"]["data_bytes"] + run["prepare"]["z_bytes"]
-            peers = [c for c in run["cells"] if c["method"] in PEERS]
-            for budget in auto_budgets(peers, data_z):
-                run["cells"].append(cell({**base, "method": "auto", "param": budget}))
-                save_json(results, args.out)
+    try:
+        for T in steps:
+            for kind in args.kinds.split(","):
+                run = results["runs"][f"{kind}/{T}"] = {"kind": kind, "steps": T, "cells": []}
+                base = {"kind": kind, "steps": T, "repeat": args.repeat,
+                        "task_dir": os.path.join(workdir, f"{kind}-{T}")}
+                command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(base)]
+                run["prepare"] = run_limited(command, 2 * args.timeout, mem_limit)
+                print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled: {run['prepare']}",
+                      file=sys.stderr)
+                compiled = run["prepare"]["status"] == "ok"
+                specs = [{**base, "method": "train_jax"}]
+                specs += [{**base, "method": "train_runtime"}] if compiled else []
+                specs += [{**base, "method": m, "param": p} for m in PEERS if m not in skip for p in peer_params(m, T)]
+                if compiled and "metagrad" not in skip:
+                    specs += [{**base, "method": "metagrad", "param": p} for p in fixed_schedules(T)]
+                for spec in specs:
+                    run["cells"].append(cell(spec))
+                    save_json(results, args.out)
+                if not compiled or "auto" in skip:
+                    continue
+                if not results["auto_available"]:
+                    run["cells"].append({"method": "auto", "param": None, "status": "n/a",
+                                         "reason": "not available (metagrad.Auto is not in this build)"})
+                    continue
+                data_z = run["prepare"]["data_bytes"] + run["prepare"]["z_bytes"]
+                peers = [c for c in run["cells"] if c["method"] in PEERS]
+                for budget in auto_budgets(peers, data_z):
+                    run["cells"].append(cell({**base, "method": "auto", "param": budget}))
+                    save_json(results, args.out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     results["seconds_total"] = time.perf_counter() - start
     results["machine"]["loadavg_end"] = os.getloadavg()
     print(write(results, args.out))
