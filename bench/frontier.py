@@ -371,8 +371,9 @@ def markdown(results: dict) -> str:
         info = run.get("prepare", {})
         lines.append(f"\n## {run['kind']}, T = {run['steps']}\n")
         if info.get("status") == "ok":
-            lines.append(f"State {fmt_bytes(info['state_bytes'])}, data + z {fmt_bytes(info['data_bytes'] + info['z_bytes'])}"
-                         f" (counted in metagrad's device memory); compile + save {info['compile_seconds']:.0f} s.\n")
+            data_z = fmt_bytes(info["data_bytes"] + info["z_bytes"])
+            lines.append(f"State {fmt_bytes(info['state_bytes'])}, data + z {data_z} (counted in metagrad's device "
+                         f"memory); compile + save {info['compile_seconds']:.0f} s.\n")
         else:
             lines.append(f"Compiling the task failed ({info.get('reason')}): no metagrad cells.\n")
         lines.append("| budget (device memory) | fastest peer that fits | x train | metagrad's best that fits | x train "
