@@ -376,8 +376,8 @@ def markdown(results: dict) -> str:
                          f"memory); compile + save {info['compile_seconds']:.0f} s.\n")
         else:
             lines.append(f"Compiling the task failed ({info.get('reason')}): no metagrad cells.\n")
-        lines.append("| budget (device memory) | fastest peer that fits | x train | metagrad's best that fits | x train "
-                     "| Auto's best that fits | metagrad / peer | target | verdict |")
+        lines.append("| budget (device memory) | fastest peer that fits | x train | metagrad's best that fits "
+                     "| x train | Auto's best that fits | metagrad / peer | target | verdict |")
         lines.append("|---:|---|---:|---|---:|---|---:|---:|---|")
         for row in analysis["rows"]:
             ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
