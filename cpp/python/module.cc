@@ -191,6 +191,21 @@ NB_MODULE(_runtime, m) {
            },
            nb::arg("serialized"), nb::arg("inputs"), nb::arg("donated"),
            "Load an executable written by Executable.serialize() with this plugin version.")
+      .def("memory_stats",
+           [](const Client& client, int device) -> nb::object {
+             Client::MemoryStats stats;
+             try {
+               stats = client.DeviceMemoryStats(device);
+             } catch (const PjrtError&) {
+               return nb::none();  // the plugin keeps none (the CPU plugin)
+             }
+             nb::dict d;
+             d["bytes_in_use"] = stats.bytes_in_use;
+             if (stats.peak_bytes_in_use >= 0) d["peak_bytes_in_use"] = stats.peak_bytes_in_use;
+             if (stats.bytes_limit >= 0) d["bytes_limit"] = stats.bytes_limit;
+             return d;
+           },
+           nb::arg("device") = 0, "The device's memory statistics, or None where the plugin keeps none.")
       .def("buffer_from_array", &Upload, nb::arg("array"), nb::arg("device") = 0,
            "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.");
 

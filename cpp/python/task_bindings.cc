@@ -122,5 +122,13 @@ void BindTaskRunner(nb::module_& m) {
              return nb::make_tuple(result.value, result.grad, result.report);
            },
            nb::arg("z"), nb::arg("plan"), nb::arg("determinism_stride") = 0, nb::arg("check_finite") = false,
-           "Run the plan; returns (phi buffer, metagradient buffers, report).");
+           "Run the plan; returns (phi buffer, metagradient buffers, report).")
+      .def("calibrate",
+           [](TaskRunner& runner, const std::vector<BufferPtr>& z, int repeats) {
+             runner.SetInterruptCheck(CheckSignals);
+             nb::gil_scoped_release release;
+             return runner.Calibrate(z, repeats);
+           },
+           nb::arg("z"), nb::arg("repeats") = 3, "Seconds and device bytes per execution of each program.")
+      .def("program_bytes", &TaskRunner::ProgramBytes, "Device bytes per execution of each program (no run).");
 }

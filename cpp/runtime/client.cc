@@ -142,6 +142,17 @@ std::shared_ptr<Executable> Client::Wrap(PJRT_LoadedExecutable* executable, std:
   return owned;
 }
 
+Client::MemoryStats Client::DeviceMemoryStats(int device_index) const {
+  auto args = PJRT_ARGS(PJRT_Device_MemoryStats_Args);
+  args.device = device(device_index).device;
+  api_->Check(api_->raw()->PJRT_Device_MemoryStats(&args), "reading device memory statistics");
+  MemoryStats stats;
+  stats.bytes_in_use = args.bytes_in_use;
+  if (args.peak_bytes_in_use_is_set) stats.peak_bytes_in_use = args.peak_bytes_in_use;
+  if (args.bytes_limit_is_set) stats.bytes_limit = args.bytes_limit;
+  return stats;
+}
+
 std::shared_ptr<Buffer> Client::BufferFromHost(const void* data, const ArraySpec& spec,
                                                const std::vector<int64_t>& byte_strides, int device_index) {
   DTypeOf(spec.type);  // rejects unsupported types before the plugin sees them

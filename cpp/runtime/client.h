@@ -68,6 +68,15 @@ class Client : public std::enable_shared_from_this<Client> {
   std::shared_ptr<Executable> Deserialize(const std::string& serialized, std::vector<ArraySpec> inputs,
                                           std::vector<bool> donated);
 
+  // The device's memory statistics (PJRT_Device_MemoryStats); throws
+  // PjrtError where the plugin does not keep them.
+  struct MemoryStats {
+    int64_t bytes_in_use = 0;
+    int64_t peak_bytes_in_use = -1;  // -1: not reported
+    int64_t bytes_limit = -1;
+  };
+  MemoryStats DeviceMemoryStats(int device_index) const;
+
   // Copies dense host data (row-major, or with `byte_strides`) to a device.
   std::shared_ptr<Buffer> BufferFromHost(const void* data, const ArraySpec& spec,
                                          const std::vector<int64_t>& byte_strides, int device_index);

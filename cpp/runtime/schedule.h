@@ -29,8 +29,10 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace metagrad {
@@ -105,5 +107,40 @@ class PlanError : public std::logic_error {
 // Simulates `plan` over T steps; throws PlanError naming the first violated
 // rule (with the action's index), std::invalid_argument if T < 1.
 PlanStats CheckPlan(const Plan& plan, int64_t T);
+
+// The executions that apply steps [from, from + count): at each step t the
+// largest fused length n in `fused` (n > 1) with t % n == 0 and t + n <= the
+// end, else a single step. The same steps always decompose the same way, so
+// a replay over whole chunks runs the same programs as the first pass.
+// Returns (first step, length) pairs.
+std::vector<std::pair<int64_t, int64_t>> ForwardChunks(int64_t from, int64_t count,
+                                                       const std::vector<int64_t>& fused);
+
+// What one execution of a program costs: its time, and the device bytes it
+// adds to its live arguments (outputs that do not alias a donated argument,
+// plus its temporaries: XLA's compiled memory statistics).
+struct ProgramCost {
+  double seconds = 0;
+  int64_t bytes = 0;
+};
+
+// The costs of a task's programs, for predicting what a plan costs.
+struct CostTable {
+  int64_t state_bytes = 0;      // one training state
+  int64_t cotangent_bytes = 0;  // the cotangent of a state plus the metagradient accumulators
+  ProgramCost init, step, output_vjp, step_vjp, init_vjp;
+  std::map<int64_t, ProgramCost> advance, segment_vjp;  // fused programs by length
+};
+
+struct PlanCost {
+  double seconds = 0;      // sum over the plan's executions
+  int64_t peak_bytes = 0;  // saved states + current state + cotangents + the running program's bytes
+  int64_t executions = 0;
+};
+
+// Walks a valid plan (CheckPlan first) with the task runner's accounting:
+// the runner measures the same quantities on real buffers during a run.
+// Throws std::invalid_argument if the plan needs a program the table lacks.
+PlanCost SimulatePlan(const Plan& plan, const CostTable& costs);
 
 }  // namespace metagrad

@@ -96,6 +96,7 @@ TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, 
   if (layout_.differentiable.size() != layout_.state.size()) {
     throw InvalidArgument("the layout needs one differentiable flag per state leaf");
   }
+  for (const auto& [n, program] : programs_.advance) advance_lengths_.push_back(n);
 }
 
 const BufferPtr& TaskRunner::StepIndex(int64_t t) {
@@ -141,23 +142,6 @@ std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
   return program->Execute(args);
 }
 
-std::vector<std::pair<int64_t, int64_t>> TaskRunner::Chunks(int64_t from, int64_t count) const {
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  const int64_t end = from + count;
-  for (int64_t t = from; t < end;) {
-    int64_t n = 1;
-    for (auto it = programs_.advance.rbegin(); it != programs_.advance.rend(); ++it) {
-      if (it->first > 1 && t % it->first == 0 && t + it->first <= end) {
-        n = it->first;
-        break;
-      }
-    }
-    chunks.emplace_back(t, n);
-    t += n;
-  }
-  return chunks;
-}
-
 std::vector<BufferPtr> TaskRunner::Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
                                          std::pair<int64_t, int64_t> chunk, RunReport& report) {
   const std::vector<BufferPtr> index = {StepIndex(chunk.first)};
@@ -199,6 +183,7 @@ class Traversal {
     start_ = Clock::now();
     report_.steps = r_.steps_;
     report_.state_bytes = r_.layout_.state_bytes();
+    report_.data_bytes = TotalBytes(r_.data_) + TotalBytes(z_);
     current_ = Execute(r_.programs_.init, {&z_, &r_.data_});
     if (options_.determinism_stride > 0) {
       CheckFusedAgainstSingle();
@@ -443,6 +428,101 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
   for (const Action& action : plan) traversal.Do(action);
   traversal.Finish();
   return result;
+}
+
+namespace {
+
+// Seconds per execution of `run`, which enqueues one execution that feeds on
+// the previous one's outputs (as in a run: dispatch overlaps compute) and
+// returns its outputs: the median over `repeats` chains of kChain executions,
+// after one untimed chain.
+constexpr int kChain = 8;
+
+template <typename Run>
+double Time(int repeats, Run&& run) {
+  std::vector<double> samples;
+  for (int r = 0; r <= repeats; ++r) {
+    const auto start = Clock::now();
+    std::vector<BufferPtr> last;
+    for (int i = 0; i < kChain; ++i) last = run();
+    AwaitAll(last);
+    if (r > 0) samples.push_back(SecondsSince(start) / kChain);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+}  // namespace
+
+std::map<std::string, ProgramCost> TaskRunner::ProgramBytes() {
+  std::map<std::string, ProgramCost> costs;
+  auto add = [&](const std::string& name, const ExecutablePtr& program) {
+    if (program != nullptr) costs[name].bytes = ExecutionBytes(program);
+  };
+  add("init", programs_.init);
+  add("step", programs_.step);
+  add("output_vjp", programs_.output_vjp);
+  add("step_vjp", programs_.step_vjp);
+  add("init_vjp", programs_.init_vjp);
+  for (const auto& [n, program] : programs_.advance) add("advance_" + std::to_string(n), program);
+  for (const auto& [n, program] : programs_.segment_vjp) add("segment_vjp_" + std::to_string(n), program);
+  return costs;
+}
+
+std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<BufferPtr>& z, int repeats) {
+  CheckZ(z);
+  if (repeats < 1) throw InvalidArgument("repeats must be >= 1");
+  for (const auto* program : {&programs_.output_vjp, &programs_.step_vjp, &programs_.init_vjp}) {
+    if (*program == nullptr) throw InvalidArgument("the task was compiled without its reverse programs");
+  }
+  std::map<std::string, ProgramCost> costs = ProgramBytes();
+  RunReport report;
+  std::vector<BufferPtr> state;
+  costs["init"].seconds = Time(repeats, [&] { return state = Run(programs_.init, {&z, &data_}, report); });
+  const std::vector<BufferPtr> index = {StepIndex(0)};
+  const std::vector<BufferPtr> state0 = state;
+  auto forward = [&](const ExecutablePtr& program) {
+    state = state0;
+    return [&, program] { return state = Run(program, {&state, &z, &data_, &index}, report); };
+  };
+  costs["step"].seconds = Time(repeats, forward(programs_.step));
+  for (const auto& [n, program] : programs_.advance) {
+    costs["advance_" + std::to_string(n)].seconds = Time(repeats, forward(program));
+  }
+  state = state0;
+  std::vector<BufferPtr> cotangent, accumulators;
+  const size_t num_z = layout_.z.size();
+  auto output = [&] {
+    std::vector<BufferPtr> out = Run(programs_.output_vjp, {&state, &z, &data_}, report);
+    cotangent.assign(out.begin() + 1, out.end() - static_cast<long>(num_z));
+    accumulators.assign(out.end() - static_cast<long>(num_z), out.end());
+    return out;
+  };
+  costs["output_vjp"].seconds = Time(repeats, output);
+  // Reverses donate their cotangents: chain them, as a traversal does.
+  auto reverse = [&](const ExecutablePtr& program) {
+    return [&, program] {
+      std::vector<BufferPtr> out = Run(program, {&state, &z, &data_, &index, &cotangent, &accumulators}, report);
+      cotangent.assign(out.begin(), out.begin() + static_cast<long>(cotangent.size()));
+      accumulators.assign(out.begin() + static_cast<long>(cotangent.size()), out.end());
+      return out;
+    };
+  };
+  costs["step_vjp"].seconds = Time(repeats, reverse(programs_.step_vjp));
+  for (const auto& [n, program] : programs_.segment_vjp) {
+    costs["segment_vjp_" + std::to_string(n)].seconds = Time(repeats, reverse(program));
+  }
+  // init_vjp consumes the cotangents output_vjp makes: time it alone.
+  std::vector<double> samples;
+  for (int i = 0; i <= repeats; ++i) {
+    AwaitAll(output());
+    const auto start = Clock::now();
+    AwaitAll(Run(programs_.init_vjp, {&z, &data_, &cotangent, &accumulators}, report));
+    if (i > 0) samples.push_back(SecondsSince(start));
+  }
+  std::sort(samples.begin(), samples.end());
+  costs["init_vjp"].seconds = samples[samples.size() / 2];
+  return costs;
 }
 
 }  // namespace metagrad

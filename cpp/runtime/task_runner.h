@@ -37,6 +37,10 @@ struct RunReport {
   int64_t peak_saved_bytes = 0;
   int64_t state_bytes = 0;
   int64_t peak_device_bytes = 0;  // saved states + current state + cotangents + the running program's temporaries
+  int64_t data_bytes = 0;         // data and z, on the device throughout
+  int64_t predicted_peak_device_bytes = 0;  // the planner's figure for peak_device_bytes (0: no prediction)
+  double predicted_seconds = 0;             // the planner's figure for seconds_total (0: no prediction)
+  int64_t budget_bytes = 0;                 // the device-memory budget the plan was chosen for (0: none)
   int64_t determinism_checks = 0;
   double seconds_forward = 0;  // init, first pass to T, output_vjp
   double seconds_reverse = 0;  // reverse traversal with its replays, init_vjp
@@ -58,6 +62,12 @@ void VisitReportFields(Visit&& visit) {
   visit("peak_device_bytes", &RunReport::peak_device_bytes,
         "most device bytes the run held at once: saved states, the current state, cotangents and accumulators, and "
         "the temporaries of the program running (XLA's compiled memory statistics)");
+  visit("data_bytes", &RunReport::data_bytes, "data and z, on the device throughout the run");
+  visit("predicted_peak_device_bytes", &RunReport::predicted_peak_device_bytes,
+        "the planner's prediction of peak_device_bytes (0 without one)");
+  visit("predicted_seconds", &RunReport::predicted_seconds, "the planner's prediction of seconds_total (0 without one)");
+  visit("budget_bytes", &RunReport::budget_bytes,
+        "the device-memory budget the planner chose the plan for: peak_device_bytes + data_bytes fit in it");
   visit("determinism_checks", &RunReport::determinism_checks, "replayed states compared with the first pass");
   visit("seconds_forward", &RunReport::seconds_forward, "init, the first forward pass and the output");
   visit("seconds_reverse", &RunReport::seconds_reverse, "the reverse traversal with its replays");
@@ -96,15 +106,21 @@ class TaskRunner {
   };
   Result Metagradient(const std::vector<BufferPtr>& z, const Plan& plan, const MetagradientOptions& options);
 
+  // The cost of each program (by its name in programs.h) on this task's
+  // inputs: seconds per execution (the median of `repeats` chained executions
+  // after one untimed) and the device bytes an execution adds.
+  std::map<std::string, ProgramCost> Calibrate(const std::vector<BufferPtr>& z, int repeats);
+  // The device bytes of each program, without running anything.
+  std::map<std::string, ProgramCost> ProgramBytes();
+
  private:
   friend class Traversal;
 
   std::vector<BufferPtr> Run(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups,
                              RunReport& report);
-  // The executions that apply steps [from, from + count): the largest fused
-  // advance whose chunk starts at a multiple of its length and fits, else
-  // single steps. The same steps always decompose the same way.
-  std::vector<std::pair<int64_t, int64_t>> Chunks(int64_t from, int64_t count) const;
+  std::vector<std::pair<int64_t, int64_t>> Chunks(int64_t from, int64_t count) const {
+    return ForwardChunks(from, count, advance_lengths_);
+  }
   // Applies one chunk (start, length) to `state`.
   std::vector<BufferPtr> Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
                                std::pair<int64_t, int64_t> chunk, RunReport& report);
@@ -118,6 +134,7 @@ class TaskRunner {
   TaskLayout layout_;
   int64_t steps_;
   std::vector<BufferPtr> data_;
+  std::vector<int64_t> advance_lengths_;  // of the fused forward programs
   std::vector<BufferPtr> step_indices_;  // int32 scalars t, uploaded once
   std::map<const Executable*, int64_t> execution_bytes_;
   std::function<void()> interrupt_check_;

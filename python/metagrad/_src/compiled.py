@@ -11,10 +11,10 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import lowering, programs, runtime, saved, trees
+from metagrad._src import lowering, planner, programs, runtime, saved, trees
 from metagrad._src.layout import Layout, describe
+from metagrad._src.planner import Auto
 from metagrad._src.programs import Program
-from metagrad._src.schedules import Budget
 
 # The report of a run: bound from C++ (cpp/runtime/task_runner.h lists its fields).
 Report = _runtime.Report
@@ -84,7 +84,7 @@ def _check_schedule(schedule):
         raise TypeError(f"schedule must be a schedule instance, got the class {schedule.__name__}: write "
                         f"{schedule.__name__}(...)")
     if not hasattr(schedule, "plan"):
-        raise TypeError(f"schedule must be a metagrad schedule (Replay, StoreAll, Periodic, Budget), "
+        raise TypeError(f"schedule must be a metagrad schedule (Auto, Replay, StoreAll, Periodic, Budget), "
                         f"got {type(schedule).__name__}")
     return schedule
 
@@ -108,6 +108,7 @@ class CompiledTask:
     _executables: dict = field(default_factory=dict, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
+    _costs: dict = field(default_factory=dict, repr=False)  # calibrated ProgramCost by program name
 
     def __post_init__(self):
         for name, program in self.programs.items():
@@ -139,11 +140,49 @@ class CompiledTask:
             self._runners[fused_lengths] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data)
         return self._runners[fused_lengths]
 
-    def _plan(self, schedule):
-        schedule = _check_schedule(schedule if schedule is not None else Budget(k=4))
-        plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of the data and z, on the device throughout a run."""
+        return sum(spec.nbytes for spec in (*self.layout.data, *self.layout.z))
+
+    def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int]:
+        """The plan Auto picks. Whether any plan fits is settled from the programs'
+        compiled memory alone; only then are they calibrated (once), which runs them."""
+        leaves = tuple(auto.leaves or planner.DEFAULT_LEAVES)
+        fused = tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
+        runner = self._runner(fused)
+        sizes = runner.program_bytes()
+        budget = auto.memory or planner.default_budget(self.client)
+        planner.choose(planner.cost_table(self.layout, sizes), self.steps, leaves, budget, self.data_bytes)
+        if not set(sizes) <= set(self._costs):
+            # Calibration holds the first state, a chain of states and the cotangents.
+            peak = 3 * self.layout.state_bytes + max(cost.bytes for cost in sizes.values())
+            planner.check_fits(self.client, peak, self.data_bytes, "calibrating the task's programs",
+                               "The task's state is too large for this device.")
+            self._costs.update(runner.calibrate(z_buffers))
+        table = planner.cost_table(self.layout, {name: self._costs[name] for name in sizes})
+        return planner.choose(table, self.steps, leaves, budget, self.data_bytes), budget
+
+    def _plan(self, schedule, z_buffers=None):
+        """(schedule, plan, fused reverse lengths, predicted seconds, predicted peak bytes, budget)."""
+        schedule = _check_schedule(schedule if schedule is not None else Auto())
+        if isinstance(schedule, Auto):
+            if z_buffers is None:
+                z_buffers = self._z_buffers(self.z_example)
+            choice, budget = self._choose(schedule, z_buffers)
+            plan, seconds, peak = choice.plan, choice.seconds, choice.peak_bytes
+            described = f"Auto(memory={budget}) -> {choice.schedule!r}"
+        else:
+            plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
+            seconds, peak, budget, described = 0.0, None, 0, repr(schedule)
         fused = tuple(n for n in plan.stats(self.steps)["fused_lengths"] if n > 1)
-        return schedule, plan, fused
+        if peak is None:
+            table = planner.cost_table(self.layout, self._runner(fused).program_bytes())
+            peak = _runtime.simulate_plan(plan, table)["peak_bytes"]
+        planner.check_fits(self.client, peak, self.data_bytes, described,
+                           "Auto() (the default schedule) picks the fastest plan that fits the device; "
+                           "Budget(states=...) with fewer states needs less.")
+        return described, plan, fused, seconds, peak, budget
 
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused reverse programs ``schedule`` needs for this task.
@@ -152,7 +191,11 @@ class CompiledTask:
         that the saved task holds them (a loaded task can also build them: it
         keeps the forward functions, but that needs jax and enzyme-ad).
         """
-        self._runner(self._plan(schedule)[2])
+        if isinstance(schedule, Auto):
+            leaves = schedule.leaves or planner.DEFAULT_LEAVES
+            self._runner(tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)})))
+        else:
+            self._runner(self._plan(schedule)[2])
         return self
 
     # -- running --------------------------------------------------------------
@@ -166,6 +209,10 @@ class CompiledTask:
 
     def train(self, z):
         """Train with metaparameter ``z``; returns the final state (numpy leaves)."""
+        forward = max((b.bytes for name, b in self._runner().program_bytes().items()
+                       if name == "step" or name.startswith("advance_")), default=0)
+        planner.check_fits(self.client, forward + self.layout.state_bytes, self.data_bytes, "training",
+                           "The state, data and z must fit the device.")
         state, _ = self._runner().train(self._z_buffers(z))
         return self._state_tree(state)
 
@@ -175,8 +222,10 @@ class CompiledTask:
 
         Args:
           z: metaparameter, with the structure of the example it was compiled with.
-          schedule: a policy from :mod:`metagrad.schedules` (default ``Budget(k=4)``:
-            revolve in the memory of ``Replay(k=4)``, with fewer forward steps).
+          schedule: ``Auto(memory=...)`` (the default: the fastest plan that fits
+            a device-memory budget, see :class:`metagrad.Auto`) or a fixed
+            policy from :mod:`metagrad.schedules`. Any plan that cannot fit the
+            device's memory is refused before it runs (``DeviceMemoryError``).
           check_determinism: compare replayed states with the first pass
             (``True``: at every state the run reaches; an int ``n``: every n-th),
             and the fused forward programs with single steps once; raises
@@ -193,14 +242,17 @@ class CompiledTask:
         check_finite = _check_flag("check_finite", check_finite)
         report = _check_flag("report", report)
         z_buffers = self._z_buffers(z)
-        schedule, plan, fused = self._plan(schedule)
+        described, plan, fused, seconds, peak, budget = self._plan(schedule, z_buffers)
         value, grad, stats = self._runner(fused).metagradient(z_buffers, plan, stride, check_finite)
         value = value.to_numpy()
         value = value[()] if value.ndim == 0 else value
         grad = [b.to_numpy().astype(spec.dtype, copy=False) for b, spec in zip(grad, self.layout.z)]
         grad = self.layout.unflatten("z", grad)
         if report:
-            stats.schedule = repr(schedule)
+            stats.schedule = described
+            stats.predicted_seconds = seconds
+            stats.predicted_peak_device_bytes = peak
+            stats.budget_bytes = budget
             return value, grad, stats
         return value, grad
 
