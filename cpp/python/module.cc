@@ -13,6 +13,7 @@
 #include "runtime/buffer.h"
 #include "runtime/client.h"
 #include "runtime/executable.h"
+#include "runtime/ffi.h"
 
 namespace nb = nanobind;
 using namespace metagrad;
@@ -126,6 +127,19 @@ std::vector<BufferPtr> Execute(const Executable& executable, const std::vector<B
 
 std::string SpecDType(const ArraySpec& spec) { return DTypeName(spec.type); }
 
+std::pair<int, int> VersionPair(FfiApiVersion v) { return {v.major, v.minor}; }
+
+// The function pointer held by a capsule (jaxlib's handler capsules are named
+// "xla._CUSTOM_CALL_TARGET"; ctypes or user capsules may be unnamed).
+void* CapsulePointer(nb::handle capsule) {
+  if (!PyCapsule_CheckExact(capsule.ptr())) {
+    throw nb::type_error("expected a PyCapsule holding an XLA FFI handler (e.g. from jax.ffi.pycapsule)");
+  }
+  void* pointer = PyCapsule_GetPointer(capsule.ptr(), PyCapsule_GetName(capsule.ptr()));
+  if (pointer == nullptr) throw nb::python_error();
+  return pointer;
+}
+
 }  // namespace
 
 NB_MODULE(_runtime, m) {
@@ -147,7 +161,38 @@ NB_MODULE(_runtime, m) {
       .def_static("load", &Api::Load, nb::arg("path"), "dlopen a PJRT plugin and read its API table.")
       .def_prop_ro("path", &Api::path)
       .def_prop_ro("api_version", &Api::version, "(major, minor) PJRT C API version of the plugin.")
-      .def_prop_ro("attributes", &Api::attributes, "Plugin attributes, e.g. stablehlo_current_version.");
+      .def_prop_ro("attributes", &Api::attributes, "Plugin attributes, e.g. stablehlo_current_version.")
+      .def_prop_ro("can_register_ffi_handlers",
+                   [](const std::shared_ptr<const Api>& api) { return HasFfiHandlerRegistration(*api); },
+                   "Whether the plugin's PJRT FFI extension can register custom-call handlers.")
+      .def("ffi_api_version",
+           [](const std::shared_ptr<const Api>& api, const std::string& platform) {
+             return VersionPair(PluginFfiApiVersion(*api, platform));
+           },
+           nb::arg("platform"), "(major, minor) XLA FFI C API version of the plugin's XLA; (-1, -1) if unknown.")
+      .def("register_ffi_handler",
+           [](const std::shared_ptr<const Api>& api, const std::string& target, const std::string& platform,
+              nb::handle capsule, bool allow_adapter) {
+             return RegisterFfiHandler(*api, target, platform, CapsulePointer(capsule), allow_adapter) ==
+                            FfiRegistration::kAdapted
+                        ? "adapted"
+                        : "direct";
+           },
+           nb::arg("target"), nb::arg("platform"), nb::arg("handler"), nb::arg("allow_adapter") = false,
+           "Register a typed XLA FFI handler (a capsule) for custom-call `target` on `platform`; returns "
+           "'direct' or 'adapted' (a stateless handler one FFI minor version ahead, behind a version adapter).");
+
+  m.attr("XLA_FFI_API_VERSION") = VersionPair(BuiltFfiApiVersion());
+  m.def("ffi_handler_metadata",
+        [](nb::handle capsule) {
+          FfiHandlerMetadata info = QueryFfiHandler(CapsulePointer(capsule));
+          nb::dict d;
+          d["api_version"] = VersionPair(info.version);
+          d["traits"] = info.traits;
+          d["creates_state"] = info.creates_state;
+          return d;
+        },
+        nb::arg("handler"), "Metadata of a typed XLA FFI handler (a capsule): the FFI API version it was built with.");
 
   nb::class_<ArraySpec>(m, "ArraySpec")
       .def(nb::init<>())
