@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metagrad._src import module_checks
 from metagrad._src.task import Task
 
 BACKENDS = ("enzyme", "jax", "auto")
@@ -48,6 +49,8 @@ class EnzymeUnsupportedError(ValueError):
 _ENZYME_ADVICE = {
     "stablehlo.select_and_scatter": "This is the gradient of max-pooling inside the step; average pooling "
                                     "differentiates (and trains more smoothly). ",
+    "stablehlo.custom_call": "Custom calls (jnp.linalg's LAPACK kernels: solve, cholesky, eigh, qr...) have no "
+                             "Enzyme adjoint. ",
 }
 
 
@@ -321,17 +324,18 @@ def portable_artifact(lowered: jax.stages.Lowered, target: str) -> bytes:
     return _jax.mlir.serialize_portable_artifact(bytecode, target)
 
 
-def _lower_one(fn: Callable, specs: list, donated: tuple, target: str) -> bytes:
+def _lower_one(fn: Callable, specs: list, donated: tuple, target: str, name: str) -> bytes:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         lowered = jax.jit(fn, donate_argnums=donated, keep_unused=True).lower(*specs)
+    module_checks.check_lowered(lowered, name)  # host callbacks, custom calls without a handler
     return portable_artifact(lowered, target)
 
 
 def lower_program(flat: _Flat, name: str, backend: str, function, target: str) -> Program:
     fn, specs, donated = function
     try:
-        artifact = _lower_one(fn, specs, donated, target)
+        artifact = _lower_one(fn, specs, donated, target, name)
     except ValueError as error:
         match = _ADJOINT_ERROR.search(str(error))
         if backend == "enzyme" and match:
