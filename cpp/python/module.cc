@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
@@ -63,9 +64,11 @@ nb::dlpack::dtype ToDLPack(PJRT_Buffer_Type type) {
 
 using HostArray = nb::ndarray<nb::ro, nb::device::cpu>;
 
-BufferPtr Upload(Client& client, HostArray array, int device) {
+// `type` overrides the array's own dtype (same element size), for bfloat16
+// arrays that arrive as their uint16 bits.
+BufferPtr UploadAs(Client& client, HostArray array, int device, std::optional<PJRT_Buffer_Type> type) {
   ArraySpec spec;
-  spec.type = FromDLPack(array.dtype());
+  spec.type = type ? *type : FromDLPack(array.dtype());
   std::vector<int64_t> byte_strides;
   bool dense = true;
   int64_t expected = static_cast<int64_t>(ElementSize(spec.type));
@@ -81,6 +84,24 @@ BufferPtr Upload(Client& client, HostArray array, int device) {
   return client.BufferFromHost(array.data(), spec, byte_strides, device);
 }
 
+BufferPtr Upload(Client& client, HostArray array, int device) { return UploadAs(client, array, device, {}); }
+
+// numpy exports ml_dtypes' bfloat16 through neither DLPack nor the buffer
+// protocol, so such arrays cross the boundary as their uint16 bits, both ways.
+bool IsBfloat16(nb::handle array) {
+  nb::object dtype = nb::getattr(array, "dtype", nb::none());
+  return !dtype.is_none() && nb::str(nb::getattr(dtype, "name", nb::str(""))).equal(nb::str("bfloat16"));
+}
+
+BufferPtr UploadBfloat16(Client& client, nb::object array, int device) {
+  if (!IsBfloat16(array)) {
+    throw nb::type_error("buffer_from_array expects an array on the CPU (numpy, or anything exposing DLPack or the "
+                         "buffer protocol)");
+  }
+  nb::object bits = nb::module_::import_("numpy").attr("asarray")(array).attr("view")("uint16");
+  return UploadAs(client, nb::cast<HostArray>(bits), device, PJRT_Buffer_Type_BF16);
+}
+
 nb::object ToNumpy(const BufferPtr& buffer) {
   const ArraySpec& spec = buffer->spec();
   const size_t bytes = spec.num_bytes();
@@ -91,6 +112,10 @@ nb::object ToNumpy(const BufferPtr& buffer) {
     buffer->ToHost(data, bytes);
   }
   std::vector<size_t> shape(spec.dims.begin(), spec.dims.end());
+  if (spec.type == PJRT_Buffer_Type_BF16) {
+    nb::object bits = nb::cast(nb::ndarray<nb::numpy, uint16_t>(data, shape.size(), shape.data(), owner));
+    return bits.attr("view")(nb::module_::import_("ml_dtypes").attr("bfloat16"));
+  }
   return nb::cast(nb::ndarray<nb::numpy>(data, shape.size(), shape.data(), owner, nullptr, ToDLPack(spec.type)));
 }
 
@@ -234,7 +259,9 @@ NB_MODULE(_runtime, m) {
            nb::arg("num_partitions") = 1,
            "Compile MLIR (text or bytecode) with the signature `inputs` and donation flags.")
       .def("buffer_from_array", &Upload, nb::arg("array"), nb::arg("device") = 0,
-           "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.");
+           "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.")
+      .def("buffer_from_array", &UploadBfloat16, nb::arg("array"), nb::arg("device") = 0,
+           "Copy a numpy bfloat16 array (ml_dtypes) to a device.");
 
   nb::class_<Buffer>(m, "Buffer", "A device buffer owned by the runtime.")
       .def_prop_ro("spec", &Buffer::spec)

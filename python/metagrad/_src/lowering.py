@@ -53,6 +53,20 @@ _ENZYME_ADVICE = {
                              "Enzyme adjoint. ",
 }
 
+# Element types the JAX wrapper of enzyme_ad 0.0.16 can hand to Enzyme
+# (`maketup` in enzyme_ad/jax/primitives.py); any other (float16, uint8,
+# int16...) fails there with a bare KeyError.
+_ENZYME_DTYPES = frozenset({"bool", "int8", "int32", "int64", "uint32", "uint64", "bfloat16", "float32", "float64",
+                            "complex64", "complex128"})
+
+
+def _check_enzyme_dtypes(layout: "Layout", program: str) -> None:
+    for spec in (*layout.state, *layout.z, *layout.data):
+        if spec.dtype not in _ENZYME_DTYPES:
+            raise EnzymeUnsupportedError(program, f"{spec.dtype} arrays",
+                                         f"{spec.path} is {spec.dtype}; enzyme_ad's JAX wrapper passes only "
+                                         f"{', '.join(sorted(_ENZYME_DTYPES))}")
+
 
 @dataclass(frozen=True)
 class LeafSpec:
@@ -124,7 +138,7 @@ def describe(task: Task, z_example) -> Layout:
     if not z_specs:
         raise ValueError("z has no array leaves: the metaparameter must hold at least one array")
     for spec in z_specs:
-        if not np.issubdtype(np.dtype(spec.dtype), np.inexact):
+        if not jnp.issubdtype(spec.dtype, jnp.inexact):
             raise TypeError(f"{spec.path} has dtype {spec.dtype}: metaparameters must be floating point")
     data_tree, data_specs = _leaf_specs(task.data, "data")
 
@@ -154,10 +168,11 @@ def describe(task: Task, z_example) -> Layout:
         phi = jax.eval_shape(task.output, state, z_structs, data_structs)
     except Exception as error:
         raise ValueError(_describe_failure("output(state, z, data)", error)) from error
-    if not hasattr(phi, "shape") or phi.shape != () or not np.issubdtype(phi.dtype, np.floating):
+    if not hasattr(phi, "shape") or phi.shape != () or not jnp.issubdtype(phi.dtype, jnp.floating):
         raise ValueError(f"output(state, z, data) must return a floating-point scalar, got "
                          f"{getattr(phi, 'dtype', type(phi).__name__)}{list(getattr(phi, 'shape', []))}")
-    differentiable = tuple(np.issubdtype(np.dtype(s.dtype), np.inexact) for s in state_specs)
+    # jnp, not np: numpy does not count ml_dtypes' bfloat16 as inexact.
+    differentiable = tuple(bool(jnp.issubdtype(s.dtype, jnp.inexact)) for s in state_specs)
     return Layout(z_tree, z_specs, data_tree, data_specs, state_tree, state_specs, differentiable)
 
 
@@ -334,6 +349,8 @@ def _lower_one(fn: Callable, specs: list, donated: tuple, target: str, name: str
 
 def lower_program(flat: _Flat, name: str, backend: str, function, target: str) -> Program:
     fn, specs, donated = function
+    if backend == "enzyme" and "vjp" in name:
+        _check_enzyme_dtypes(flat.layout, name)
     try:
         artifact = _lower_one(fn, specs, donated, target, name)
     except ValueError as error:
