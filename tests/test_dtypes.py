@@ -1,4 +1,4 @@
-"""Half-precision state and z, and dtypes Enzyme cannot take."""
+"""Half-precision state and z, typed PRNG keys, and dtypes Enzyme cannot take."""
 
 import warnings
 
@@ -119,3 +119,71 @@ def test_uint8_data_with_enzyme_is_refused_naming_the_leaf():
                          lambda s, z, d: jnp.sum(s["w"] ** 2), 3, data)
     with pytest.raises(lowering.EnzymeUnsupportedError, match=r"(?s)uint8 arrays.*data\['x'\] is uint8"):
         task.compile(np.float32(0.1), backend="enzyme")
+
+
+# -- typed PRNG keys -------------------------------------------------------------------------------------------
+
+def _key_task() -> metagrad.Task:
+    data = {"x": np.linspace(-1, 1, 8).astype(np.float32), "key": jax.random.key(7)}
+
+    def init(z, data):
+        return {"w": jnp.zeros(8), "key": jax.random.key(1), "keys": jax.random.split(jax.random.key(2), 3)}
+
+    def step(state, z, data, t):
+        noise = (jax.random.normal(jax.random.fold_in(state["key"], t), (8,))
+                 + jax.random.normal(jax.random.fold_in(data["key"], t), (8,))
+                 + jax.random.normal(state["keys"][t % 3], (8,)))
+        w = state["w"] - z["lr"] * (state["w"] - data["x"] - 0.1 * noise)
+        return {"w": w, "key": jax.random.fold_in(state["key"], 1), "keys": state["keys"]}
+
+    def output(state, z, data):
+        return jnp.sum(state["w"] ** 2) + jnp.sum(jax.random.uniform(state["key"], (2,)))
+
+    return metagrad.Task(init, step, output, STEPS, data)
+
+
+KEY_Z = {"lr": np.float32(0.3)}
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    task = _key_task()
+    compiled, _ = _compile(task, KEY_Z, "auto")
+    return task, compiled
+
+
+def test_key_leaves_are_carried_as_key_data_and_never_differentiated(keyed):
+    _, compiled = keyed
+    specs = {s.path: s for s in compiled.layout.state}
+    assert (specs["state['keys']"].shape, specs["state['keys']"].dtype, specs["state['keys']"].key) == (
+        (3, 2), "uint32", "threefry2x32")
+    assert compiled.layout.data[0].key == "threefry2x32"
+    assert dict(zip(specs, compiled.layout.differentiable)) == {
+        "state['key']": False, "state['keys']": False, "state['w']": True}
+
+
+def test_key_task_metagradient_equals_jax_grad_through_scan(keyed):
+    task, compiled = keyed
+    want_value, want_grad = baselines.scan_metagradient(task, KEY_Z)
+    value, grad = compiled.metagradient(KEY_Z, metagrad.Replay(k=2))
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    np.testing.assert_allclose(grad["lr"], want_grad["lr"], rtol=1e-5)
+
+
+def test_train_returns_typed_keys(keyed):
+    task, compiled = keyed
+    state, want = compiled.train(KEY_Z), baselines.train(task, KEY_Z)
+    assert jnp.issubdtype(state["key"].dtype, jax.dtypes.prng_key) and state["keys"].shape == (3,)
+    np.testing.assert_array_equal(jax.random.key_data(state["key"]), jax.random.key_data(want["key"]))
+    np.testing.assert_allclose(state["w"], want["w"], rtol=1e-6)
+
+
+def test_key_task_saves_and_loads(keyed, tmp_path):
+    _, compiled = keyed
+    compiled.prepare(metagrad.Replay(k=2)).save(str(tmp_path))
+    loaded = metagrad.load(str(tmp_path))
+    assert loaded.layout == compiled.layout
+    value, grad = compiled.metagradient(KEY_Z, metagrad.Replay(k=2))
+    loaded_value, loaded_grad = loaded.metagradient(KEY_Z, metagrad.Replay(k=2))
+    assert loaded_value == value and loaded_grad["lr"] == grad["lr"]
+    assert jnp.issubdtype(loaded.train(KEY_Z)["key"].dtype, jax.dtypes.prng_key)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import lowering, runtime
+from metagrad._src import keys, lowering, runtime
 from metagrad._src.lowering import Layout, LeafSpec, Program
 from metagrad._src.schedules import Budget
 from metagrad._src.task import Task
@@ -133,7 +133,8 @@ class CompiledTask:
     def train(self, z):
         """Train with metaparameter ``z``; returns the final state (numpy leaves)."""
         state, _ = self._runner().train(self._z_buffers(z))
-        return jax.tree_util.tree_unflatten(self.layout.state_tree, [b.to_numpy() for b in state])
+        return jax.tree_util.tree_unflatten(self.layout.state_tree, [keys.wrap(b.to_numpy(), spec.key)
+                                                                     for b, spec in zip(state, self.layout.state)])
 
     def metagradient(self, z, schedule=None, *, check_determinism: bool | int = False, check_finite: bool = False,
                      report: bool = False):
@@ -198,7 +199,8 @@ class CompiledTask:
             pickle.dump({"z": self.layout.z_tree, "data": self.layout.data_tree, "state": self.layout.state_tree}, f)
 
         def leaves(specs):
-            return [{"path": s.path, "shape": list(s.shape), "dtype": s.dtype} for s in specs]
+            return [{"path": s.path, "shape": list(s.shape), "dtype": s.dtype, **({"key": s.key} if s.key else {})}
+                    for s in specs]
 
         manifest = {
             "format": "metagrad-task", "version": MANIFEST_VERSION, "steps": self.steps, "backend": self.backend,
@@ -230,7 +232,7 @@ def load(path: str, *, client=None) -> CompiledTask:
         trees = pickle.load(f)
 
     def specs(entries):
-        return tuple(LeafSpec(e["path"], tuple(e["shape"]), e["dtype"]) for e in entries)
+        return tuple(LeafSpec(e["path"], tuple(e["shape"]), e["dtype"], e.get("key")) for e in entries)
 
     def arrays(prefix, entries):
         return [np.fromfile(os.path.join(path, "arrays", f"{prefix}_{i}.bin"), dtype=e["dtype"]).reshape(e["shape"])
@@ -291,5 +293,6 @@ def compile_task(task: Task, z_example, *, backend: str = "enzyme", fuse_forward
         _CACHE[key] = (programs, executables)
     programs, executables = _CACHE[key]
     z_copy = jax.tree_util.tree_map(np.asarray, z_example)
-    return CompiledTask(layout, int(task.steps), backend, programs, client, data=jax.tree_util.tree_leaves(task.data),
+    return CompiledTask(layout, int(task.steps), backend, programs, client,
+                        data=[keys.carried(leaf) for leaf in jax.tree_util.tree_leaves(task.data)],
                         z_example=z_copy, task=task, _executables=executables)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad._src import module_checks
+from metagrad._src import keys, module_checks
 from metagrad._src.task import Task
 
 BACKENDS = ("enzyme", "jax", "auto")
@@ -70,9 +70,13 @@ def _check_enzyme_dtypes(layout: "Layout", program: str) -> None:
 
 @dataclass(frozen=True)
 class LeafSpec:
+    """One flat leaf as programs carry it; a typed PRNG key leaf is carried as
+    its key data (uint32) and ``key`` names its implementation (see keys.py)."""
+
     path: str
     shape: tuple[int, ...]
     dtype: str
+    key: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +117,9 @@ def _leaf_specs(tree, what: str) -> tuple[Any, tuple[LeafSpec, ...]]:
         name = what + jax.tree_util.keystr(path)
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise TypeError(f"{name} is a {type(leaf).__name__}, not an array: every leaf must be an array")
-        specs.append(LeafSpec(name, tuple(int(d) for d in leaf.shape), np.dtype(leaf.dtype).name))
+        impl = keys.impl_name(leaf) if keys.is_key(leaf) else None
+        leaf = keys.carried(leaf)
+        specs.append(LeafSpec(name, tuple(int(d) for d in leaf.shape), np.dtype(leaf.dtype).name, impl))
     return treedef, tuple(specs)
 
 
@@ -143,7 +149,7 @@ def describe(task: Task, z_example) -> Layout:
     data_tree, data_specs = _leaf_specs(task.data, "data")
 
     z_structs = jax.tree_util.tree_unflatten(z_tree, [s.struct() for s in z_specs])
-    data_structs = jax.tree_util.tree_unflatten(data_tree, [s.struct() for s in data_specs])
+    data_structs = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), task.data)
     try:
         state = jax.eval_shape(task.init, z_structs, data_structs)
     except Exception as error:
@@ -184,17 +190,21 @@ class _Flat:
         self.ns, self.nz, self.nx = len(layout.state), len(layout.z), len(layout.data)
         self.nd = sum(layout.differentiable)
 
+    @staticmethod
+    def _tree(treedef, specs, leaves):
+        return jax.tree_util.tree_unflatten(treedef, [keys.wrap(x, s.key) for x, s in zip(leaves, specs)])
+
     def state(self, leaves):
-        return jax.tree_util.tree_unflatten(self.layout.state_tree, list(leaves))
+        return self._tree(self.layout.state_tree, self.layout.state, leaves)
 
     def z(self, leaves):
         return jax.tree_util.tree_unflatten(self.layout.z_tree, list(leaves))
 
     def data(self, leaves):
-        return jax.tree_util.tree_unflatten(self.layout.data_tree, list(leaves))
+        return self._tree(self.layout.data_tree, self.layout.data, leaves)
 
     def state_leaves(self, state):
-        return jax.tree_util.tree_leaves(state)
+        return [keys.carried(leaf) for leaf in jax.tree_util.tree_leaves(state)]
 
     def diff_leaves(self, state_cotangent):
         return [leaf for leaf, d in zip(jax.tree_util.tree_leaves(state_cotangent), self.layout.differentiable) if d]
@@ -202,9 +212,10 @@ class _Flat:
     def full_cotangent(self, diff_leaves):
         """State cotangent pytree: given leaves where differentiable, float0 zeros elsewhere."""
         it = iter(diff_leaves)
-        leaves = [next(it) if d else np.zeros(spec.shape, jax.dtypes.float0)
+        leaves = [next(it) if d else np.zeros(keys.key_shape(spec.shape, spec.key) if spec.key else spec.shape,
+                                              jax.dtypes.float0)
                   for spec, d in zip(self.layout.state, self.layout.differentiable)]
-        return self.state(leaves)
+        return jax.tree_util.tree_unflatten(self.layout.state_tree, leaves)
 
     def specs(self, *groups: str):
         table = {
