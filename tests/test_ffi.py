@@ -1,6 +1,10 @@
 """Custom calls in a step: jaxlib's LAPACK kernels run in the runtime; host callbacks are refused at compile time."""
 
 import ctypes
+import functools
+import json
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -16,6 +20,7 @@ from metagrad._src import ffi, lowering, module_checks, runtime
 N, STEPS = 6, 8
 
 
+@functools.lru_cache(maxsize=None)  # the same functions, so compiling again hits metagrad's cache
 def _linalg_task(op: str) -> metagrad.Task:
     """Steps of a preconditioned fixed-point iteration whose solve is ``op``; z: ridge and lr schedule."""
     rng = np.random.default_rng(0)
@@ -83,6 +88,22 @@ def test_enzyme_backend_names_the_custom_call():
     with pytest.raises(lowering.EnzymeUnsupportedError, match="stablehlo.custom_call.*jnp.linalg") as info:
         _linalg_task("solve").compile(Z, backend="enzyme")
     assert info.value.program == "step_vjp"
+
+
+def test_a_saved_linalg_task_runs_in_a_fresh_process(tmp_path):
+    # The process never lowers a linalg op, so nothing but metagrad fills jaxlib's LAPACK pointers
+    # (without _lapack.initialize() this run dies with SIGSEGV).
+    compiled = _linalg_task("solve").compile(Z, backend="jax")
+    compiled.prepare(metagrad.Replay(k=2)).save(str(tmp_path))
+    _, want = compiled.metagradient(Z, metagrad.Replay(k=2))
+    code = ("import json, numpy as np, metagrad; "
+            f"z = {{'reg': np.float32(0.5), 'lr': np.full({STEPS}, 0.5, np.float32)}}; "
+            f"g = metagrad.load({str(tmp_path)!r}).metagradient(z, metagrad.Replay(k=2))[1]; "
+            "print(json.dumps({'reg': float(g['reg']), 'lr': g['lr'].tolist()}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got == {"reg": float(want["reg"]), "lr": want["lr"].tolist()}  # bit for bit
 
 
 def test_linalg_programs_match_jax_in_the_runtime():
