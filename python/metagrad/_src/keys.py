@@ -45,5 +45,5 @@ def wrap(array, impl: str | None):
 
 def key_shape(data_shape: tuple[int, ...], impl: str) -> tuple[int, ...]:
     """Shape of the key array whose key data has ``data_shape``."""
-    trailing = jax.random.key_data(jax.random.key(0, impl=impl)).ndim
+    trailing = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).ndim
     return tuple(data_shape[:len(data_shape) - trailing])

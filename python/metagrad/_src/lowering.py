@@ -60,7 +60,7 @@ _ENZYME_DTYPES = frozenset({"bool", "int8", "int32", "int64", "uint32", "uint64"
                             "complex64", "complex128"})
 
 
-def _check_enzyme_dtypes(layout: "Layout", program: str) -> None:
+def _check_enzyme_dtypes(layout: Layout, program: str) -> None:
     for spec in (*layout.state, *layout.z, *layout.data):
         if spec.dtype not in _ENZYME_DTYPES:
             raise EnzymeUnsupportedError(program, f"{spec.dtype} arrays",
