@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
@@ -13,6 +14,7 @@
 #include "runtime/buffer.h"
 #include "runtime/client.h"
 #include "runtime/executable.h"
+#include "runtime/ffi.h"
 #include "runtime/schedule.h"
 #include "runtime/task_runner.h"
 
@@ -31,10 +33,12 @@ nb::dlpack::dtype ToDLPack(PJRT_Buffer_Type type) {
 
 using HostArray = nb::ndarray<nb::ro, nb::device::cpu>;
 
-BufferPtr Upload(Client& client, HostArray array, int device) {
+// `type` overrides the array's own dtype (same element size), for bfloat16
+// arrays that arrive as their uint16 bits.
+BufferPtr UploadAs(Client& client, HostArray array, int device, std::optional<PJRT_Buffer_Type> type) {
   ArraySpec spec;
   if (array.dtype().lanes != 1) throw InvalidArgument("vector dtypes are not supported");
-  const DType& dtype = DTypeFromDLPack(array.dtype().code, array.dtype().bits);
+  const DType& dtype = type ? DTypeOf(*type) : DTypeFromDLPack(array.dtype().code, array.dtype().bits);
   spec.type = dtype.type;
   const int64_t size = static_cast<int64_t>(dtype.size);
   std::vector<int64_t> byte_strides;
@@ -52,6 +56,24 @@ BufferPtr Upload(Client& client, HostArray array, int device) {
   return client.BufferFromHost(array.data(), spec, byte_strides, device);
 }
 
+BufferPtr Upload(Client& client, HostArray array, int device) { return UploadAs(client, array, device, {}); }
+
+// numpy exports ml_dtypes' bfloat16 through neither DLPack nor the buffer
+// protocol, so such arrays cross the boundary as their uint16 bits, both ways.
+bool IsBfloat16(nb::handle array) {
+  nb::object dtype = nb::getattr(array, "dtype", nb::none());
+  return !dtype.is_none() && nb::str(nb::getattr(dtype, "name", nb::str(""))).equal(nb::str("bfloat16"));
+}
+
+BufferPtr UploadBfloat16(Client& client, nb::object array, int device) {
+  if (!IsBfloat16(array)) {
+    throw nb::type_error("buffer_from_array expects an array on the CPU (numpy, or anything exposing DLPack or the "
+                         "buffer protocol)");
+  }
+  nb::object bits = nb::module_::import_("numpy").attr("asarray")(array).attr("view")("uint16");
+  return UploadAs(client, nb::cast<HostArray>(bits), device, PJRT_Buffer_Type_BF16);
+}
+
 nb::object ToNumpy(const BufferPtr& buffer) {
   const ArraySpec& spec = buffer->spec();
   const size_t bytes = spec.num_bytes();
@@ -62,6 +84,10 @@ nb::object ToNumpy(const BufferPtr& buffer) {
     buffer->ToHost(data, bytes);
   }
   std::vector<size_t> shape(spec.dims.begin(), spec.dims.end());
+  if (spec.type == PJRT_Buffer_Type_BF16) {
+    nb::object bits = nb::cast(nb::ndarray<nb::numpy, uint16_t>(data, shape.size(), shape.data(), owner));
+    return bits.attr("view")(nb::module_::import_("ml_dtypes").attr("bfloat16"));
+  }
   return nb::cast(nb::ndarray<nb::numpy>(data, shape.size(), shape.data(), owner, nullptr, ToDLPack(spec.type)));
 }
 
@@ -108,6 +134,19 @@ nb::dict StatsDict(const MemoryStats& stats) {
   return d;
 }
 
+std::pair<int, int> VersionPair(FfiApiVersion v) { return {v.major, v.minor}; }
+
+// The function pointer held by a capsule (jaxlib's handler capsules are named
+// "xla._CUSTOM_CALL_TARGET"; ctypes or user capsules may be unnamed).
+void* CapsulePointer(nb::handle capsule) {
+  if (!PyCapsule_CheckExact(capsule.ptr())) {
+    throw nb::type_error("expected a PyCapsule holding an XLA FFI handler (e.g. from jax.ffi.pycapsule)");
+  }
+  void* pointer = PyCapsule_GetPointer(capsule.ptr(), PyCapsule_GetName(capsule.ptr()));
+  if (pointer == nullptr) throw nb::python_error();
+  return pointer;
+}
+
 }  // namespace
 
 NB_MODULE(_runtime, m) {
@@ -143,7 +182,38 @@ NB_MODULE(_runtime, m) {
       .def_static("load", &Api::Load, nb::arg("path"), "dlopen a PJRT plugin and read its API table.")
       .def_prop_ro("path", &Api::path)
       .def_prop_ro("api_version", &Api::version, "(major, minor) PJRT C API version of the plugin.")
-      .def_prop_ro("attributes", &Api::attributes, "Plugin attributes, e.g. stablehlo_current_version.");
+      .def_prop_ro("attributes", &Api::attributes, "Plugin attributes, e.g. stablehlo_current_version.")
+      .def_prop_ro("can_register_ffi_handlers",
+                   [](const std::shared_ptr<const Api>& api) { return HasFfiHandlerRegistration(*api); },
+                   "Whether the plugin's PJRT FFI extension can register custom-call handlers.")
+      .def("ffi_api_version",
+           [](const std::shared_ptr<const Api>& api, const std::string& platform) {
+             return VersionPair(PluginFfiApiVersion(*api, platform));
+           },
+           nb::arg("platform"), "(major, minor) XLA FFI C API version of the plugin's XLA; (-1, -1) if unknown.")
+      .def("register_ffi_handler",
+           [](const std::shared_ptr<const Api>& api, const std::string& target, const std::string& platform,
+              nb::handle capsule, bool allow_adapter) {
+             return RegisterFfiHandler(*api, target, platform, CapsulePointer(capsule), allow_adapter) ==
+                            FfiRegistration::kAdapted
+                        ? "adapted"
+                        : "direct";
+           },
+           nb::arg("target"), nb::arg("platform"), nb::arg("handler"), nb::arg("allow_adapter") = false,
+           "Register a typed XLA FFI handler (a capsule) for custom-call `target` on `platform`; returns "
+           "'direct' or 'adapted' (a stateless handler one FFI minor version ahead, behind a version adapter).");
+
+  m.attr("XLA_FFI_API_VERSION") = VersionPair(BuiltFfiApiVersion());
+  m.def("ffi_handler_metadata",
+        [](nb::handle capsule) {
+          FfiHandlerMetadata info = QueryFfiHandler(CapsulePointer(capsule));
+          nb::dict d;
+          d["api_version"] = VersionPair(info.version);
+          d["traits"] = info.traits;
+          d["creates_state"] = info.creates_state;
+          return d;
+        },
+        nb::arg("handler"), "Metadata of a typed XLA FFI handler (a capsule): the FFI API version it was built with.");
 
   nb::class_<ArraySpec>(m, "ArraySpec")
       .def(nb::init<>())
@@ -207,7 +277,9 @@ NB_MODULE(_runtime, m) {
            },
            nb::arg("device") = 0, "The device's memory statistics, or None where the plugin keeps none.")
       .def("buffer_from_array", &Upload, nb::arg("array"), nb::arg("device") = 0,
-           "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.");
+           "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.")
+      .def("buffer_from_array", &UploadBfloat16, nb::arg("array"), nb::arg("device") = 0,
+           "Copy a numpy bfloat16 array (ml_dtypes) to a device.");
 
   nb::class_<Buffer>(m, "Buffer", "A device buffer owned by the runtime.")
       .def_prop_ro("spec", &Buffer::spec)

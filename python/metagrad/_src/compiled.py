@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import lowering, planner, programs, runtime, saved, trees
+from metagrad._src import ffi, lowering, module_checks, planner, programs, runtime, saved, trees
 from metagrad._src.layout import Layout, describe
 from metagrad._src.planner import Auto
 from metagrad._src.programs import Program
@@ -289,7 +289,8 @@ def compile_task(task, z_example, *, backend: str, fuse_forward: int, client=Non
            bool(jax.config.jax_enable_x64))
     if key not in _MEMORY:
         forward = programs.forward_of_task(task, layout)
-        exports = programs.export_forward(forward, layout)
+        exports = programs.export_forward(forward, layout, module_checks.check_lowered,
+                                          tuple(sorted(ffi.handled_targets())))
         names = BASE_PROGRAMS + ((f"advance_{fuse}",) if fuse > 1 else ())
         built = lowering.lower(exports, layout, names, backend=backend, target=runtime.stablehlo_target(client),
                                forward=forward)

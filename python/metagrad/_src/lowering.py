@@ -12,13 +12,14 @@ Built programs are cached on disk (``cache``), keyed by content.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import warnings
 
 import jax
 
-from metagrad._src import cache, enzyme_worker, programs
+from metagrad._src import cache, enzyme_worker, module_checks, programs
 from metagrad._src.layout import Layout
 from metagrad._src.programs import Program
 
@@ -45,7 +46,15 @@ _ADVICE = {
     "stablehlo.select_and_scatter": "This is the gradient of max-pooling inside the step; average pooling "
                                     "differentiates (and trains more smoothly). ",
     "stablehlo.sort": "Sorting (jnp.sort, argsort, median, quantile, top_k) crashes Enzyme. ",
+    "stablehlo.custom_call": "Custom calls (jnp.linalg's LAPACK kernels: solve, cholesky, eigh, qr...) have no "
+                             "Enzyme adjoint. ",
 }
+
+# Element types the JAX wrapper of enzyme-ad 0.0.16 can hand to Enzyme
+# (`maketup` in enzyme_ad/jax/primitives.py); any other (float16, uint8,
+# int16...) fails there with a bare KeyError.
+_ENZYME_DTYPES = frozenset({"bool", "int8", "int32", "int64", "uint32", "uint64", "bfloat16", "float32", "float64",
+                            "complex64", "complex128"})
 
 # Ops on which Enzyme crashes instead of raising (measured with enzyme-ad
 # 0.0.16). backend="auto" goes to JAX at once for programs that use them (a
@@ -79,10 +88,17 @@ def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
 
 
 def _build(exports, forward, layout: Layout, name: str, backend: str, target: str) -> Program:
+    # Programs built here are checked for ops the runtime cannot run (host
+    # callbacks, custom calls without a handler); Enzyme's reverses hold the
+    # same ops as the forward programs, which are checked before them.
     if backend == "jax" or not programs.is_reverse(name):
-        return programs.build(name, forward, layout, "jax", target)
+        return programs.build(name, forward, layout, "jax", target, module_checks.check_lowered)
     known = _known_crash(exports, name)
+    odd = next((s for s in (*layout.state, *layout.z, *layout.data) if s.dtype not in _ENZYME_DTYPES), None)
     try:
+        if odd is not None:
+            raise enzyme_worker.EnzymeFailed(f"{odd.path} is {odd.dtype}, which enzyme-ad's JAX wrapper does not "
+                                             f"pass to Enzyme")
         if backend == "auto" and known:
             raise enzyme_worker.EnzymeFailed(f"Enzyme crashes on {known}", known)
         return enzyme_worker.build({"name": name, "exports": exports, "layout": layout.to_json(), "target": target,
@@ -92,9 +108,8 @@ def _build(exports, forward, layout: Layout, name: str, backend: str, target: st
         if backend == "enzyme":
             raise EnzymeUnsupportedError(name, op, str(failure)) from None
         reason = f"no adjoint for '{op}'" if failure.op else str(failure).splitlines()[0][:200]
-        warnings.warn(f"backend='auto': Enzyme cannot differentiate {name} ({reason}); using JAX's autodiff for "
-                      f"{name}", stacklevel=5)
-        return programs.build(name, forward, layout, "jax", target)
+        program = programs.build(name, forward, layout, "jax", target, module_checks.check_lowered)
+        return dataclasses.replace(program, fallback=reason)
 
 
 def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, target: str,
@@ -117,6 +132,9 @@ def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, tar
                 forward = programs.forward_of_exports(exports)
             program = _build(exports, forward, layout, name, backend, target)
             cache.put("programs", entry, _encode(program))
+        if program.fallback:  # also when the program came from the cache
+            warnings.warn(f"backend='auto': Enzyme cannot differentiate {name} ({program.fallback}); using JAX's "
+                          f"autodiff for {name}", stacklevel=4)
         built[name] = program
     return built
 

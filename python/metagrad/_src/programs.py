@@ -48,13 +48,17 @@ class Program:
     inputs: tuple[Spec, ...]
     donated: tuple[bool, ...]
     outputs: tuple[Spec, ...]
+    fallback: str = ""  # why JAX built a reverse that backend="auto" asked of Enzyme
 
     def to_json(self) -> dict:
         """The manifest entry of this program (the artifact itself is stored beside it)."""
-        return {"backend": self.backend,
-                "inputs": [{"shape": list(s), "dtype": d, "donated": bool(k)}
-                           for (s, d), k in zip(self.inputs, self.donated)],
-                "outputs": [{"shape": list(s), "dtype": d} for s, d in self.outputs]}
+        entry = {"backend": self.backend,
+                 "inputs": [{"shape": list(s), "dtype": d, "donated": bool(k)}
+                            for (s, d), k in zip(self.inputs, self.donated)],
+                 "outputs": [{"shape": list(s), "dtype": d} for s, d in self.outputs]}
+        if self.fallback:
+            entry["fallback"] = self.fallback
+        return entry
 
     @classmethod
     def from_json(cls, name: str, entry: dict, artifact: bytes) -> "Program":
@@ -63,7 +67,8 @@ class Program:
             return tuple(int(d) for d in e["shape"]), str(e["dtype"])
 
         return cls(name, artifact, str(entry["backend"]), tuple(spec(e) for e in entry["inputs"]),
-                   tuple(bool(e["donated"]) for e in entry["inputs"]), tuple(spec(e) for e in entry["outputs"]))
+                   tuple(bool(e["donated"]) for e in entry["inputs"]), tuple(spec(e) for e in entry["outputs"]),
+                   str(entry.get("fallback", "")))
 
 
 class Forward(NamedTuple):
@@ -128,12 +133,25 @@ def signature(layout: Layout, name: str) -> tuple[list, tuple[bool, ...], list]:
     return inputs, tuple(donated), group_specs(layout, kind["outputs"])
 
 
-def export_forward(forward: Forward, layout: Layout) -> dict[str, bytes]:
-    """The forward functions, exported (serialized StableHLO with their signatures)."""
+def export_forward(forward: Forward, layout: Layout, check: Callable | None = None,
+                   custom_calls: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """The forward functions, exported (serialized StableHLO with their signatures).
+
+    ``custom_calls``: targets the runtime has handlers for, exported although
+    jax.export guarantees nothing about them. ``check(lowered, name)``
+    explains a function that cannot be exported (host callbacks, custom calls
+    without a handler) by refusing its lowered module.
+    """
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(target) for target in custom_calls]
     exports = {}
     for name in ("init", "step", "output"):
         inputs, _, _ = signature(layout, name)
-        exported = jax.export.export(jax.jit(getattr(forward, name)))(*inputs)
+        try:
+            exported = jax.export.export(jax.jit(getattr(forward, name)), disabled_checks=disabled)(*inputs)
+        except (NotImplementedError, ValueError):
+            if check is not None:
+                check(jax.jit(getattr(forward, name)).lower(*inputs), name)
+            raise
         # With its VJP, so that JAX's autodiff can differentiate a loaded export too.
         exports[name] = bytes(exported.serialize(vjp_order=1))
     return exports
@@ -265,8 +283,10 @@ def _spec(struct) -> Spec:
     return tuple(int(d) for d in struct.shape), np.dtype(struct.dtype).name
 
 
-def build(name: str, forward: Forward, layout: Layout, backend: str, target: str) -> Program:
-    """Lower program ``name`` to a portable artifact with its contract signature."""
+def build(name: str, forward: Forward, layout: Layout, backend: str, target: str,
+          check: Callable | None = None) -> Program:
+    """Lower program ``name`` to a portable artifact with its contract signature;
+    ``check(lowered, name)`` may refuse the lowered module first."""
     import warnings
 
     inputs, donated, outputs = signature(layout, name)
@@ -275,5 +295,7 @@ def build(name: str, forward: Forward, layout: Layout, backend: str, target: str
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         lowered = jax.jit(fn, donate_argnums=tuple(i for i, d in enumerate(donated) if d),
                           keep_unused=True).lower(*inputs)
+    if check is not None:
+        check(lowered, name)
     return Program(name, runtime.portable_artifact(lowered, target), backend if is_reverse(name) else "none",
                    tuple(_spec(s) for s in inputs), donated, tuple(_spec(s) for s in outputs))

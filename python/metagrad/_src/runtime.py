@@ -84,7 +84,11 @@ def load_plugin(path: str) -> Plugin:
 
 @functools.lru_cache(maxsize=None)
 def _client(path: str, options: tuple) -> Client:
-    return Client.create(load_plugin(path), dict(options))
+    from metagrad._src import ffi
+
+    client = Client.create(load_plugin(path), dict(options))
+    ffi.register_jaxlib_handlers(client)  # jnp.linalg's kernels; once per plugin
+    return client
 
 
 def get_client(plugin: str | None = None, *, cpu_device_count: int | None = None,
