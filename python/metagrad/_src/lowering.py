@@ -4,7 +4,8 @@ Forward programs are built in this process. Reverse programs are built by
 Enzyme in a separate process (``enzyme_worker``: a crash there cannot end
 this one) or by JAX's autodiff here. ``backend="auto"`` (the default) tries
 Enzyme for each reverse program and falls back to JAX, with one line of
-warning, wherever Enzyme fails; ``"enzyme"`` raises
+warning, wherever Enzyme fails (and takes JAX's batched reverse for m
+outputs at once); ``"enzyme"`` raises
 :class:`EnzymeUnsupportedError` instead; ``"jax"`` never uses Enzyme.
 
 Built programs are cached on disk (``cache``), keyed by content.
@@ -91,7 +92,11 @@ def _build(exports, forward, layout: Layout, name: str, backend: str, target: st
     # Programs built here are checked for ops the runtime cannot run (host
     # callbacks, custom calls without a handler); Enzyme's reverses hold the
     # same ops as the forward programs, which are checked before them.
-    if backend == "jax" or not programs.is_reverse(name):
+    # With m outputs at once, backend="auto" takes JAX's reverse, batched over
+    # the m cotangents (vmap): Enzyme's primitive has no batching rule, and its
+    # m reverses in a loop ran slower than m separate metagradients
+    # (bench/batched_outputs.py), where JAX's batch runs in about half their time.
+    if backend == "jax" or not programs.is_reverse(name) or (backend == "auto" and layout.outputs > 0):
         return programs.build(name, forward, layout, "jax", target, module_checks.check_lowered)
     known = _known_crash(exports, name)
     odd = next((s for s in (*layout.state, *layout.z, *layout.data) if s.dtype not in _ENZYME_DTYPES), None)

@@ -213,8 +213,16 @@ def function(name: str, forward: Forward, layout: Layout, backend: str) -> Calla
         return [next(it) if spec.floating else np.zeros(spec.shape, jax.dtypes.float0) for spec in layout.state]
 
     def pull_all(pull, cotangent, expand=lambda c: c):
-        """The vjp at one cotangent, or at each of the m cotangents stacked on a leading axis."""
-        return pull(expand(cotangent)) if m == 0 else jax.vmap(lambda c: pull(expand(c)))(cotangent)
+        """The vjp at one cotangent, or at each of the m cotangents stacked on a leading axis.
+
+        One forward pass serves all m: JAX's reverse is batched (vmap); Enzyme's
+        primitive has no batching rule, so its m reverses run in a loop.
+        """
+        if m == 0:
+            return pull(expand(cotangent))
+        if backend == "enzyme":
+            return jax.lax.map(lambda c: pull(expand(c)), cotangent)
+        return jax.vmap(lambda c: pull(expand(c)))(cotangent)
 
     def accumulate(acc, z_bar):
         return [a + jnp.asarray(g).astype(a.dtype) for a, g in zip(acc, z_bar)]
