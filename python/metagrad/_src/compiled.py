@@ -262,7 +262,14 @@ class CompiledTask:
         The C++ harness (``metagrad-bench``) and :func:`metagrad.load` run it
         without the user's code.
         """
-        saved.write(self, path)
+        exports = self.exports
+        if self.forward is not None:  # saved exports carry their VJPs (see programs.export_forward)
+            exports = programs.export_forward(self.forward, self.layout, custom_calls=_handled_calls(), vjp=True)
+        saved.write(self, path, exports)
+
+
+def _handled_calls() -> tuple[str, ...]:
+    return tuple(sorted(ffi.handled_targets()))
 
 
 # Programs take the data as arguments, so tasks that differ only in their data
@@ -289,8 +296,7 @@ def compile_task(task, z_example, *, backend: str, fuse_forward: int, client=Non
            bool(jax.config.jax_enable_x64))
     if key not in _MEMORY:
         forward = programs.forward_of_task(task, layout)
-        exports = programs.export_forward(forward, layout, module_checks.check_lowered,
-                                          tuple(sorted(ffi.handled_targets())))
+        exports = programs.export_forward(forward, layout, module_checks.check_lowered, _handled_calls())
         names = BASE_PROGRAMS + ((f"advance_{fuse}",) if fuse > 1 else ())
         built = lowering.lower(exports, layout, names, backend=backend, target=runtime.stablehlo_target(client),
                                forward=forward)

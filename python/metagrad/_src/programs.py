@@ -134,13 +134,15 @@ def signature(layout: Layout, name: str) -> tuple[list, tuple[bool, ...], list]:
 
 
 def export_forward(forward: Forward, layout: Layout, check: Callable | None = None,
-                   custom_calls: tuple[str, ...] = ()) -> dict[str, bytes]:
+                   custom_calls: tuple[str, ...] = (), vjp: bool = False) -> dict[str, bytes]:
     """The forward functions, exported (serialized StableHLO with their signatures).
 
     ``custom_calls``: targets the runtime has handlers for, exported although
     jax.export guarantees nothing about them. ``check(lowered, name)``
     explains a function that cannot be exported (host callbacks, custom calls
-    without a handler) by refusing its lowered module.
+    without a handler) by refusing its lowered module. ``vjp``: include each
+    function's VJP (for saved tasks, whose JAX reverses are built from the
+    exports; it doubles the export's cost, so compiling leaves it out).
     """
     disabled = [jax.export.DisabledSafetyCheck.custom_call(target) for target in custom_calls]
     exports = {}
@@ -152,8 +154,7 @@ def export_forward(forward: Forward, layout: Layout, check: Callable | None = No
             if check is not None:
                 check(jax.jit(getattr(forward, name)).lower(*inputs), name)
             raise
-        # With its VJP, so that JAX's autodiff can differentiate a loaded export too.
-        exports[name] = bytes(exported.serialize(vjp_order=1))
+        exports[name] = bytes(exported.serialize(vjp_order=1 if vjp else 0))
     return exports
 
 

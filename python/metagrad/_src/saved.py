@@ -34,7 +34,7 @@ MANIFEST_VERSION = _runtime.MANIFEST_VERSION  # the constant the C++ reader chec
 FORMAT = "metagrad-task"
 
 
-def write(compiled, path: str) -> None:
+def write(compiled, path: str, exports: dict[str, bytes]) -> None:
     import enzyme_ad
     import jaxlib
     from jaxlib.mlir.dialects import stablehlo
@@ -51,7 +51,7 @@ def write(compiled, path: str) -> None:
 
     program_entries = {name: {"file": write(f"programs/{name}.mlirbc", p.artifact), **p.to_json()}
                        for name, p in compiled.programs.items()}
-    exports = {name: write(f"exports/{name}.jaxexport", blob) for name, blob in compiled.exports.items()}
+    exports = {name: write(f"exports/{name}.jaxexport", blob) for name, blob in exports.items()}
     z_leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(compiled.z_example)]
     arrays = {prefix: [write(f"arrays/{prefix}_{i}.bin", np.ascontiguousarray(leaf).tobytes())
                        for i, leaf in enumerate(leaves)]
