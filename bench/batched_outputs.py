@@ -15,14 +15,12 @@ Writes bench/results/batched_outputs.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import numpy as np
 
-from common import RESULTS_DIR, machine_notes
+from common import write_results
 
 
 def main(argv=None):
@@ -66,18 +64,12 @@ def main(argv=None):
         print(f"m={m:3d}: one call {row['batched_s']:.3f} s, {m} calls {row['separate_s']:.3f} s, "
               f"ratio {row['ratio']:.3f}; max relative difference {error:.1e}", flush=True)
 
-    os.makedirs(RESULTS_DIR, exist_ok=True)
     lines = [f"# Many outputs at once (digits MLP, T = {args.steps}, {schedule!r}, backend {args.backend})", "",
              "| m | one call with m outputs (s) | m separate calls (s) | ratio | max relative difference |",
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['m']} | {r['batched_s']:.3f} | {r['separate_s']:.3f} | {r['ratio']:.3f} | "
               f"{r['max_relative_difference']:.1e} |" for r in rows]
-    with open(os.path.join(RESULTS_DIR, "batched_outputs.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(RESULTS_DIR, "batched_outputs.json"), "w") as f:
-        json.dump({"machine": machine_notes(), "steps": args.steps, "schedule": repr(schedule), "rows": rows}, f,
-                  indent=1)
-    print("\n".join(lines))
+    write_results("batched_outputs", lines, {"steps": args.steps, "schedule": repr(schedule), "rows": rows})
 
 
 if __name__ == "__main__":

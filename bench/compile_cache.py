@@ -23,7 +23,7 @@ import sys
 import tempfile
 import textwrap
 
-from common import BENCH_DIR, RESULTS_DIR, machine_notes
+from common import BENCH_DIR, write_results
 
 CHILD = textwrap.dedent("""
     import json, sys, time
@@ -132,17 +132,12 @@ def main(argv=None):
         rows.append(row)
         print(f"{kind}: first compile {row['first_s']:.1f} s, second process {row['second_s']:.2f} s "
               f"= {100 * row['ratio']:.1f}% (target <= 10%: {'met' if row['target_met'] else 'MISSED'})", flush=True)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
     lines = ["# Compile time: a second process with the persistent cache", "",
              "| task | first compile (s) | second process (s) | second / first | target <= 10% |",
              "|---|---:|---:|---:|---|"]
     lines += [f"| {r['task']} | {r['first_s']:.1f} | {r['second_s']:.2f} | {100 * r['ratio']:.1f}% | "
               f"{'met' if r['target_met'] else 'missed'} |" for r in rows]
-    with open(os.path.join(RESULTS_DIR, "compile_cache.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(RESULTS_DIR, "compile_cache.json"), "w") as f:
-        json.dump({"machine": machine_notes(), "rows": rows}, f, indent=1)
-    print("\n".join(lines))
+    write_results("compile_cache", lines, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ must survive and print what the parent checks.
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import textwrap
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -100,8 +100,8 @@ def check_custom_calls(module, program: str, handled: Collection[str] | None = N
         raise UnsupportedOpError(
             program, target,
             f"{program} contains custom call '{target}'{_where(location)}, which has no handler in metagrad's "
-            f"PJRT plugin" + (f": {reason}" if reason else "") + ". Express the op with jax.numpy / jax.lax, or "
-            f"register its XLA FFI handler with metagrad.runtime.register_ffi_target(name, capsule).")
+            "PJRT plugin" + (f": {reason}" if reason else "") + ". Express the op with jax.numpy / jax.lax, or "
+            "register its XLA FFI handler with metagrad.runtime.register_ffi_target(name, capsule).")
 
 
 def check_lowered(lowered, program: str) -> None:
