@@ -84,9 +84,9 @@ def test_metagradients(cfg: D.TrainConfig, split: dict, test_idx, seed: int, eng
     and its metagradient with respect to the per-example weights.
 
     One metagradient call per test example, all sharing one compiled task
-    (``out_w`` picks the example). When the runtime takes the metagradients of
-    ``m`` outputs in one call, this becomes one call of a task whose output is
-    the vector of the ``m`` losses.
+    (a one-hot ``out_w`` picks the example). When the runtime takes the
+    metagradients of ``m`` outputs in one call, ``out_w=np.eye(m)`` makes the
+    output the vector of the ``m`` losses and the loop below one call.
     """
     m, n = len(test_idx), len(split["y_train"])
     x, y = split["x_test"][test_idx], split["y_test"][test_idx]

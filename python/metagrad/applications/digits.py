@@ -15,8 +15,9 @@ The metaparameter's *role* says where ``z`` enters training:
   linearly interpolated per step, shape ``[K]``.
 
 The output ``phi`` is the mean cross-entropy on the validation set, or, with
-``output="weighted"``, ``sum_j data["out_w"][j] * loss(test example j)``
-(one-hot ``out_w`` gives a single test example's loss).
+``output="weighted"``, ``data["out_w"] @ (the losses of the test examples)``
+(a one-hot ``out_w`` gives a single test example's loss; an identity matrix the
+vector of all of them, for a runtime that takes metagradients of many outputs).
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def _functions(cfg: TrainConfig, role: str, output: str):
         if output == "val":
             return jnp.mean(_ce(apply(cfg, state["params"], data["x_val"]), data["y_val"]))
         per = _ce(apply(cfg, state["params"], data["x_out"]), data["y_out"])
-        return jnp.sum(data["out_w"] * per)
+        return data["out_w"] @ per
 
     return init, step, out
 
