@@ -138,17 +138,6 @@ class Metagradient:
         self.calls += 1
         return self.at(i, z)
 
-    def train(self, z, i: int = 0):
-        """The final state of task ``i`` at ``z`` (through the same engine)."""
-        if self.engine != "jax":
-            try:
-                return self._compiled_task(i).train(z)
-            except Exception as err:
-                if self.requested != "auto":
-                    raise
-                self._fallback(err)
-        return baselines.train(self.tasks[i], z)
-
 
 def _jsonable(x):
     if isinstance(x, dict):

@@ -36,7 +36,7 @@ from metagrad.applications.common import bar
 
 __all__ = ["TrainConfig", "load_split", "flip_labels", "init_params", "make_task", "apply", "evaluate",
            "train_loss", "lr_at", "per_example_loss", "margin", "train_grid", "train_many", "trajectory",
-           "evaluate_grid", "evaluate_grid_per_example", "final_params", "ensemble", "optimizer", "ROLES", "OUTPUTS"]
+           "evaluate_grid", "evaluate_grid_per_example", "ensemble", "optimizer", "ROLES", "OUTPUTS"]
 
 ROLES = ("weights", "poison", "lr")
 OUTPUTS = ("val", "weighted")
@@ -322,10 +322,6 @@ def make_task(cfg: TrainConfig, split: dict, *, role: str, output: str = "val", 
 # --------------------------------------------------------------------------- #
 # evaluation helpers
 # --------------------------------------------------------------------------- #
-
-def final_params(state) -> dict:
-    return state["params"]
-
 
 @functools.lru_cache(maxsize=None)
 def _eval_fn(cfg: TrainConfig):
