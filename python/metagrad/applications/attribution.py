@@ -83,18 +83,23 @@ def test_metagradients(cfg: D.TrainConfig, split: dict, test_idx, seed: int, eng
     """``(values [m], grads [m, n])``: each test example's loss at ``z = 1`` under training seed ``seed``,
     and its metagradient with respect to the per-example weights.
 
-    One metagradient call per test example, all sharing one compiled task
-    (a one-hot ``out_w`` picks the example). When the runtime takes the
-    metagradients of ``m`` outputs in one call, ``out_w=np.eye(m)`` makes the
-    output the vector of the ``m`` losses and the loop below one call.
+    All m in one call: ``out_w = np.eye(m)`` makes the output the vector of the
+    m losses, whose metagradients the runtime takes from one forward pass and
+    one set of replays (the JAX engine: one scan per example).
     """
     m, n = len(test_idx), len(split["y_train"])
     x, y = split["x_test"][test_idx], split["y_test"][test_idx]
-    tasks = [D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", output="weighted",
-                         x_out=x, y_out=y, out_w=np.eye(m)[j]) for j in range(m)]
-    meta = Metagradient(tasks, np.ones(n, np.float32), engine=engine)
-    rows = [meta.at(j, np.ones(n, np.float32)) for j in range(m)]
-    return np.array([v for v, _ in rows]), np.stack([np.asarray(g, np.float64) for _, g in rows]), meta
+    if resolve_engine(engine) == "jax":  # jax.grad wants a scalar output: one task per example
+        tasks = [D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", output="weighted",
+                             x_out=x, y_out=y, out_w=np.eye(m)[j]) for j in range(m)]
+        meta = Metagradient(tasks, np.ones(n, np.float32), engine=engine)
+        rows = [meta.at(j, np.ones(n, np.float32)) for j in range(m)]
+        return np.array([v for v, _ in rows]), np.stack([np.asarray(g, np.float64) for _, g in rows]), meta
+    task = D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", output="weighted",
+                       x_out=x, y_out=y, out_w=np.eye(m))
+    meta = Metagradient(task, np.ones(n, np.float32), engine=engine)
+    values, grads = meta.at(0, np.ones(n, np.float32))
+    return np.asarray(values), np.asarray(grads, np.float64), meta
 
 
 @functools.lru_cache(maxsize=None)

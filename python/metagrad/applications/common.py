@@ -76,7 +76,8 @@ def resolve_engine(engine: str) -> str:
 
 
 class Metagradient:
-    """``z -> (value, grad)`` for one or several tasks of the same shapes.
+    """``z -> (value, grad)`` for one or several tasks of the same shapes (for a task
+    with m outputs, ``value`` has m entries and ``grad`` a leading m axis).
 
     With several tasks (e.g. the same recipe under different seeds), call
     ``i`` uses task ``i % len(tasks)`` (MGD then averages over training
@@ -84,14 +85,12 @@ class Metagradient:
     gradients come back as numpy arrays. Compilation is lazy and cached.
     """
 
-    def __init__(self, tasks: Task | Sequence[Task], z_example, *, engine: str = "auto", k: int = 4,
-                 backend: str = "auto"):
+    def __init__(self, tasks: Task | Sequence[Task], z_example, *, engine: str = "auto", backend: str = "auto"):
         self.tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
         if not self.tasks:
             raise ValueError("Metagradient needs at least one task")
         self.requested = engine
         self.engine = resolve_engine(engine)
-        self.k = k
         self.backend = backend
         self.z_example = z_example
         self._compiled: dict[int, Any] = {}
@@ -118,17 +117,14 @@ class Metagradient:
         if self.engine == "jax":
             value, grad = baselines.scan_metagradient(task, z)
         else:
-            import metagrad
-
             try:
-                value, grad = self._compiled_task(i % len(self.tasks)).metagradient(
-                    z, schedule=metagrad.Budget(k=self.k))
+                value, grad = self._compiled_task(i % len(self.tasks)).metagradient(z)  # the planner's choice
             except Exception as err:
                 if self.requested != "auto":
                     raise
                 self._fallback(err)
                 return self.at(i, z)
-        value = float(value)
+        value = float(value) if np.ndim(value) == 0 else np.asarray(value)  # m outputs: their m values
         grad = jax.tree_util.tree_map(np.asarray, grad)
         self.seconds += time.perf_counter() - t0
         return value, grad
