@@ -19,12 +19,16 @@ const Plan& PlanFromPython(nb::handle plan);  // schedule_bindings.cc
 
 namespace {
 
-// Called by the runner between executions with the GIL released: a pending
-// Ctrl-C becomes KeyboardInterrupt, raised through the runner (whose buffers
-// are released on the way out) back to the caller.
-void CheckSignals() {
-  nb::gil_scoped_acquire acquire;
-  if (PyErr_CheckSignals() != 0) throw nb::python_error();
+// The runner's monitor, called between executions with the GIL released: a
+// pending Ctrl-C becomes KeyboardInterrupt, raised through the runner (whose
+// buffers are released on the way out) back to the caller; `progress`, if
+// given, is called with (steps done, total).
+TaskRunner::Monitor Monitor(nb::object progress) {
+  return [progress](int64_t done, int64_t total) {
+    nb::gil_scoped_acquire acquire;
+    if (PyErr_CheckSignals() != 0) throw nb::python_error();
+    if (!progress.is_none()) progress(done, total);
+  };
 }
 
 nb::dict KindDict(const ProgramKind& kind) {
@@ -98,23 +102,25 @@ void BindTaskRunner(nb::module_& m) {
            nb::arg("programs"), nb::arg("layout"), nb::arg("steps"), nb::arg("data"))
       .def_prop_ro("steps", &TaskRunner::steps)
       .def("train",
-           [](TaskRunner& runner, const std::vector<BufferPtr>& z) {
+           [](TaskRunner& runner, const std::vector<BufferPtr>& z, nb::object progress) {
              RunReport report;
              std::vector<BufferPtr> state;
-             runner.SetInterruptCheck(CheckSignals);
+             runner.SetMonitor(Monitor(progress));
              {
                nb::gil_scoped_release release;
                state = runner.Train(z, &report);
              }
              return nb::make_tuple(state, report);
            },
-           nb::arg("z"), "init and all steps; returns (final state buffers, report).")
+           nb::arg("z"), nb::arg("progress") = nb::none(),
+           "init and all steps; returns (final state buffers, report). progress(done, total) is called between "
+           "executions, at most every 50 ms.")
       .def("metagradient",
            [](TaskRunner& runner, const std::vector<BufferPtr>& z, nb::handle plan_object, int64_t determinism_stride,
-              bool check_finite) {
+              bool check_finite, nb::object progress) {
              const Plan& plan = PlanFromPython(plan_object);
              TaskRunner::Result result;
-             runner.SetInterruptCheck(CheckSignals);
+             runner.SetMonitor(Monitor(progress));
              {
                nb::gil_scoped_release release;
                result = runner.Metagradient(z, plan, MetagradientOptions{determinism_stride, check_finite});
@@ -122,10 +128,12 @@ void BindTaskRunner(nb::module_& m) {
              return nb::make_tuple(result.value, result.grad, result.report);
            },
            nb::arg("z"), nb::arg("plan"), nb::arg("determinism_stride") = 0, nb::arg("check_finite") = false,
-           "Run the plan; returns (phi buffer, metagradient buffers, report).")
+           nb::arg("progress") = nb::none(),
+           "Run the plan; returns (phi buffer, metagradient buffers, report). progress(done, total): forward and "
+           "reversed steps, called between executions at most every 50 ms.")
       .def("calibrate",
            [](TaskRunner& runner, const std::vector<BufferPtr>& z, int repeats) {
-             runner.SetInterruptCheck(CheckSignals);
+             runner.SetMonitor(Monitor(nb::none()));
              nb::gil_scoped_release release;
              return runner.Calibrate(z, repeats);
            },

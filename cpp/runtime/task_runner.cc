@@ -127,11 +127,11 @@ int64_t TaskRunner::ExecutionBytes(const ExecutablePtr& program) {
 std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
                                        const std::vector<const std::vector<BufferPtr>*>& groups,
                                        RunReport& report) {
-  if (interrupt_check_) {
+  if (monitor_) {
     const auto now = Clock::now();
     if (now - last_check_ >= std::chrono::milliseconds(50)) {
       last_check_ = now;
-      interrupt_check_();
+      monitor_(report.forward_steps + report.reversed_steps, monitor_total_);
     }
   }
   std::vector<Buffer*> args;
@@ -161,11 +161,14 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
   RunReport local;
   RunReport& r = report ? *report : local;
   const auto start = Clock::now();
+  monitor_total_ = steps_;
   std::vector<BufferPtr> state = Run(programs_.init, {&z, &data_}, r);
-  for (const auto& chunk : Chunks(0, steps_)) state = Apply(state, z, chunk, r);
+  for (const auto& chunk : Chunks(0, steps_)) {
+    state = Apply(state, z, chunk, r);
+    r.forward_steps += chunk.second;
+  }
   AwaitAll(state);
   r.steps = steps_;
-  r.forward_steps = steps_;
   r.state_bytes = layout_.state_bytes();
   r.seconds_forward = r.seconds_total = SecondsSince(start);
   return state;
@@ -236,10 +239,10 @@ class Traversal {
       position_ = chunk.first + chunk.second;
       if (!replaying_) first_pass_chunk_start_[position_] = chunk.first;
       exact_ = exact_ && first_pass_chunk_start_.count(position_) && first_pass_chunk_start_[position_] == chunk.first;
+      report_.forward_steps += chunk.second;
       if (options_.check_finite && !replaying_) CheckStateFinite(before, chunk);
       if (options_.determinism_stride > 0 && position_ % options_.determinism_stride == 0) CheckDeterminism();
     }
-    report_.forward_steps += action.count;
   }
 
   void Save(const Action& action) {
@@ -423,6 +426,7 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
     }
   }
   Result result;
+  monitor_total_ = stats.forward_steps + steps_;
   Traversal traversal(*this, z, options, result);
   traversal.Begin();
   for (const Action& action : plan) traversal.Do(action);

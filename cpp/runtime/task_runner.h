@@ -93,8 +93,10 @@ class TaskRunner {
   const TaskLayout& layout() const { return layout_; }
 
   // Called between executions, at most every 50 ms, during Train and
-  // Metagradient; it may throw to abandon the run (a Ctrl-C from Python).
-  void SetInterruptCheck(std::function<void()> check) { interrupt_check_ = std::move(check); }
+  // Metagradient, with the steps done (forward and reversed) and the run's
+  // total; it may throw to abandon the run (a Ctrl-C from Python).
+  using Monitor = std::function<void(int64_t done, int64_t total)>;
+  void SetMonitor(Monitor monitor) { monitor_ = std::move(monitor); }
 
   // init then all T steps; returns the final state.
   std::vector<BufferPtr> Train(const std::vector<BufferPtr>& z, RunReport* report = nullptr);
@@ -137,7 +139,8 @@ class TaskRunner {
   std::vector<int64_t> advance_lengths_;  // of the fused forward programs
   std::vector<BufferPtr> step_indices_;  // int32 scalars t, uploaded once
   std::map<const Executable*, int64_t> execution_bytes_;
-  std::function<void()> interrupt_check_;
+  Monitor monitor_;
+  int64_t monitor_total_ = 0;
   std::chrono::steady_clock::time_point last_check_{};
 };
 

@@ -15,6 +15,7 @@ from metagrad._src import ffi, lowering, module_checks, planner, programs, runti
 from metagrad._src.layout import Layout, describe
 from metagrad._src.planner import Auto
 from metagrad._src.programs import Program
+from metagrad._src.progress import steps_bar
 
 # The report of a run: bound from C++ (cpp/runtime/task_runner.h lists its fields).
 Report = _runtime.Report
@@ -207,17 +208,21 @@ class CompiledTask:
             leaves.append(array if spec.key_impl is None else jax.random.wrap_key_data(array, impl=spec.key_impl))
         return self.layout.unflatten("state", leaves)
 
-    def train(self, z):
-        """Train with metaparameter ``z``; returns the final state (numpy leaves)."""
+    def train(self, z, *, progress: bool | None = None):
+        """Train with metaparameter ``z``; returns the final state (numpy leaves).
+
+        ``progress``: a tqdm bar for runs over a second (None: on a terminal only).
+        """
         forward = max((b.bytes for name, b in self._runner().program_bytes().items()
                        if name == "step" or name.startswith("advance_")), default=0)
         planner.check_fits(self.client, forward + self.layout.state_bytes, self.data_bytes, "training",
                            "The state, data and z must fit the device.")
-        state, _ = self._runner().train(self._z_buffers(z))
+        with steps_bar("training", progress) as bar:
+            state, _ = self._runner().train(self._z_buffers(z), bar)
         return self._state_tree(state)
 
     def metagradient(self, z, schedule=None, *, check_determinism: bool | int = False, check_finite: bool = False,
-                     report: bool = False):
+                     report: bool = False, progress: bool | None = None):
         """``phi(A(z))`` and its exact gradient with respect to ``z``.
 
         Args:
@@ -234,6 +239,8 @@ class CompiledTask:
           check_finite: raise ``CheckFailed`` at the first forward step whose
             state, or the first reversed step whose cotangent, holds NaN or Inf.
           report: also return a :class:`Report` of the run.
+          progress: a tqdm bar of the forward and reversed steps for runs over a
+            second (None, the default: only when stderr is a terminal).
 
         Returns:
           ``(value, grad)``, or ``(value, grad, report)``; ``grad`` has z's structure.
@@ -243,7 +250,8 @@ class CompiledTask:
         report = _check_flag("report", report)
         z_buffers = self._z_buffers(z)
         described, plan, fused, seconds, peak, budget = self._plan(schedule, z_buffers)
-        value, grad, stats = self._runner(fused).metagradient(z_buffers, plan, stride, check_finite)
+        with steps_bar("metagradient", progress) as bar:
+            value, grad, stats = self._runner(fused).metagradient(z_buffers, plan, stride, check_finite, bar)
         value = value.to_numpy()
         value = value[()] if value.ndim == 0 else value
         grad = [b.to_numpy().astype(spec.dtype, copy=False) for b, spec in zip(grad, self.layout.z)]
