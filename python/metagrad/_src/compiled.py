@@ -100,6 +100,7 @@ class CompiledTask:
     layout: Layout
     steps: int
     backend: str
+    loop: str  # how programs of several steps are written (programs.LOOPS)
     exports: dict[str, bytes] = field(repr=False)  # the forward functions: every program derives from them
     programs: dict[str, Program] = field(repr=False)
     client: Any = field(repr=False)
@@ -127,7 +128,7 @@ class CompiledTask:
         if not missing:
             return
         built = lowering.lower(self.exports, self.layout, missing, backend=self.backend,
-                               target=runtime.stablehlo_target(self.client), forward=self.forward)
+                               target=runtime.stablehlo_target(self.client), loop=self.loop, forward=self.forward)
         for name, program in built.items():
             self.programs[name] = program
             self._executables[name] = runtime.compile_program(program, self.client)
@@ -149,7 +150,7 @@ class CompiledTask:
     def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int]:
         """The plan Auto picks. Whether any plan fits is settled from the programs'
         compiled memory alone; only then are they calibrated (once), which runs them."""
-        leaves = tuple(auto.leaves or planner.DEFAULT_LEAVES)
+        leaves = tuple(auto.leaves or planner.DEFAULT_LEAVES[self.loop])
         fused = tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
         runner = self._runner(fused)
         sizes = runner.program_bytes()
@@ -193,7 +194,7 @@ class CompiledTask:
         keeps the forward functions, but that needs jax and enzyme-ad).
         """
         if isinstance(schedule, Auto):
-            leaves = schedule.leaves or planner.DEFAULT_LEAVES
+            leaves = schedule.leaves or planner.DEFAULT_LEAVES[self.loop]
             self._runner(tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)})))
         else:
             self._runner(self._plan(schedule)[2])
@@ -290,28 +291,30 @@ def forget_compiled() -> None:
     _MEMORY.clear()
 
 
-def compile_task(task, z_example, *, backend: str, fuse_forward: int, client=None) -> CompiledTask:
+def compile_task(task, z_example, *, backend: str, fuse_forward: int, loop: str, client=None) -> CompiledTask:
     """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``."""
     if backend not in lowering.BACKENDS:
         raise ValueError(f"backend must be one of {lowering.BACKENDS}, got {backend!r}")
+    if loop not in programs.LOOPS:
+        raise ValueError(f"loop must be one of {programs.LOOPS}, got {loop!r}")
     if isinstance(fuse_forward, bool) or not isinstance(fuse_forward, (int, np.integer)) or fuse_forward < 1:
         raise ValueError(f"fuse_forward must be an integer >= 1 (steps per forward execution), got {fuse_forward!r}")
     client = client or runtime.get_client()
     layout = describe(task, z_example)
     steps = int(task.steps)
     fuse = int(min(fuse_forward, steps))
-    key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, fuse, id(client),
-           bool(jax.config.jax_enable_x64))
+    key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, fuse, loop,
+           id(client), bool(jax.config.jax_enable_x64))
     if key not in _MEMORY:
         forward = programs.forward_of_task(task, layout)
         exports = programs.export_forward(forward, layout, module_checks.check_lowered, _handled_calls())
         names = BASE_PROGRAMS + ((f"advance_{fuse}",) if fuse > 1 else ())
         built = lowering.lower(exports, layout, names, backend=backend, target=runtime.stablehlo_target(client),
-                               forward=forward)
+                               loop=loop, forward=forward)
         _MEMORY[key] = (forward, exports, built,
                         {name: runtime.compile_program(p, client) for name, p in built.items()})
     forward, exports, built, executables = _MEMORY[key]
-    return CompiledTask(layout, steps, backend, exports, built, client,
+    return CompiledTask(layout, steps, backend, loop, exports, built, client,
                         data=_host_leaves(task.data, layout.data, "data"),
                         z_example=jax.tree_util.tree_map(np.asarray, z_example), forward=forward,
                         _executables=executables)

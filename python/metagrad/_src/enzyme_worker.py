@@ -76,7 +76,7 @@ def _serve() -> None:
             jax.config.update("jax_enable_x64", request["x64"])
             forward = programs.forward_of_exports(request["exports"])
             layout = Layout.from_json(request["layout"])
-            program = programs.build(request["name"], forward, layout, "enzyme", request["target"])
+            program = programs.build(request["name"], forward, layout, "enzyme", request["target"], request["loop"])
             reply = {"program": program}
         except Exception as error:  # every failure goes back to the caller, typed there
             text = f"{type(error).__name__}: {error}"

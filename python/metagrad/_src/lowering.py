@@ -77,8 +77,8 @@ def _versions() -> dict:
             "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16")}
 
 
-def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str) -> str:
-    return cache.key("program", _versions(), layout.to_json(), name, backend, target,
+def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str, loop: str) -> str:
+    return cache.key("program", _versions(), layout.to_json(), name, backend, target, loop,
                      bool(jax.config.jax_enable_x64), *(exports[k] for k in sorted(exports)))
 
 
@@ -88,7 +88,7 @@ def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
     return next((op for op in _CRASHES_ENZYME if f"{op}" in text), None)
 
 
-def _build(exports, forward, layout: Layout, name: str, backend: str, target: str) -> Program:
+def _build(exports, forward, layout: Layout, name: str, backend: str, target: str, loop: str) -> Program:
     # Programs built here are checked for ops the runtime cannot run (host
     # callbacks, custom calls without a handler); Enzyme's reverses hold the
     # same ops as the forward programs, which are checked before them.
@@ -97,7 +97,7 @@ def _build(exports, forward, layout: Layout, name: str, backend: str, target: st
     # m reverses in a loop ran slower than m separate metagradients
     # (bench/batched_outputs.py), where JAX's batch runs in about half their time.
     if backend == "jax" or not programs.is_reverse(name) or (backend == "auto" and layout.outputs > 0):
-        return programs.build(name, forward, layout, "jax", target, module_checks.check_lowered)
+        return programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered)
     known = _known_crash(exports, name)
     odd = next((s for s in (*layout.state, *layout.z, *layout.data) if s.dtype not in _ENZYME_DTYPES), None)
     try:
@@ -107,17 +107,17 @@ def _build(exports, forward, layout: Layout, name: str, backend: str, target: st
         if backend == "auto" and known:
             raise enzyme_worker.EnzymeFailed(f"Enzyme crashes on {known}", known)
         return enzyme_worker.build({"name": name, "exports": exports, "layout": layout.to_json(), "target": target,
-                                    "x64": bool(jax.config.jax_enable_x64)})
+                                    "loop": loop, "x64": bool(jax.config.jax_enable_x64)})
     except enzyme_worker.EnzymeFailed as failure:
         op = failure.op or known
         if backend == "enzyme":
             raise EnzymeUnsupportedError(name, op, str(failure)) from None
         reason = f"no adjoint for '{op}'" if failure.op else str(failure).splitlines()[0][:200]
-        program = programs.build(name, forward, layout, "jax", target, module_checks.check_lowered)
+        program = programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered)
         return dataclasses.replace(program, fallback=reason)
 
 
-def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, target: str,
+def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, target: str, loop: str = "unroll",
           forward: programs.Forward | None = None) -> dict[str, Program]:
     """Programs ``names`` of the task with these exported forward functions.
 
@@ -128,14 +128,16 @@ def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, tar
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if loop not in programs.LOOPS:
+        raise ValueError(f"loop must be one of {programs.LOOPS}, got {loop!r}")
     built = {}
     for name in names:
-        entry = program_key(exports, layout, name, backend, target)
+        entry = program_key(exports, layout, name, backend, target, loop)
         program = _decode(name, cache.get("programs", entry))
         if program is None:
             if forward is None:
                 forward = programs.forward_of_exports(exports)
-            program = _build(exports, forward, layout, name, backend, target)
+            program = _build(exports, forward, layout, name, backend, target, loop)
             cache.put("programs", entry, _encode(program))
         if program.fallback:  # also when the program came from the cache
             warnings.warn(f"backend='auto': Enzyme cannot differentiate {name} ({program.fallback}); using JAX's "

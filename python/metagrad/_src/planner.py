@@ -32,7 +32,11 @@ from metagrad._src.schedules import Budget, plan_revolve
 
 DEFAULT_CPU_BUDGET = 2 * 2**30
 GPU_BUDGET_SHARE = 0.5
-DEFAULT_LEAVES = (1, 10)
+# Fused reverse lengths Auto considers: unrolled programs compile in time that
+# grows with their length (11 s at 10 steps, 35 s at 25 for the digits MLP),
+# lax.scan programs in constant time, and long scans of dot-heavy steps run
+# fastest per step (docs/performance.md).
+DEFAULT_LEAVES = {"unroll": (1, 10), "scan": (1, 10, 100)}
 
 
 class DeviceMemoryError(MemoryError):
@@ -53,8 +57,9 @@ class Auto:
     Attributes:
       memory: bytes the run may hold on the device, data and z included
         (default: 2 GiB on the CPU plugin, half the free memory of a GPU).
-      leaves: fused reverse block lengths to consider (default ``(1, 10)``,
-        capped at T); each length > 1 compiles one more reverse program.
+      leaves: fused reverse block lengths to consider (default ``(1, 10)``, or
+        ``(1, 10, 100)`` for a task compiled with ``loop="scan"``; capped at T);
+        each length > 1 compiles one more reverse program.
     """
 
     memory: int | None = None

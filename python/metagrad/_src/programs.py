@@ -172,6 +172,9 @@ def _split(args, *sizes):
     return out
 
 
+LOOPS = ("unroll", "scan")  # how programs of n > 1 steps are written (see _Builder.steps)
+
+
 def _reversible(forward: Forward, layout: Layout, backend: str) -> Forward:
     """The forward functions as Enzyme differentiates them (``backend="enzyme"``), else as they are."""
     if backend != "enzyme":
@@ -190,116 +193,135 @@ def _reversible(forward: Forward, layout: Layout, backend: str) -> Forward:
                    enzyme_jax_ir()(forward.output))
 
 
-def function(name: str, forward: Forward, layout: Layout, backend: str) -> Callable:
-    """The flat function of program ``name``; ``backend`` ("enzyme" or "jax") builds the reverses."""
-    kind, n = kind_of(name)
-    ns, nz, nx = len(layout.state), len(layout.z), len(layout.data)
-    diff = [i for i, spec in enumerate(layout.state) if spec.floating]
-    nd = len(diff)
-    m = layout.outputs
-    acc_dtypes = [a.dtype for a in layout.accumulators()]
+class _Builder:
+    """The flat function of each program kind, for one task and backend."""
 
-    def merge(state, leaves):
+    def __init__(self, forward: Forward, layout: Layout, backend: str, loop: str):
+        self.forward, self.layout, self.backend, self.loop = forward, layout, backend, loop
+        self.sizes = len(layout.state), len(layout.z), len(layout.data)
+        self.diff = [i for i, spec in enumerate(layout.state) if spec.floating]
+        self.m = layout.outputs
+
+    @property
+    def rev(self) -> Forward:
+        return _reversible(self.forward, self.layout, self.backend)
+
+    def steps(self, step: Callable, n: int, state: list, z: list, x: list, t0) -> list:
+        """n steps from t0. Unrolled by default: XLA's CPU backend runs convolutions
+        inside a while loop several times slower; ``loop="scan"`` writes a lax.scan,
+        which compiles in constant time and runs long fused reverses of dot-heavy
+        steps faster (docs/performance.md). Enzyme aborts on a scan's
+        stablehlo.while, so with Enzyme JAX differentiates the loop and Enzyme each step."""
+        if n == 1 or self.loop == "unroll":
+            for i in range(n):
+                state = list(step(*state, *z, *x, t0 + i))
+            return state
+        body = lambda carry, i: (list(step(*carry, *z, *x, t0 + i)), None)  # noqa: E731
+        return jax.lax.scan(body, state, jnp.arange(n, dtype=jnp.int32))[0]
+
+    def merge(self, state, leaves) -> list:
         state = list(state)
-        for i, leaf in zip(diff, leaves):
+        for i, leaf in zip(self.diff, leaves):
             state[i] = leaf
         return state
 
-    def full(d_leaves):
-        """A cotangent for every state leaf: ``d_leaves`` where differentiable, float0 zeros elsewhere.
-
-        Enzyme's vjp wants one cotangent per output of the function it differentiated.
-        """
+    def full(self, d_leaves) -> list:
+        """A cotangent for every state leaf: ``d_leaves`` where differentiable, float0
+        zeros elsewhere (Enzyme's vjp wants one per output of what it differentiated)."""
         it = iter(d_leaves)
-        return [next(it) if spec.floating else np.zeros(spec.shape, jax.dtypes.float0) for spec in layout.state]
+        return [next(it) if spec.floating else np.zeros(spec.shape, jax.dtypes.float0) for spec in self.layout.state]
 
-    def pull_all(pull, cotangent, expand=lambda c: c):
+    def pull_all(self, pull, cotangent, expand=lambda c: c):
         """The vjp at one cotangent, or at each of the m cotangents stacked on a leading axis.
 
         One forward pass serves all m: JAX's reverse is batched (vmap); Enzyme's
         primitive has no batching rule, so its m reverses run in a loop.
         """
-        if m == 0:
+        if self.m == 0:
             return pull(expand(cotangent))
-        if backend == "enzyme":
+        if self.backend == "enzyme":
             return jax.lax.map(lambda c: pull(expand(c)), cotangent)
         return jax.vmap(lambda c: pull(expand(c)))(cotangent)
 
-    def accumulate(acc, z_bar):
+    @staticmethod
+    def accumulate(acc, z_bar) -> list:
         return [a + jnp.asarray(g).astype(a.dtype) for a, g in zip(acc, z_bar)]
 
-    if kind == "init":
-        return forward.init
-    if kind == "step":
-        return forward.step
-    if kind == "output":
-        return forward.output
-    if kind == "advance":
-        # Unrolled: XLA's CPU backend runs convolutions inside a while loop (a
-        # scan) several times slower than in straight-line code.
-        def advance(*args):
+    # -- one method per program kind -------------------------------------------
+
+    def advance(self, n: int) -> Callable:
+        ns, nz, nx = self.sizes
+
+        def run(*args):
             s, z, x, (t0,) = _split(args, ns, nz, nx, 1)
-            for i in range(n):
-                s = list(forward.step(*s, *z, *x, t0 + i))
-            return tuple(s)
-        return advance
-    if kind == "all_finite":
+            return tuple(self.steps(self.forward.step, n, s, z, x, t0))
+        return run
+
+    def all_finite(self, n: int) -> Callable:
         return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
-    if kind == "state_finite":
-        return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaves[i])) for i in diff] or [True]))
 
-    rev = _reversible(forward, layout, backend)
-    if kind == "output_vjp":
-        def output_vjp(*args):
+    def state_finite(self, n: int) -> Callable:
+        return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaves[i])) for i in self.diff] or [True]))
+
+    def output_vjp(self, n: int) -> Callable:
+        ns, nz, nx = self.sizes
+        rev, acc_dtypes = self.rev, [a.dtype for a in self.layout.accumulators()]
+
+        def run(*args):
             s, z, x = _split(args, ns, nz, nx)
-            phi, pull = jax.vjp(lambda d, zz: rev.output(*merge(s, d), *zz, *x), [s[i] for i in diff], z)
-            seed = jnp.ones_like(phi) if m == 0 else jnp.eye(m, dtype=phi.dtype)
-            d_bar, z_bar = pull_all(pull, seed)
+            phi, pull = jax.vjp(lambda d, zz: rev.output(*self.merge(s, d), *zz, *x), [s[i] for i in self.diff], z)
+            seed = jnp.ones_like(phi) if self.m == 0 else jnp.eye(self.m, dtype=phi.dtype)
+            d_bar, z_bar = self.pull_all(pull, seed)
             return (phi, *d_bar, *[g.astype(dt) for g, dt in zip(z_bar, acc_dtypes)])
-        return output_vjp
-    if kind in ("step_vjp", "segment_vjp"):
-        steps = 1 if kind == "step_vjp" else n
+        return run
 
-        def reverse_steps(*args):
+    def step_vjp(self, n: int) -> Callable:
+        return self.segment_vjp(1)
+
+    def segment_vjp(self, n: int) -> Callable:
+        ns, nz, nx = self.sizes
+        nd, rev = len(self.diff), self.rev
+
+        def run(*args):
             s, z, x, (t0,), d, acc = _split(args, ns, nz, nx, 1, nd, nz)
+            forward = lambda d_leaves, zz: self.steps(rev.step, n, self.merge(s, d_leaves), zz, x, t0)  # noqa: E731
+            _, pull = jax.vjp(forward, [s[i] for i in self.diff], z)
+            d_bar, z_bar = self.pull_all(pull, d, self.full)
+            return (*d_bar, *self.accumulate(acc, z_bar))
+        return run
 
-            def run(d_leaves, zz):
-                state = merge(s, d_leaves)
-                if steps == 1 or backend == "enzyme":
-                    # Unrolled for Enzyme, which cannot type every stablehlo.while.
-                    for i in range(steps):
-                        state = list(rev.step(*state, *zz, *x, t0 + i))
-                else:
-                    body = lambda carry, i: (list(rev.step(*carry, *zz, *x, t0 + i)), None)  # noqa: E731
-                    state = jax.lax.scan(body, state, jnp.arange(steps, dtype=jnp.int32))[0]
-                return state
+    def init_vjp(self, n: int) -> Callable:
+        _, nz, nx = self.sizes
+        nd, rev = len(self.diff), self.rev
 
-            _, pull = jax.vjp(run, [s[i] for i in diff], z)
-            d_bar, z_bar = pull_all(pull, d, full)
-            return (*d_bar, *accumulate(acc, z_bar))
-        return reverse_steps
-    if kind == "init_vjp":
-        def init_vjp(*args):
+        def run(*args):
             z, x, d, acc = _split(args, nz, nx, nd, nz)
             _, pull = jax.vjp(lambda zz: list(rev.init(*zz, *x)), z)
-            (z_bar,) = pull_all(pull, d, full)
-            return tuple(accumulate(acc, z_bar))
-        return init_vjp
-    raise ValueError(f"no function for program {name!r}")
+            (z_bar,) = self.pull_all(pull, d, self.full)
+            return tuple(self.accumulate(acc, z_bar))
+        return run
+
+
+def function(name: str, forward: Forward, layout: Layout, backend: str, loop: str = "unroll") -> Callable:
+    """The flat function of program ``name``; ``backend`` ("enzyme" or "jax") builds the reverses."""
+    kind, n = kind_of(name)
+    if kind in ("init", "step", "output"):
+        return getattr(forward, kind)
+    return getattr(_Builder(forward, layout, backend, loop), kind)(n)
 
 
 def _spec(struct) -> Spec:
     return tuple(int(d) for d in struct.shape), np.dtype(struct.dtype).name
 
 
-def build(name: str, forward: Forward, layout: Layout, backend: str, target: str,
+def build(name: str, forward: Forward, layout: Layout, backend: str, target: str, loop: str = "unroll",
           check: Callable | None = None) -> Program:
     """Lower program ``name`` to a portable artifact with its contract signature;
     ``check(lowered, name)`` may refuse the lowered module first."""
     import warnings
 
     inputs, donated, outputs = signature(layout, name)
-    fn = function(name, forward, layout, backend)
+    fn = function(name, forward, layout, backend, loop)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         lowered = jax.jit(fn, donate_argnums=tuple(i for i, d in enumerate(donated) if d),

@@ -58,6 +58,7 @@ def write(compiled, path: str, exports: dict[str, bytes]) -> None:
               for prefix, leaves in (("data", compiled.data), ("z", z_leaves))}
     manifest = {
         "format": FORMAT, "version": MANIFEST_VERSION, "steps": compiled.steps, "backend": compiled.backend,
+        "loop": compiled.loop,
         "versions": {"metagrad": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
                      "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16"),
                      "stablehlo_producer": stablehlo.get_current_version(),
@@ -125,6 +126,9 @@ def read(path: str, client) -> dict:
     if not 1 <= steps <= 2**31 - 1:
         reader.fail(f"{reader.manifest_path}: steps", f"must be in [1, 2^31-1], got {steps}")
     backend = reader.field(manifest, "backend", str, "manifest")
+    loop = manifest.get("loop", "unroll")
+    if loop not in programs_lib.LOOPS:
+        reader.fail(f"{reader.manifest_path}: loop", f"must be one of {programs_lib.LOOPS}, got {loop!r}")
     layout_entry = reader.field(manifest, "layout", dict, "manifest")
     try:
         layout = Layout.from_json(layout_entry)
@@ -180,5 +184,5 @@ def read(path: str, client) -> dict:
         except (runtime.PjrtError, ValueError) as error:
             reader.fail(reader.inside(manifest["programs"][name]["file"], f"programs.{name}.file"),
                         f"does not compile as program {name}: {error}")
-    return {"layout": layout, "steps": steps, "backend": backend, "exports": exports, "programs": loaded,
+    return {"layout": layout, "steps": steps, "backend": backend, "loop": loop, "exports": exports, "programs": loaded,
             "data": data, "z_example": layout.unflatten("z", z_leaves), "_executables": executables}
