@@ -90,6 +90,16 @@ def _check_schedule(schedule):
     return schedule
 
 
+@dataclass(frozen=True)
+class _Planned:
+    described: str  # the schedule, and what Auto chose
+    plan: Any
+    fused: tuple[int, ...]  # fused reverse lengths the plan runs
+    seconds: float  # predicted (0 for fixed schedules: no calibration)
+    peak_bytes: int  # predicted peak device bytes
+    budget: int  # Auto's budget (0 for fixed schedules)
+
+
 @dataclass
 class CompiledTask:
     """Executables of a task, its data on the device, and runners per fused reverse length.
@@ -147,11 +157,15 @@ class CompiledTask:
         """Bytes of the data and z, on the device throughout a run."""
         return sum(spec.nbytes for spec in (*self.layout.data, *self.layout.z))
 
+    def _auto_leaves(self, auto: Auto) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The fused reverse lengths Auto considers, and the segment programs they need."""
+        leaves = tuple(auto.leaves or planner.DEFAULT_LEAVES[self.loop])
+        return leaves, tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
+
     def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int]:
         """The plan Auto picks. Whether any plan fits is settled from the programs'
         compiled memory alone; only then are they calibrated (once), which runs them."""
-        leaves = tuple(auto.leaves or planner.DEFAULT_LEAVES[self.loop])
-        fused = tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
+        leaves, fused = self._auto_leaves(auto)
         runner = self._runner(fused)
         sizes = runner.program_bytes()
         budget = auto.memory or planner.default_budget(self.client)
@@ -165,12 +179,10 @@ class CompiledTask:
         table = planner.cost_table(self.layout, {name: self._costs[name] for name in sizes})
         return planner.choose(table, self.steps, leaves, budget, self.data_bytes), budget
 
-    def _plan(self, schedule, z_buffers=None):
-        """(schedule, plan, fused reverse lengths, predicted seconds, predicted peak bytes, budget)."""
+    def _plan(self, schedule, z_buffers) -> "_Planned":
+        """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
         schedule = _check_schedule(schedule if schedule is not None else Auto())
         if isinstance(schedule, Auto):
-            if z_buffers is None:
-                z_buffers = self._z_buffers(self.z_example)
             choice, budget = self._choose(schedule, z_buffers)
             plan, seconds, peak = choice.plan, choice.seconds, choice.peak_bytes
             described = f"Auto(memory={budget}) -> {choice.schedule!r}"
@@ -184,7 +196,7 @@ class CompiledTask:
         planner.check_fits(self.client, peak, self.data_bytes, described,
                            "Auto() (the default schedule) picks the fastest plan that fits the device; "
                            "Budget(states=...) with fewer states needs less.")
-        return described, plan, fused, seconds, peak, budget
+        return _Planned(described, plan, fused, seconds, peak, budget)
 
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused reverse programs ``schedule`` needs for this task.
@@ -194,10 +206,9 @@ class CompiledTask:
         keeps the forward functions, but that needs jax and enzyme-ad).
         """
         if isinstance(schedule, Auto):
-            leaves = schedule.leaves or planner.DEFAULT_LEAVES[self.loop]
-            self._runner(tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)})))
+            self._runner(self._auto_leaves(schedule)[1])
         else:
-            self._runner(self._plan(schedule)[2])
+            self._runner(self._plan(schedule, None).fused)
         return self
 
     # -- running --------------------------------------------------------------
@@ -250,18 +261,19 @@ class CompiledTask:
         check_finite = _check_flag("check_finite", check_finite)
         report = _check_flag("report", report)
         z_buffers = self._z_buffers(z)
-        described, plan, fused, seconds, peak, budget = self._plan(schedule, z_buffers)
+        planned = self._plan(schedule, z_buffers)
         with steps_bar("metagradient", progress) as bar:
-            value, grad, stats = self._runner(fused).metagradient(z_buffers, plan, stride, check_finite, bar)
+            value, grad, stats = self._runner(planned.fused).metagradient(z_buffers, planned.plan, stride,
+                                                                          check_finite, bar)
         value = value.to_numpy()
         value = value[()] if value.ndim == 0 else value
         grad = [b.to_numpy().astype(spec.dtype, copy=False) for b, spec in zip(grad, self.layout.z)]
         grad = self.layout.unflatten("z", grad)
         if report:
-            stats.schedule = described
-            stats.predicted_seconds = seconds
-            stats.predicted_peak_device_bytes = peak
-            stats.budget_bytes = budget
+            stats.schedule = planned.described
+            stats.predicted_seconds = planned.seconds
+            stats.predicted_peak_device_bytes = planned.peak_bytes
+            stats.budget_bytes = planned.budget
             return value, grad, stats
         return value, grad
 
