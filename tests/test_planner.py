@@ -3,7 +3,6 @@ fused blocks only where their memory fits, the same metagradient as every
 fixed schedule, and clear errors for budgets and devices too small."""
 
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -114,6 +113,9 @@ def test_auto_is_not_a_plan_of_its_own():
 
 
 OVERSIZED = """
+import resource
+# should the check fail, this process gets an allocation error, not the OOM killer
+resource.setrlimit(resource.RLIMIT_AS, ({available}, {available}))
 import numpy as np, jax, jax.numpy as jnp, metagrad
 leaf = {leaf}  # float32 elements: a state far beyond a few copies of the machine's memory
 def init(z, data): return jnp.zeros(leaf, jnp.float32)
@@ -135,14 +137,31 @@ def test_a_plan_that_cannot_fit_the_device_is_refused_before_it_runs():
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     leaf = available // 3 // 4  # a third of the free RAM per state: StoreAll holds 8
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-
-    def limit_memory():  # should the check fail, the child gets an allocation error, not the OOM killer
-        resource.setrlimit(resource.RLIMIT_AS, (available, available))
-
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(OVERSIZED.replace("{leaf}", str(leaf)))],
-                          capture_output=True, text=True, timeout=600, env=env, preexec_fn=limit_memory)
+    code = textwrap.dedent(OVERSIZED.replace("{leaf}", str(leaf)).replace("{available}", str(available)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("REFUSED StoreAll() needs") and "the device has" in lines[0]
     assert "Auto() (the default schedule) picks the fastest plan that fits" in lines[0]
     assert lines[1].startswith("REFUSED a device-memory budget of 2.00 GiB is below the minimum")
+
+
+SAME_CHOICE = """
+import hashlib, sys, numpy as np, metagrad
+sys.path.insert(0, sys.argv[1])
+from models import make_task
+task, z = make_task("weights", "sgdm", steps=40)
+value, grad, report = task.compile(z, backend="jax").metagradient(z, report=True)
+print(report.schedule, hashlib.sha256(np.asarray(grad).tobytes()).hexdigest())
+"""
+
+
+def test_a_second_process_makes_the_same_choice_and_computes_the_same_bits(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), METAGRAD_CACHE_DIR=str(tmp_path))
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = [subprocess.run([sys.executable, "-c", SAME_CHOICE, here], capture_output=True, text=True, timeout=600,
+                           env=env) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    first, second = (run.stdout.strip().splitlines()[-1] for run in runs)
+    assert first == second  # the calibration is cached per machine: the same plan, the same gradient
+    assert list(tmp_path.glob("calibration/*/*"))

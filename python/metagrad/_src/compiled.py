@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import ffi, lowering, module_checks, planner, programs, runtime, saved, trees
+from metagrad._src import cache, ffi, lowering, module_checks, planner, programs, runtime, saved, trees
 from metagrad._src.layout import Layout, describe
 from metagrad._src.planner import Auto
 from metagrad._src.programs import Program
@@ -171,13 +172,29 @@ class CompiledTask:
         budget = auto.memory or planner.default_budget(self.client)
         planner.choose(planner.cost_table(self.layout, sizes), self.steps, leaves, budget, self.data_bytes)
         if not set(sizes) <= set(self._costs):
-            # Calibration holds the first state, a chain of states and the cotangents.
-            peak = 3 * self.layout.state_bytes + max(cost.bytes for cost in sizes.values())
-            planner.check_fits(self.client, peak, self.data_bytes, "calibrating the task's programs",
-                               "The task's state is too large for this device.")
-            self._costs.update(runner.calibrate(z_buffers))
+            self._costs.update(self._calibrate(runner, sizes, z_buffers))
         table = planner.cost_table(self.layout, {name: self._costs[name] for name in sizes})
         return planner.choose(table, self.steps, leaves, budget, self.data_bytes), budget
+
+    def _calibrate(self, runner, sizes: dict, z_buffers) -> dict:
+        """Each program's seconds per execution, measured once per machine: kept in the
+        disk cache, so that another process makes the same choice (and the same bits)."""
+        entry = runtime.cache_key_of(self.client, "calibration", sorted(
+            (name, hashlib.sha256(self.programs[name].artifact).hexdigest()) for name in sizes
+            if name in self.programs), sorted(sizes))
+        stored = cache.get("calibration", entry)
+        if stored is not None:
+            try:
+                return {name: planner.program_cost(*values) for name, values in json.loads(stored).items()}
+            except (ValueError, TypeError):
+                pass
+        # Calibration holds the first state, a chain of states and the cotangents.
+        peak = 3 * self.layout.state_bytes + max(cost.bytes for cost in sizes.values())
+        planner.check_fits(self.client, peak, self.data_bytes, "calibrating the task's programs",
+                           "The task's state is too large for this device.")
+        costs = runner.calibrate(z_buffers)
+        cache.put("calibration", entry, json.dumps({n: [c.seconds, c.bytes] for n, c in costs.items()}).encode())
+        return costs
 
     def _plan(self, schedule, z_buffers) -> "_Planned":
         """The plan ``schedule`` runs, its prediction, checked against the device's memory."""

@@ -113,6 +113,12 @@ def default_budget(client) -> int:
     return int(GPU_BUDGET_SHARE * available) if available else DEFAULT_CPU_BUDGET
 
 
+def program_cost(seconds: float, nbytes: int) -> _runtime.ProgramCost:
+    cost = _runtime.ProgramCost()
+    cost.seconds, cost.bytes = float(seconds), int(nbytes)
+    return cost
+
+
 def cost_table(layout, costs: dict) -> _runtime.CostTable:
     """A CostTable from per-program costs (``TaskRunner.calibrate``/``program_bytes``)."""
     table = _runtime.CostTable()
