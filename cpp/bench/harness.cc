@@ -515,7 +515,8 @@ std::vector<Case> MakeCases(const Options& o, const TaskPrograms& programs, int6
 // Training and every schedule, interleaved so that noise hits all alike.
 Stat TimeRuns(const Options& o, TaskRunner& runner, const std::vector<BufferPtr>& z, std::vector<Case>& cases) {
   std::vector<double> train_seconds;
-  const MetagradientOptions options{o.determinism_stride, false};
+  MetagradientOptions options;
+  options.determinism_stride = o.determinism_stride;
   for (int64_t r = 0; r < o.warmup + o.repeat; ++r) {
     const bool timed = r >= o.warmup;
     RunReport train_report;
