@@ -31,8 +31,6 @@ transfers. The byte figures are exact.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -40,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import RESULTS_DIR, machine_notes
+from common import write_results
 
 BATCH = 128
 DEVICES = (1, 2, 4)
@@ -189,7 +187,7 @@ def host_tier(task, z, repeat: int) -> dict:
     return out
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict) -> list[str]:
     lines = ["# Scaling (bench/scaling.py)", "",
              f"wide digits MLP 64-512-512-10, batch 128, T = {result['steps']}, metagradient schedule "
              f"{result['schedule']}. Bytes are per device; CPU timings only indicative (the CPU plugin's devices "
@@ -226,7 +224,7 @@ def markdown(result: dict) -> str:
         moved = lambda c: (c["bytes_to_host"] + c["bytes_from_host"]) / 2**20  # noqa: E731
         lines.append(f"| {r['host_slots']} | {moved(r['fewest_copies_first']):.2f} MiB | "
                      f"{moved(r['most_copies_first']):.2f} MiB |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main():
@@ -239,16 +237,10 @@ def main():
     task, z = make_task(args.steps)
     schedule = metagrad.Budget(states=8)
     print(f"scaling, T = {args.steps}:", flush=True)
-    result = {"machine": machine_notes(), "steps": args.steps, "schedule": repr(schedule),
-              "scaling": scaling_rows(task, z, args.repeat, schedule)}
+    result = {"steps": args.steps, "schedule": repr(schedule), "scaling": scaling_rows(task, z, args.repeat, schedule)}
     print("host tier:", flush=True)
     result["host_tier"] = host_tier(task, z, args.repeat)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "scaling.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(RESULTS_DIR, "scaling.md"), "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    write_results("scaling", markdown(result), result)
 
 
 if __name__ == "__main__":
