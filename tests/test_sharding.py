@@ -240,13 +240,18 @@ def test_sharding_rejects_bad_meshes():
 def test_compile_options_are_what_xla_parses():
     from jax._src.lib import xla_client
 
-    assert _runtime.compile_options() == bytes([0x1a, 0x04, 0x20, 0x01, 0x28, 0x01])  # one device: as always
-    options = xla_client.CompileOptions.ParseFromString(_runtime.compile_options([3, 1, 0, 2], True))
+    one_device = bytes([0x1a, 0x04, 0x20, 0x01, 0x28, 0x01])  # as always
+    assert _runtime.compile_options() == _runtime.compile_options([0], False, "cpu") == one_device
+    options = xla_client.CompileOptions.ParseFromString(_runtime.compile_options([3, 1, 0, 2], True, "cpu"))
     build = options.executable_build_options
     assert (build.num_replicas, build.num_partitions) == (1, 4)
     assert build.use_spmd_partitioning and build.use_shardy_partitioner
     assert str(build.device_assignment) == ("DeviceAssignment{replica_count=1, computation_count=4, "
                                             "Computation0{3} Computation1{1} Computation2{0} Computation3{2}}")
+    # Single-threaded kernels for several CPU devices (client.h says why); none elsewhere.
+    assert options.env_option_overrides == [("xla_cpu_multi_thread_eigen", False)]
+    assert xla_client.CompileOptions.ParseFromString(
+        _runtime.compile_options([0, 1], False, "cuda")).env_option_overrides == []
 
 
 def _program(client, fn, sharding, in_spec, out_spec, shape, donated=()):
@@ -255,7 +260,7 @@ def _program(client, fn, sharding, in_spec, out_spec, shape, donated=()):
     lowered = sharding.lower(fn, [struct], [spec_data(in_spec)], [spec_data(out_spec)], donated)
     artifact = runtime.portable_artifact(lowered, client=client)
     shard = runtime.ArraySpec(list(sharding.shard_shape(shape, spec_data(in_spec))), "float32")
-    options = _runtime.compile_options([d.id for d in client.devices[:N]], sharding.partitioner == "shardy")
+    options = _runtime.compile_options([d.id for d in client.devices[:N]], sharding.partitioner == "shardy", "cpu")
     return client.compile(artifact, "mlir", [shard], [bool(donated)], options), artifact
 
 
@@ -293,7 +298,7 @@ def test_programs_check_shards_before_xla_sees_them(client):
         program.execute(swapped)
     # Whole arrays where the program takes shards: refused at compile (a multi-device
     # execution that XLA rejects on one device leaves the CPU client unable to run).
-    options = _runtime.compile_options([d.id for d in client.devices[:N]], True)
+    options = _runtime.compile_options([d.id for d in client.devices[:N]], True, "cpu")
     with pytest.raises(ValueError, match="the per-shard inputs hold 96 bytes per device but the partitioned "
                                          "program takes 24"):
         client.compile(artifact, "mlir", [runtime.ArraySpec([8, 3], "float32")], [True], options)

@@ -482,7 +482,8 @@ CompiledPrograms CompileAll(Client& client, const TaskFiles& files, bool fused_f
   if (m.sharded) {
     std::vector<int> ids;
     for (int device : m.sharding.devices) ids.push_back(client.device(device).id);
-    options = SerializeCompileOptions(ids, m.sharding.use_shardy_partitioner);
+    options = SerializeCompileOptions(ids, m.sharding.use_shardy_partitioner,
+                                      MultiDeviceDebugOptions(client.platform_name(), ids.size()));
   }
   for (const auto& [name, code] : files.code) {
     if (!fused_forward && name.rfind("advance_", 0) == 0) continue;

@@ -176,12 +176,15 @@ NB_MODULE(_runtime, m) {
   m.def("default_client_options", &DefaultClientOptions, nb::arg("plugin_path"), nb::arg("cpu_device_count") = 1,
         "The create options metagrad passes to a plugin.");
   m.def("compile_options",
-        [](const std::vector<int>& device_ids, bool use_shardy_partitioner) {
-          const std::string options = SerializeCompileOptions(device_ids, use_shardy_partitioner);
+        [](const std::vector<int>& device_ids, bool use_shardy_partitioner, const std::string& platform) {
+          const std::string options = SerializeCompileOptions(
+              device_ids, use_shardy_partitioner, MultiDeviceDebugOptions(platform, device_ids.size()));
           return nb::bytes(options.data(), options.size());
         },
         nb::arg("device_ids") = std::vector<int>{0}, nb::arg("use_shardy_partitioner") = false,
-        "The serialized xla.CompileOptionsProto for a program on these device ids (several: SPMD partitions).");
+        nb::arg("platform") = "",
+        "The serialized xla.CompileOptionsProto for a program on these device ids (several: SPMD partitions, "
+        "with the debug options the `platform` needs for them).");
 
   // Shardings (runtime/sharding.h): a mesh as [(axis, size)], a PartitionSpec
   // as one list of axis names per dimension.

@@ -52,7 +52,8 @@ void PutBytesField(std::string& out, int field, const std::string& bytes) {
 
 }  // namespace
 
-std::string SerializeCompileOptions(const std::vector<int>& device_ids, bool use_shardy_partitioner) {
+std::string SerializeCompileOptions(const std::vector<int>& device_ids, bool use_shardy_partitioner,
+                                    const std::map<std::string, bool>& debug_options) {
   if (device_ids.empty()) throw InvalidArgument("a program needs at least one device");
   // ExecutableBuildOptionsProto{num_replicas (4), num_partitions (5)}
   std::string build;
@@ -77,7 +78,20 @@ std::string SerializeCompileOptions(const std::vector<int>& device_ids, bool use
   }
   std::string options;  // CompileOptionsProto{executable_build_options (3)}
   PutBytesField(options, 3, build);
+  for (const auto& [name, value] : debug_options) {
+    // env_option_overrides (7): map entry {key (1), value (2): OptionOverrideProto{bool_field (2)}}
+    std::string override_value, entry;
+    PutVarintField(override_value, 2, value ? 1 : 0);
+    PutBytesField(entry, 1, name);
+    PutBytesField(entry, 2, override_value);
+    PutBytesField(options, 7, entry);
+  }
   return options;
+}
+
+std::map<std::string, bool> MultiDeviceDebugOptions(const std::string& platform, size_t num_devices) {
+  if (platform != "cpu" || num_devices < 2) return {};
+  return {{"xla_cpu_multi_thread_eigen", false}};
 }
 
 std::shared_ptr<Client> Client::Create(std::shared_ptr<const Api> api,

@@ -38,10 +38,18 @@ std::map<std::string, Attribute> DefaultClientOptions(const std::string& plugin_
 // places it); with N > 1, N partitions made by XLA's SPMD partitioner,
 // partition p on device_ids[p], and `use_shardy_partitioner` (required for
 // modules lowered with Shardy, jax's default; GSPMD modules compile either
-// way). Only these fields are written, so the plugin's own debug options
-// apply. Never empty: empty options abort the CPU plugin inside its device
-// assignment.
-std::string SerializeCompileOptions(const std::vector<int>& device_ids = {0}, bool use_shardy_partitioner = false);
+// way). `debug_options` override the plugin's own XLA debug options by name
+// (env_option_overrides; the plugin rejects unknown names). Never empty:
+// empty options abort the CPU plugin inside its device assignment.
+std::string SerializeCompileOptions(const std::vector<int>& device_ids = {0}, bool use_shardy_partitioner = false,
+                                    const std::map<std::string, bool>& debug_options = {});
+
+// The debug options a program over several CPU devices needs: single-threaded
+// kernels. XLA's in-process collectives block the thread that reaches them;
+// with multi-threaded Eigen kernels that can be an intra-op pool thread, and
+// with more partitions than pool threads (4 devices on 2 cores) the partitions
+// still computing starve: a rendezvous timeout aborts the process.
+std::map<std::string, bool> MultiDeviceDebugOptions(const std::string& platform, size_t num_devices);
 
 class Client : public std::enable_shared_from_this<Client> {
  public:

@@ -253,4 +253,5 @@ def compile_options(client, sharding: TaskSharding | None, devices: Sequence[int
     plugin's default), else SPMD partitions on ``devices`` (cpp/runtime/client.h)."""
     if sharding is None:
         return b""
-    return _runtime.compile_options([client.devices[d].id for d in devices], sharding.partitioner == "shardy")
+    return _runtime.compile_options([client.devices[d].id for d in devices], sharding.partitioner == "shardy",
+                                    client.platform_name)
