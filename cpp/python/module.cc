@@ -16,6 +16,7 @@
 #include "runtime/executable.h"
 #include "runtime/ffi.h"
 #include "runtime/schedule.h"
+#include "runtime/sharding.h"
 #include "runtime/task_runner.h"
 
 namespace nb = nanobind;
@@ -174,6 +175,47 @@ NB_MODULE(_runtime, m) {
       "The element types the runtime handles: (numpy name, MLIR name, floating).");
   m.def("default_client_options", &DefaultClientOptions, nb::arg("plugin_path"), nb::arg("cpu_device_count") = 1,
         "The create options metagrad passes to a plugin.");
+  m.def("compile_options",
+        [](const std::vector<int>& device_ids, bool use_shardy_partitioner, const std::string& platform) {
+          const std::string options = SerializeCompileOptions(
+              device_ids, use_shardy_partitioner, MultiDeviceDebugOptions(platform, device_ids.size()));
+          return nb::bytes(options.data(), options.size());
+        },
+        nb::arg("device_ids") = std::vector<int>{0}, nb::arg("use_shardy_partitioner") = false,
+        nb::arg("platform") = "",
+        "The serialized xla.CompileOptionsProto for a program on these device ids (several: SPMD partitions, "
+        "with the debug options the `platform` needs for them).");
+
+  // Shardings (runtime/sharding.h): a mesh as [(axis, size)], a PartitionSpec
+  // as one list of axis names per dimension.
+  auto mesh_of = [](const std::vector<std::pair<std::string, int64_t>>& axes) {
+    Mesh mesh;
+    for (const auto& [name, size] : axes) {
+      mesh.axes.push_back(name);
+      mesh.sizes.push_back(size);
+    }
+    return mesh;
+  };
+  m.def("check_partition_spec",
+        [mesh_of](const std::vector<int64_t>& shape, const PartitionSpec& spec,
+                  const std::vector<std::pair<std::string, int64_t>>& mesh, const std::string& what) {
+          CheckPartitionSpec(shape, spec, mesh_of(mesh), what);
+        },
+        nb::arg("shape"), nb::arg("spec"), nb::arg("mesh"), nb::arg("what"),
+        "ValueError unless `spec` splits an array of `shape` evenly over `mesh`.");
+  m.def("shard_shape",
+        [mesh_of](const std::vector<int64_t>& shape, const PartitionSpec& spec,
+                  const std::vector<std::pair<std::string, int64_t>>& mesh) {
+          return ShardDims(shape, spec, mesh_of(mesh));
+        },
+        nb::arg("shape"), nb::arg("spec"), nb::arg("mesh"), "The shape of every shard.");
+  m.def("shard_offsets",
+        [mesh_of](const std::vector<int64_t>& shape, const PartitionSpec& spec,
+                  const std::vector<std::pair<std::string, int64_t>>& mesh, int64_t partition) {
+          return ShardOffsets(shape, spec, mesh_of(mesh), partition);
+        },
+        nb::arg("shape"), nb::arg("spec"), nb::arg("mesh"), nb::arg("partition"),
+        "Where partition `partition`'s block starts, per dimension.");
 
   m.attr("PJRT_API_MAJOR") = PJRT_API_MAJOR;
   m.attr("PJRT_API_MINOR") = PJRT_API_MINOR;
@@ -287,6 +329,10 @@ NB_MODULE(_runtime, m) {
       .def_prop_ro("dtype", [](const Buffer& b) { return std::string(DTypeOf(b.spec().type).name); })
       .def_prop_ro("is_deleted", &Buffer::is_deleted)
       .def_prop_ro("on_device_size", &Buffer::on_device_size)
+      .def_prop_ro("device", &Buffer::device_index, "Index of the buffer's device in client.devices.")
+      .def_prop_ro("memory_kind", &Buffer::memory_kind, "'device', 'pinned_host', 'unpinned_host'...")
+      .def("copy_to_memory", &Buffer::CopyToMemory, nb::arg("kind"), nb::call_guard<nb::gil_scoped_release>(),
+           "A copy in memory space `kind` of the same device (ready asynchronously).")
       .def("block_until_ready", &Buffer::Await, nb::call_guard<nb::gil_scoped_release>())
       .def("to_numpy", &ToNumpy, "Copy the value to a new numpy array.")
       .def("__dlpack__", [](const BufferPtr& b, nb::kwargs) { return DLPackView(b); },
@@ -300,6 +346,7 @@ NB_MODULE(_runtime, m) {
       .def_prop_ro("inputs", &Executable::inputs)
       .def_prop_ro("outputs", &Executable::outputs)
       .def_prop_ro("donated", &Executable::donated)
+      .def_prop_ro("devices", &Executable::devices, "The devices of its partitions, in order (indices in client.devices).")
       .def("memory_stats", [](const Executable& e) { return StatsDict(e.CompiledMemoryStats()); },
            "XLA's compiled memory statistics: argument, output, alias, temp and generated-code bytes.")
       .def("serialize",
@@ -313,7 +360,8 @@ NB_MODULE(_runtime, m) {
            },
            "Platform-specific bytes for Client.deserialize with the same plugin version.")
       .def("execute", &Execute, nb::arg("args"),
-           "Enqueue one execution; outputs are device buffers, ready asynchronously.");
+           "Enqueue one execution (on each device: `args` are leaf-major shards); outputs are device buffers, "
+           "leaf-major, ready asynchronously.");
 
   BindSchedule(m);
   BindTaskRunner(m);

@@ -9,6 +9,7 @@
 // Actions, a copy); PlanFromPython below gives the vector without a copy.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/set.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -112,18 +113,26 @@ void BindSchedule(nb::module_& m) {
       .def_rw("step_vjp", &metagrad::CostTable::step_vjp)
       .def_rw("init_vjp", &metagrad::CostTable::init_vjp)
       .def_rw("advance", &metagrad::CostTable::advance)
-      .def_rw("segment_vjp", &metagrad::CostTable::segment_vjp);
+      .def_rw("segment_vjp", &metagrad::CostTable::segment_vjp)
+      .def_rw("to_host", &metagrad::CostTable::to_host, "copying one state to host memory")
+      .def_rw("from_host", &metagrad::CostTable::from_host, "copying one state back to the device");
   m.def("simulate_plan",
-        [](nb::handle plan, const metagrad::CostTable& costs) {
-          const metagrad::PlanCost cost = metagrad::SimulatePlan(PlanFromPython(plan), costs);
+        [](nb::handle plan, const metagrad::CostTable& costs, const std::set<int>& host_slots) {
+          const metagrad::PlanCost cost = metagrad::SimulatePlan(PlanFromPython(plan), costs, host_slots);
           nb::dict d;
           d["seconds"] = cost.seconds;
           d["peak_bytes"] = cost.peak_bytes;
+          d["peak_host_bytes"] = cost.peak_host_bytes;
+          d["bytes_to_host"] = cost.bytes_to_host;
+          d["bytes_from_host"] = cost.bytes_from_host;
           d["executions"] = cost.executions;
           return d;
         },
-        "plan"_a, "costs"_a,
-        "Predicted seconds, peak device bytes and executions of a (checked) plan, with the runner's accounting.");
+        "plan"_a, "costs"_a, "host_slots"_a = std::set<int>{},
+        "Predicted seconds, peak device and host bytes, bytes copied each way and executions of a (checked) plan "
+        "whose `host_slots` live in host memory, with the runner's accounting.");
+  m.def("host_slot_order", [](nb::handle plan) { return metagrad::HostSlotOrder(PlanFromPython(plan)); }, "plan"_a,
+        "The plan's slots, cheapest to hold in host memory first (fewest saves and restores).");
   m.def("revolve_forward_steps", &metagrad::RevolveForwardSteps, "units"_a, "slots"_a,
         "The fewest forward block-advances any plan over `units` blocks with `slots` saved states can have.");
 }

@@ -5,6 +5,7 @@
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/set.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -59,6 +60,7 @@ void BindTaskRunner(nb::module_& m) {
 
   nb::class_<TaskLayout>(m, "TaskLayout", "Shapes and dtypes of a task's flat argument groups.")
       .def(nb::init<>())
+      .def_rw("devices", &TaskLayout::devices, "devices the task runs on: shards per leaf")
       .def_rw("state", &TaskLayout::state)
       .def_rw("z", &TaskLayout::z)
       .def_rw("data", &TaskLayout::data)
@@ -66,6 +68,7 @@ void BindTaskRunner(nb::module_& m) {
       .def_rw("accumulators", &TaskLayout::accumulators)
       .def_rw("phi", &TaskLayout::phi)
       .def_rw("outputs", &TaskLayout::outputs)
+      .def_prop_ro("state_bytes", &TaskLayout::state_bytes, "bytes of one state, per device")
       .def("expected_signature",
            [](const TaskLayout& layout, const std::string& name) {
              const Signature s = ExpectedSignature(name, layout);
@@ -117,26 +120,33 @@ void BindTaskRunner(nb::module_& m) {
            "executions, at most every 50 ms.")
       .def("metagradient",
            [](TaskRunner& runner, const std::vector<BufferPtr>& z, nb::handle plan_object, int64_t determinism_stride,
-              bool check_finite, nb::object progress) {
+              bool check_finite, nb::object progress, std::set<int> host_slots,
+              const std::string& host_memory_kind) {
              const Plan& plan = PlanFromPython(plan_object);
              TaskRunner::Result result;
              runner.SetMonitor(Monitor(progress));
              {
                nb::gil_scoped_release release;
-               result = runner.Metagradient(z, plan, MetagradientOptions{determinism_stride, check_finite});
+               result = runner.Metagradient(
+                   z, plan,
+                   MetagradientOptions{determinism_stride, check_finite, std::move(host_slots), host_memory_kind});
              }
              return nb::make_tuple(result.value, result.grad, result.report);
            },
            nb::arg("z"), nb::arg("plan"), nb::arg("determinism_stride") = 0, nb::arg("check_finite") = false,
-           nb::arg("progress") = nb::none(),
-           "Run the plan; returns (phi buffer, metagradient buffers, report). progress(done, total): forward and "
-           "reversed steps, called between executions at most every 50 ms.")
+           nb::arg("progress") = nb::none(), nb::arg("host_slots") = std::set<int>{},
+           nb::arg("host_memory_kind") = "pinned_host",
+           "Run the plan (the states of `host_slots` in host memory); returns (phi buffer of partition 0, "
+           "metagradient buffers leaf-major, report). progress(done, total): forward and reversed steps, called "
+           "between executions at most every 50 ms.")
       .def("calibrate",
-           [](TaskRunner& runner, const std::vector<BufferPtr>& z, int repeats) {
+           [](TaskRunner& runner, const std::vector<BufferPtr>& z, int repeats, const std::string& host_memory_kind) {
              runner.SetMonitor(Monitor(nb::none()));
              nb::gil_scoped_release release;
-             return runner.Calibrate(z, repeats);
+             return runner.Calibrate(z, repeats, host_memory_kind);
            },
-           nb::arg("z"), nb::arg("repeats") = 3, "Seconds and device bytes per execution of each program.")
+           nb::arg("z"), nb::arg("repeats") = 3, nb::arg("host_memory_kind") = "",
+           "Seconds and device bytes per execution of each program (and, with a host memory kind, the seconds to "
+           "copy a state there, 'to_host', and back, 'from_host').")
       .def("program_bytes", &TaskRunner::ProgramBytes, "Device bytes per execution of each program (no run).");
 }

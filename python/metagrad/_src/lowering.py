@@ -77,9 +77,11 @@ def _versions() -> dict:
             "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16")}
 
 
-def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str, loop: str) -> str:
+def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str, loop: str,
+                sharding=None) -> str:
     return cache.key("program", _versions(), layout.to_json(), name, backend, target, loop,
-                     bool(jax.config.jax_enable_x64), *(exports[k] for k in sorted(exports)))
+                     bool(jax.config.jax_enable_x64), *(() if sharding is None else (sharding.to_json(),)),
+                     *(exports[k] for k in sorted(exports)))
 
 
 def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
@@ -88,7 +90,7 @@ def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
     return next((op for op in _CRASHES_ENZYME if f"{op}" in text), None)
 
 
-def _build(exports, forward, layout: Layout, name: str, backend: str, target: str, loop: str) -> Program:
+def _build(exports, forward, layout: Layout, name: str, backend: str, target: str, loop: str, sharding) -> Program:
     # Programs built here are checked for ops the runtime cannot run (host
     # callbacks, custom calls without a handler); Enzyme's reverses hold the
     # same ops as the forward programs, which are checked before them.
@@ -97,7 +99,7 @@ def _build(exports, forward, layout: Layout, name: str, backend: str, target: st
     # m reverses in a loop ran slower than m separate metagradients
     # (bench/batched_outputs.py), where JAX's batch runs in about half their time.
     if backend == "jax" or not programs.is_reverse(name) or (backend == "auto" and layout.outputs > 0):
-        return programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered)
+        return programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered, sharding)
     known = _known_crash(exports, name)
     odd = next((s for s in (*layout.state, *layout.z, *layout.data) if s.dtype not in _ENZYME_DTYPES), None)
     try:
@@ -107,24 +109,26 @@ def _build(exports, forward, layout: Layout, name: str, backend: str, target: st
         if backend == "auto" and known:
             raise enzyme_worker.EnzymeFailed(f"Enzyme crashes on {known}", known)
         return enzyme_worker.build({"name": name, "exports": exports, "layout": layout.to_json(), "target": target,
-                                    "loop": loop, "x64": bool(jax.config.jax_enable_x64)})
+                                    "loop": loop, "x64": bool(jax.config.jax_enable_x64),
+                                    "sharding": sharding and sharding.to_json()})
     except enzyme_worker.EnzymeFailed as failure:
         op = failure.op or known
         if backend == "enzyme":
             raise EnzymeUnsupportedError(name, op, str(failure)) from None
         reason = f"no adjoint for '{op}'" if failure.op else str(failure).splitlines()[0][:200]
-        program = programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered)
+        program = programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered, sharding)
         return dataclasses.replace(program, fallback=reason)
 
 
 def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, target: str, loop: str = "unroll",
-          forward: programs.Forward | None = None) -> dict[str, Program]:
+          forward: programs.Forward | None = None, sharding=None) -> dict[str, Program]:
     """Programs ``names`` of the task with these exported forward functions.
 
     Each comes from the disk cache when an identical build was cached, else is
     built (and cached). ``forward``: the task's own functions, when this
     process has them (JAX's programs are built from them; Enzyme's always
-    from the exports, in its own process).
+    from the exports, in its own process). ``sharding``: a
+    ``sharding.TaskSharding`` to lower every program for its mesh.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -132,12 +136,12 @@ def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, tar
         raise ValueError(f"loop must be one of {programs.LOOPS}, got {loop!r}")
     built = {}
     for name in names:
-        entry = program_key(exports, layout, name, backend, target, loop)
+        entry = program_key(exports, layout, name, backend, target, loop, sharding)
         program = _decode(name, cache.get("programs", entry))
         if program is None:
             if forward is None:
                 forward = programs.forward_of_exports(exports)
-            program = _build(exports, forward, layout, name, backend, target, loop)
+            program = _build(exports, forward, layout, name, backend, target, loop, sharding)
             cache.put("programs", entry, _encode(program))
         if program.fallback:  # also when the program came from the cache
             warnings.warn(f"backend='auto': Enzyme cannot differentiate {name} ({program.fallback}); using JAX's "

@@ -315,17 +315,26 @@ def _spec(struct) -> Spec:
 
 
 def build(name: str, forward: Forward, layout: Layout, backend: str, target: str, loop: str = "unroll",
-          check: Callable | None = None) -> Program:
+          check: Callable | None = None, sharding=None) -> Program:
     """Lower program ``name`` to a portable artifact with its contract signature;
-    ``check(lowered, name)`` may refuse the lowered module first."""
+    ``check(lowered, name)`` may refuse the lowered module first. With a
+    ``sharding`` (``sharding.TaskSharding``) the program is lowered for its mesh
+    and its signature is per shard."""
     import warnings
 
     inputs, donated, outputs = signature(layout, name)
     fn = function(name, forward, layout, backend, loop)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        lowered = jax.jit(fn, donate_argnums=tuple(i for i, d in enumerate(donated) if d),
-                          keep_unused=True).lower(*inputs)
+    donate = tuple(i for i, d in enumerate(donated) if d)
+    if sharding is None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            lowered = jax.jit(fn, donate_argnums=donate, keep_unused=True).lower(*inputs)
+    else:
+        in_specs, out_specs = sharding.program_specs(KINDS[kind_of(name)[0]], layout)
+        lowered = sharding.lower(fn, inputs, in_specs, out_specs, donate)
+        shard = lambda s, spec: jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)  # noqa: E731
+        inputs = [shard(s, spec) for s, spec in zip(inputs, in_specs)]
+        outputs = [shard(s, spec) for s, spec in zip(outputs, out_specs)]
     if check is not None:
         check(lowered, name)
     return Program(name, runtime.portable_artifact(lowered, target), backend if is_reverse(name) else "none",

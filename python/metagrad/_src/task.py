@@ -33,7 +33,7 @@ class Task:
     data: PyTree = None
 
     def compile(self, z_example, *, backend: str = DEFAULT_BACKEND, fuse_forward: int = 10, loop: str = "unroll",
-                client=None):
+                client=None, sharding=None):
         """Lower, differentiate and compile this task for metaparameters shaped like ``z_example``.
 
         ``backend``: ``"auto"`` (the default: Enzyme, falling back to JAX's
@@ -47,6 +47,10 @@ class Task:
         several steps as straight-line code (``"unroll"``) or a ``lax.scan``
         (``"scan"``: compiles in constant time; faster for long fused reverses
         of dot-heavy steps, slower for convolutions).
+        ``sharding``: a :class:`metagrad.Sharding` to run every program over
+        several devices of the client (XLA's SPMD partitioner; see
+        docs/scaling.md); None runs on one device.
         Returns a :class:`metagrad.CompiledTask`.
         """
-        return compile_task(self, z_example, backend=backend, fuse_forward=fuse_forward, loop=loop, client=client)
+        return compile_task(self, z_example, backend=backend, fuse_forward=fuse_forward, loop=loop, client=client,
+                            sharding=sharding)

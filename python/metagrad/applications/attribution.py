@@ -150,7 +150,7 @@ def _family(name: str) -> str:
 
 def study(cfg: D.TrainConfig, split: dict, test_idx, p: dict, engine: str, progress: bool, label: str) -> dict:
     """Every method's LDS under ``cfg``, on the same runs and on unseen seeds."""
-    n, m = len(split["y_train"]), len(test_idx)
+    n = len(split["y_train"])
     fit_seeds, unseen_seeds = seed_groups(p)
     rng = np.random.default_rng(p["seed"] + 1)
     subsets = {}
