@@ -64,6 +64,16 @@ def machine_notes() -> dict:
     return info
 
 
+def write_results(name: str, markdown: list[str], payload: dict) -> None:
+    """``results/<name>.md`` (the table) and ``results/<name>.json`` (the numbers and the machine), and print the table."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write("\n".join(markdown) + "\n")
+    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+        json.dump({"machine": machine_notes(), **payload}, f, indent=1)
+    print("\n".join(markdown))
+
+
 def save_task(compiled, path: str, *, leaves=()) -> None:
     """``compiled.save(path)`` with the fused reverse programs of each block length in ``leaves``."""
     import metagrad

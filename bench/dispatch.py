@@ -80,7 +80,6 @@ def main(argv=None):
     n = args.iters
 
     from tasks import make_task
-    import metagrad
 
     task, z = make_task("mlp", 100)
     compiled = task.compile(z, backend="jax", fuse_forward=1)

@@ -1,6 +1,10 @@
-"""MGD: step rules, projections, history save/resume, argument checking."""
+"""MGD: step rules (Optax), projections, history save/resume, progress, argument checking."""
+
+import io
+import re
 
 import numpy as np
+import optax
 import pytest
 
 from metagrad import mgd
@@ -20,7 +24,7 @@ TARGET = {"a": np.array([0.3, -2.0, 0.7, 2.5], np.float32), "b": np.array([[1.5,
 Z0 = {"a": np.zeros(4, np.float32), "b": np.zeros((1, 2), np.float32)}
 
 
-@pytest.mark.parametrize("rule", [mgd.sign_step(0.05), mgd.gradient_step(0.5), mgd.adam(0.1)])
+@pytest.mark.parametrize("rule", [mgd.sign_step(0.05), optax.sgd(0.5), optax.adam(0.1)])
 def test_rules_decrease_a_quadratic(rule):
     h = mgd.run(quadratic(TARGET), Z0, steps=60, direction="minimize", step_rule=rule, progress=False)
     assert h.values[-1] < 0.05 * h.values[0]
@@ -38,26 +42,29 @@ def test_maximize_goes_uphill_and_projection_holds():
 
 
 def test_sign_step_exact_arithmetic():
-    rule = mgd.sign_step(lambda i: 0.1 * (i + 1))
-    z = {"a": np.array([0.0, 0.0, 0.0])}
-    s = rule.init(z)
-    z, s = rule.update({"a": np.array([2.0, -3.0, 0.0])}, s, z)
-    z, s = rule.update({"a": np.array([1.0, 1.0, 1.0])}, s, z)
-    np.testing.assert_allclose(z["a"], [-0.3, -0.1, -0.2])
+    """A schedule is read at the MGD step count (0, 1, ...); a zero gradient does not move z."""
+    calls = []
+
+    def lr(i):
+        calls.append(i)
+        return 0.1 * (i + 1)
+
+    def minimize(g):
+        return lambda z: (0.0, {"a": g})
+
+    z0 = {"a": np.zeros(3, np.float32)}
+    h = mgd.run(minimize(np.array([2.0, -3.0, 0.0])), z0, steps=1, direction="minimize",
+                step_rule=mgd.sign_step(lr), progress=False)
+    h = mgd.run(minimize(np.array([1.0, 1.0, 1.0])), z0, steps=2, direction="minimize",
+                step_rule=mgd.sign_step(lr), history=h, progress=False)
+    np.testing.assert_allclose(h.z["a"], [-0.3, -0.1, -0.2], rtol=1e-6)
 
 
-def test_adam_first_step_is_lr_times_sign():
-    rule = mgd.adam(0.01, eps=0.0)
-    z = {"a": np.array([1.0, 1.0])}
-    z1, _ = rule.update({"a": np.array([1e-6, -3.0])}, rule.init(z), z)
-    np.testing.assert_allclose(z1["a"], [0.99, 1.01])
-
-
-def test_cosine_decay_endpoints_and_midpoint():
-    lr = mgd.cosine_decay(0.2, 0.02, 11)
-    np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(50)], [0.2, 0.11, 0.02, 0.02])
-    assert all(lr(i) > lr(i + 1) for i in range(10))
-    assert mgd.cosine_decay(0.1, 0.1, 1)(3) == pytest.approx(0.1)
+def test_maximize_hands_the_rule_the_negated_gradient():
+    """Adam's first step is lr * sign(descent direction): maximizing moves z up the gradient."""
+    h = mgd.run(lambda z: (0.0, {"a": np.array([1e-6, -3.0], np.float32)}), {"a": np.ones(2, np.float32)},
+                steps=1, direction="maximize", step_rule=optax.adam(0.01, eps=0.0), progress=False)
+    np.testing.assert_allclose(h.z["a"], [1.01, 0.99], rtol=1e-6)
 
 
 def test_projections_stay_in_their_sets():
@@ -91,7 +98,10 @@ def test_leafwise_projection():
     np.testing.assert_array_equal(out["b"], [-1.0, 2.0])
 
 
-@pytest.mark.parametrize("make_rule", [lambda: mgd.adam(0.05), lambda: mgd.sign_step(0.03)])
+@pytest.mark.parametrize("make_rule", [
+    lambda: optax.adam(0.05), lambda: mgd.sign_step(0.03),
+    lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_schedule(optax.cosine_decay_schedule(-0.1, 7))),
+])
 def test_history_save_load_resume_is_exact(tmp_path, make_rule):
     fn = quadratic(TARGET)
     kw = dict(direction="minimize", projection=mgd.box(-1.0, 3.0), snapshot_every=2, progress=False)
@@ -131,10 +141,62 @@ def test_checkpoint_path_and_callback(tmp_path):
     assert loaded.records == h.records and loaded.values == h.values
 
 
-def test_progress_bar_writes_to_stderr(capsys):
-    mgd.run(quadratic(TARGET), Z0, steps=2, direction="minimize", step_rule=mgd.sign_step(0.1), label="demo")
-    err = capsys.readouterr().err
-    assert "demo" in err and "2/2" in err and "phi=" in err
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_in_a_terminal_only(capsys, monkeypatch):
+    run = lambda **kw: mgd.run(quadratic(TARGET), Z0, steps=3, direction="minimize",  # noqa: E731
+                               step_rule=mgd.sign_step(0.1), label="demo", **kw)
+    run()
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    run()
+    text = term.getvalue()
+    assert "demo" in text and "3/3" in text and "phi=" in text and ("step/s" in text or "s/step" in text)
+    assert "\r" in text  # one line redrawn in place
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    run(progress=False)
+    assert term.getvalue() == ""
+
+
+def transpose(z):
+    return {"a": z["a"], "b": z["b"].T}
+
+
+def test_a_projection_that_changes_a_shape_is_an_error():
+    """(1, 2) -> (2, 1) keeps the size: reshaping it back would silently scramble z."""
+    with pytest.raises(ValueError, match=re.escape(
+            "the projection returned z['b'] has shape (2, 1), but z['b'] has shape (1, 2)")):
+        mgd.run(quadratic(TARGET), Z0, steps=1, direction="minimize", step_rule=mgd.sign_step(0.1),
+                projection=transpose, progress=False)
+    with pytest.raises(ValueError, match=re.escape(
+            "metagradient_fn returned a gradient['b'] has shape (2,), but z['b'] has shape (1, 2)")):
+        mgd.run(lambda z: (0.0, {"a": z["a"], "b": z["b"].ravel()}), Z0, steps=1, direction="minimize",
+                step_rule=mgd.sign_step(0.1), progress=False)
+    with pytest.raises(ValueError, match="the projection returned z has structure"):
+        mgd.run(quadratic(TARGET), Z0, steps=1, direction="minimize", step_rule=mgd.sign_step(0.1),
+                projection=lambda z: z["a"], progress=False)
+
+
+def test_resuming_with_another_z_shape_is_an_error(tmp_path):
+    h = mgd.run(quadratic(TARGET), Z0, steps=2, direction="minimize", step_rule=optax.adam(0.1), progress=False)
+    other = {"a": np.zeros(4, np.float32), "b": np.zeros((2, 1), np.float32)}
+    with pytest.raises(ValueError, match=re.escape(
+            "the resumed history's z['b'] has shape (1, 2), but z0['b'] has shape (2, 1)")):
+        mgd.run(quadratic(TARGET), other, steps=3, direction="minimize", step_rule=optax.adam(0.1), history=h,
+                progress=False)
+    path = str(tmp_path / "h.npz")
+    h.save(path)
+    with pytest.raises(ValueError, match=re.escape(
+            "the saved z['b'] has shape (1, 2), but z0['b'] has shape (2, 1)")):
+        mgd.History.load(path, other, optax.adam(0.1))
+    with pytest.raises(ValueError, match=re.escape(
+            f"the saved step-rule state in {path!r} has 5 leaves, but this step rule's state has 0")):
+        mgd.History.load(path, Z0, mgd.sign_step(0.1))
 
 
 def test_bad_arguments():
@@ -145,14 +207,12 @@ def test_bad_arguments():
         mgd.run(fn, Z0, steps=1, step_rule=mgd.sign_step(0.1))
     with pytest.raises(ValueError, match="steps"):
         mgd.run(fn, Z0, steps=-1, direction="minimize", step_rule=mgd.sign_step(0.1))
-    with pytest.raises(TypeError, match="step_rule"):
+    with pytest.raises(TypeError, match="step_rule must be an optax.GradientTransformation .* got float"):
         mgd.run(fn, Z0, steps=1, direction="minimize", step_rule=0.1)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="sign_step lr must be > 0, got -1.0"):
         mgd.sign_step(-1.0)
-    with pytest.raises(ValueError, match="cosine_decay end must be a number > 0"):
-        mgd.cosine_decay(0.1, 0.0, 10)
-    with pytest.raises(ValueError, match="cosine_decay steps must be an int >= 1"):
-        mgd.cosine_decay(0.1, 0.01, 0)
+    with pytest.raises(TypeError, match="sign_step lr must be a number or a schedule"):
+        mgd.sign_step("fast")
     with pytest.raises(ValueError, match="lo <= hi"):
         mgd.box(1.0, 0.0)
     with pytest.raises(ValueError, match="top_k"):

@@ -41,15 +41,13 @@ class FlaxMLP(nn.Module):
         return nn.Dense(10)(x)
 
 
-def flax_task():
-    model, opt = FlaxMLP(), optax.adam(1e-2, eps_root=1e-12)
-
+def classifier_task(init_params, logits, opt, apply_updates=optax.apply_updates):
+    """A task training ``logits(params, x)`` with ``opt`` on digits, z weighting each training example."""
     def loss(params, x, y, w):
-        logits = model.apply(params, x)
-        return jnp.mean(w * optax.softmax_cross_entropy_with_integer_labels(logits, y))
+        return jnp.mean(w * optax.softmax_cross_entropy_with_integer_labels(logits(params, x), y))
 
     def init(z, data):
-        params = model.init(jax.random.PRNGKey(0), data["x"][:1])
+        params = init_params(data)
         return params, opt.init(params)
 
     def step(state, z, data, t):
@@ -57,13 +55,19 @@ def flax_task():
         index, x, y = _batch(data, t)
         grads = jax.grad(loss)(params, x, y, z[index])
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return apply_updates(params, updates), opt_state
 
     def output(state, z, data):
         return loss(state[0], data["xv"], data["yv"], 1.0)
 
     data = _data()
     return metagrad.Task(init, step, output, STEPS, data), np.ones(data["x"].shape[0], np.float32)
+
+
+def flax_task():
+    model = FlaxMLP()
+    return classifier_task(lambda data: model.init(jax.random.PRNGKey(0), data["x"][:1]), model.apply,
+                           optax.adam(1e-2, eps_root=1e-12))
 
 
 class EqxMLP(eqx.Module):
@@ -80,31 +84,11 @@ class EqxMLP(eqx.Module):
 
 
 def equinox_task():
-    opt = optax.sgd(0.1, momentum=0.9)
     # The state holds arrays only: the model's static parts stay in the closure.
     _, static = eqx.partition(EqxMLP(jax.random.PRNGKey(0)), eqx.is_array)
-
-    def loss(params, x, y, w):
-        model = eqx.combine(params, static)
-        logits = jax.vmap(model)(x)
-        return jnp.mean(w * optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    def init(z, data):
-        params = eqx.filter(EqxMLP(jax.random.PRNGKey(0)), eqx.is_array)
-        return params, opt.init(params)
-
-    def step(state, z, data, t):
-        params, opt_state = state
-        index, x, y = _batch(data, t)
-        grads = jax.grad(loss)(params, x, y, z[index])
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state
-
-    def output(state, z, data):
-        return loss(state[0], data["xv"], data["yv"], 1.0)
-
-    data = _data()
-    return metagrad.Task(init, step, output, STEPS, data), np.ones(data["x"].shape[0], np.float32)
+    return classifier_task(lambda data: eqx.filter(EqxMLP(jax.random.PRNGKey(0)), eqx.is_array),
+                           lambda params, x: jax.vmap(eqx.combine(params, static))(x),
+                           optax.sgd(0.1, momentum=0.9), eqx.apply_updates)
 
 
 @pytest.mark.parametrize("make", [flax_task, equinox_task], ids=["flax", "equinox"])

@@ -16,6 +16,10 @@
 //             in one execution, written by bench/save_task.py): training time
 //             per step minus that program's time per step is the whole
 //             per-step cost of running one execution per step.
+// A task saved over several devices (a sharding in its manifest) runs on the
+// devices it names: data and z are uploaded shard by shard, the metagradient
+// assembled from its shards; the dispatch measurement is single-device only
+// and skipped for it.
 #include <glob.h>
 #include <limits.h>
 #include <sys/resource.h>
@@ -43,6 +47,7 @@
 #include "runtime/buffer.h"
 #include "runtime/executable.h"
 #include "runtime/schedule.h"
+#include "runtime/sharding.h"
 #include "runtime/task_runner.h"
 
 namespace metagrad::bench {
@@ -335,17 +340,39 @@ double PeakRssBytes() {
   return static_cast<double>(usage.ru_maxrss) * 1024.0;
 }
 
-double L2Norm(const std::vector<BufferPtr>& buffers) {
+// A whole array on the host.
+struct HostArray {
+  ArraySpec spec;
+  std::string bytes;
+};
+
+// The metagradient's leaves as whole arrays (assembled from their shards).
+std::vector<HostArray> GradArrays(const Manifest& m, const std::vector<BufferPtr>& grad) {
+  std::vector<HostArray> arrays;
+  const size_t n = static_cast<size_t>(m.layout.devices);
+  for (size_t i = 0; i < m.z_global.size(); ++i) {
+    const std::vector<BufferPtr> shards(grad.begin() + static_cast<long>(i * n),
+                                        grad.begin() + static_cast<long>((i + 1) * n));
+    HostArray array{{m.z_global[i].dims, shards[0]->spec().type}, {}};  // float32 accumulators for 16-bit z
+    if (m.sharded) {
+      array.bytes = AssembleShards(shards, array.spec, m.sharding.z[i], m.sharding.mesh);
+    } else {
+      array.bytes.resize(array.spec.num_bytes());
+      shards[0]->ToHost(array.bytes.data(), array.bytes.size());
+    }
+    arrays.push_back(std::move(array));
+  }
+  return arrays;
+}
+
+double L2Norm(const std::vector<HostArray>& arrays) {
   double total = 0;
-  for (const auto& buffer : buffers) {
-    const ArraySpec& spec = buffer->spec();
-    std::vector<char> bytes(spec.num_bytes());
-    buffer->ToHost(bytes.data(), bytes.size());
-    const size_t n = spec.num_elements();
+  for (const HostArray& array : arrays) {
+    const size_t n = array.spec.num_elements();
     for (size_t i = 0; i < n; ++i) {
       double v = 0;
-      if (spec.type == PJRT_Buffer_Type_F32) v = reinterpret_cast<const float*>(bytes.data())[i];
-      else if (spec.type == PJRT_Buffer_Type_F64) v = reinterpret_cast<const double*>(bytes.data())[i];
+      if (array.spec.type == PJRT_Buffer_Type_F32) v = reinterpret_cast<const float*>(array.bytes.data())[i];
+      else if (array.spec.type == PJRT_Buffer_Type_F64) v = reinterpret_cast<const double*>(array.bytes.data())[i];
       else return NAN;
       total += v * v;
     }
@@ -437,8 +464,8 @@ TaskFiles ReadTask(const Options& o) {
   Manifest& m = files.manifest;
   if (o.steps > 0) m.steps = o.steps;
   for (const auto& [name, entry] : m.programs) files.code[name] = ReadFile(entry.file);
-  files.data = ReadArrays(m, m.data_files, m.layout.data, m.data_paths);
-  files.z = ReadArrays(m, m.z_files, m.layout.z, m.z_paths);
+  files.data = ReadArrays(m, m.data_files, m.data_global, m.data_paths);
+  files.z = ReadArrays(m, m.z_files, m.z_global, m.z_paths);
   return files;
 }
 
@@ -450,12 +477,20 @@ struct CompiledPrograms {
 
 CompiledPrograms CompileAll(Client& client, const TaskFiles& files, bool fused_forward) {
   CompiledPrograms out;
+  const Manifest& m = files.manifest;
+  std::string options;  // empty: one device
+  if (m.sharded) {
+    std::vector<int> ids;
+    for (int device : m.sharding.devices) ids.push_back(client.device(device).id);
+    options = SerializeCompileOptions(ids, m.sharding.use_shardy_partitioner,
+                                      MultiDeviceDebugOptions(client.platform_name(), ids.size()));
+  }
   for (const auto& [name, code] : files.code) {
     if (!fused_forward && name.rfind("advance_", 0) == 0) continue;
     const Signature& signature = files.manifest.programs.at(name).signature;
     const auto start = Clock::now();
     try {
-      out.executables[name] = client.Compile(code, "mlir", signature.inputs, signature.donated);
+      out.executables[name] = client.Compile(code, "mlir", signature.inputs, signature.donated, options);
     } catch (const std::exception& e) {
       throw ManifestError(files.manifest.programs.at(name).file + ": does not compile as program " + name + ": " +
                           e.what());
@@ -473,10 +508,20 @@ CompiledPrograms CompileAll(Client& client, const TaskFiles& files, bool fused_f
   return out;
 }
 
-std::vector<BufferPtr> Upload(Client& client, const std::vector<std::string>& bytes,
-                              const std::vector<ArraySpec>& specs) {
+// Whole host arrays as device buffers: per leaf, one shard per device (leaf-major).
+std::vector<BufferPtr> Upload(Client& client, const Manifest& m, const std::vector<std::string>& bytes,
+                              const std::vector<ArraySpec>& specs, const std::vector<PartitionSpec>& sharding) {
   std::vector<BufferPtr> buffers;
-  for (size_t i = 0; i < bytes.size(); ++i) buffers.push_back(client.BufferFromHost(bytes[i].data(), specs[i], {}, 0));
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    if (!m.sharded) {
+      buffers.push_back(client.BufferFromHost(bytes[i].data(), specs[i], {}, 0));
+      continue;
+    }
+    for (BufferPtr& shard :
+         UploadShards(client, bytes[i].data(), specs[i], sharding[i], m.sharding.mesh, m.sharding.devices)) {
+      buffers.push_back(std::move(shard));
+    }
+  }
   return buffers;
 }
 
@@ -515,7 +560,8 @@ std::vector<Case> MakeCases(const Options& o, const TaskPrograms& programs, int6
 // Training and every schedule, interleaved so that noise hits all alike.
 Stat TimeRuns(const Options& o, TaskRunner& runner, const std::vector<BufferPtr>& z, std::vector<Case>& cases) {
   std::vector<double> train_seconds;
-  const MetagradientOptions options{o.determinism_stride, false};
+  MetagradientOptions options;
+  options.determinism_stride = o.determinism_stride;
   for (int64_t r = 0; r < o.warmup + o.repeat; ++r) {
     const bool timed = r >= o.warmup;
     RunReport train_report;
@@ -544,15 +590,20 @@ void WriteBytes(const std::string& path, const BufferPtr& buffer) {
   if (!out) throw std::runtime_error("cannot write '" + path + "'");
 }
 
-void SaveGrads(const std::string& directory, const std::vector<Case>& cases) {
+void WriteFile(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw std::runtime_error("cannot write '" + path + "'");
+}
+
+void SaveGrads(const std::string& directory, const Manifest& m, const std::vector<Case>& cases) {
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string dir = directory + "/" + std::to_string(i);
     if (mkdir(directory.c_str(), 0755) != 0 && errno != EEXIST) throw std::runtime_error("cannot create " + directory);
     if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) throw std::runtime_error("cannot create " + dir);
     WriteBytes(dir + "/value.bin", cases[i].value);
-    for (size_t j = 0; j < cases[i].grad.size(); ++j) {
-      WriteBytes(dir + "/grad_" + std::to_string(j) + ".bin", cases[i].grad[j]);
-    }
+    const std::vector<HostArray> grad = GradArrays(m, cases[i].grad);
+    for (size_t j = 0; j < grad.size(); ++j) WriteFile(dir + "/grad_" + std::to_string(j) + ".bin", grad[j].bytes);
   }
 }
 
@@ -572,11 +623,12 @@ Obj ReportJson(const RunReport& report) {
   return o;
 }
 
-Obj DescribeCase(const Case& c, const Stat& train, std::ostringstream& text) {
+Obj DescribeCase(const Manifest& m, const Case& c, const Stat& train, std::ostringstream& text) {
   const Stat total = Summarize(c.total), forward = Summarize(c.forward), reverse = Summarize(c.reverse);
   const int64_t T = c.report.steps;
   const double ratio = total.median / train.median;
-  const double value = ScalarValue(c.value), grad_norm = L2Norm(c.grad);
+  const double value = ScalarValue(c.value);
+  const double grad_norm = L2Norm(GradArrays(m, c.grad));
   Obj s;
   s.Str("schedule", c.spec.Name()).Str("kind", c.spec.kind).Int("arg", c.spec.arg).Int("leaf", c.spec.leaf);
   s.StatOf("seconds", total).StatOf("seconds_forward", forward).StatOf("seconds_reverse", reverse);
@@ -712,14 +764,17 @@ int Run(const Options& o) {
 
   start = Clock::now();
   const std::string plugin = ChoosePlugin(o);
-  auto client = Client::Create(Api::Load(plugin), DefaultClientOptions(plugin, 1));
+  int64_t cpu_devices = 1;
+  for (int device : manifest.sharding.devices) cpu_devices = std::max<int64_t>(cpu_devices, device + 1);
+  auto client = Client::Create(Api::Load(plugin), DefaultClientOptions(plugin, cpu_devices));
   const double seconds_client = Since(start);
 
   CompiledPrograms compiled = CompileAll(*client, files, o.fused_forward);
 
   start = Clock::now();
-  const std::vector<BufferPtr> data = Upload(*client, files.data, manifest.layout.data);
-  const std::vector<BufferPtr> z = Upload(*client, files.z, manifest.layout.z);
+  const std::vector<BufferPtr> data =
+      Upload(*client, manifest, files.data, manifest.data_global, manifest.sharding.data);
+  const std::vector<BufferPtr> z = Upload(*client, manifest, files.z, manifest.z_global, manifest.sharding.z);
   const double seconds_upload = Since(start);
 
   const int64_t T = manifest.steps;
@@ -730,6 +785,7 @@ int Run(const Options& o) {
   Obj info;
   info.Int("steps", T).Str("backend", manifest.backend).Str("plugin", plugin);
   info.Str("platform", client->platform_name() + " " + client->platform_version());
+  info.Int("devices", manifest.layout.devices);
   info.Int("state_bytes", manifest.layout.state_bytes());
   info.Int("state_leaves", static_cast<int64_t>(manifest.layout.state.size()));
   info.Child("program_temp_bytes", compiled.temp_bytes);
@@ -737,7 +793,9 @@ int Run(const Options& o) {
   out.Child("phases", phases);
   text << "metagrad-bench " << o.directory << "\n";
   text << "  task: T=" << T << ", backend " << manifest.backend << ", state " << Bytes(manifest.layout.state_bytes())
-       << " in " << manifest.layout.state.size() << " leaves; platform " << client->platform_name() << "\n";
+       << (manifest.sharded ? " per device" : "") << " in " << manifest.layout.state.size() << " leaves; platform "
+       << client->platform_name()
+       << (manifest.sharded ? ", " + std::to_string(manifest.layout.devices) + " devices" : std::string()) << "\n";
   text << "  phases: read " << Human(seconds_read) << ", plugin+client " << Human(seconds_client) << ", compile "
        << Human(compiled.seconds) << " (" << compiled.executables.size() << " programs), upload "
        << Human(seconds_upload) << "\n";
@@ -757,12 +815,15 @@ int Run(const Options& o) {
        << Human(train.median / T) << " per step) over " << o.repeat << " runs\n";
   std::string schedules_json = "[";
   for (size_t i = 0; i < cases.size(); ++i) {
-    schedules_json += (i ? ", " : "") + DescribeCase(cases[i], train, text).Dump();
+    schedules_json += (i ? ", " : "") + DescribeCase(manifest, cases[i], train, text).Dump();
   }
   out.Set("metagradient", schedules_json + "]");
-  if (!o.save_grad.empty()) SaveGrads(o.save_grad, cases);
+  if (!o.save_grad.empty()) SaveGrads(o.save_grad, manifest, cases);
 
-  if (o.dispatch_iters > 0) {
+  if (o.dispatch_iters > 0 && manifest.sharded) {
+    text << "  dispatch: not measured (single-device measurement; this task runs on " << manifest.layout.devices
+         << " devices)\n";
+  } else if (o.dispatch_iters > 0) {
     out.Child("dispatch", MeasureDispatch(*client, files, compiled.executables, z, data, o.dispatch_iters, text));
   }
   out.Double("peak_rss_bytes", PeakRssBytes());

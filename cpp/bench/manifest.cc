@@ -53,6 +53,84 @@ std::string Inside(const std::string& directory, const std::string& relative, co
   return full;
 }
 
+// One PartitionSpec per leaf: a list (per dimension) of lists of mesh axes.
+std::vector<PartitionSpec> ReadSpecs(const Json& sharding, const std::string& key, const std::vector<ArraySpec>& leaves,
+                                     const Mesh& mesh) {
+  const std::string what = "sharding." + key;
+  const auto& entries = sharding.Get(key, "sharding").AsArray(what);
+  if (entries.size() != leaves.size()) {
+    throw JsonError(what + " has " + std::to_string(entries.size()) + " specs for " + std::to_string(leaves.size()) +
+                    " leaves");
+  }
+  std::vector<PartitionSpec> specs;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const std::string leaf = what + "[" + std::to_string(i) + "]";
+    PartitionSpec spec;
+    for (const Json& dim : entries[i].AsArray(leaf)) {
+      std::vector<std::string> axes;
+      for (const Json& axis : dim.AsArray(leaf + "[]")) axes.push_back(axis.AsString(leaf + "[][]"));
+      spec.push_back(std::move(axes));
+    }
+    try {
+      CheckPartitionSpec(leaves[i].dims, spec, mesh, leaf);
+    } catch (const InvalidArgument& e) {
+      throw JsonError(e.what());
+    }
+    specs.push_back(std::move(spec));
+  }
+  return specs;
+}
+
+std::vector<ArraySpec> Shards(const std::vector<ArraySpec>& leaves, const std::vector<PartitionSpec>& specs,
+                              const Mesh& mesh, bool leading_whole_axis = false) {
+  std::vector<ArraySpec> shards;
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    PartitionSpec spec = specs[i];
+    if (leading_whole_axis) spec.insert(spec.begin(), std::vector<std::string>{});
+    shards.push_back(ArraySpec{ShardDims(leaves[i].dims, spec, mesh), leaves[i].type});
+  }
+  return shards;
+}
+
+// The layout of each device's shards from the whole layout and the sharding.
+void ReadSharding(const Json& entry, Manifest& m) {
+  TaskSharding& s = m.sharding;
+  for (const Json& axis : entry.Get("mesh", "sharding").AsArray("sharding.mesh")) {
+    const auto& pair = axis.AsArray("sharding.mesh[]");
+    if (pair.size() != 2) throw JsonError("sharding.mesh entries must be [name, size]");
+    s.mesh.axes.push_back(pair[0].AsString("sharding.mesh[][0]"));
+    s.mesh.sizes.push_back(pair[1].AsInt("sharding.mesh[][1]"));
+  }
+  const std::string& partitioner = entry.Get("partitioner", "sharding").AsString("sharding.partitioner");
+  if (partitioner != "shardy" && partitioner != "gspmd") {
+    throw JsonError("sharding.partitioner must be 'shardy' or 'gspmd', got '" + partitioner + "'");
+  }
+  s.use_shardy_partitioner = partitioner == "shardy";
+  for (const Json& device : entry.Get("devices", "sharding").AsArray("sharding.devices")) {
+    const int64_t index = device.AsInt("sharding.devices[]");
+    if (index < 0 || index > INT32_MAX) throw JsonError("sharding.devices must be device indices >= 0");
+    s.devices.push_back(static_cast<int>(index));
+  }
+  try {
+    CheckPartitionSpec({}, {}, s.mesh, "sharding.mesh");
+  } catch (const InvalidArgument& e) {
+    throw JsonError(e.what());
+  }
+  if (static_cast<int64_t>(s.devices.size()) != s.mesh.num_devices()) {
+    throw JsonError("sharding.devices lists " + std::to_string(s.devices.size()) + " devices for a mesh of " +
+                    std::to_string(s.mesh.num_devices()));
+  }
+  TaskLayout& layout = m.layout;
+  s.state = ReadSpecs(entry, "state", layout.state, s.mesh);
+  s.z = ReadSpecs(entry, "z", layout.z, s.mesh);
+  s.data = ReadSpecs(entry, "data", layout.data, s.mesh);
+  layout.devices = s.mesh.num_devices();
+  layout.state = Shards(layout.state, s.state, s.mesh);
+  layout.z = Shards(layout.z, s.z, s.mesh);
+  layout.data = Shards(layout.data, s.data, s.mesh);
+  layout.accumulators = Shards(layout.accumulators, s.z, s.mesh, layout.outputs > 0);
+}
+
 std::string SpecList(const std::vector<ArraySpec>& specs) {
   std::string text = "[";
   for (size_t i = 0; i < specs.size(); ++i) text += (i ? ", " : "") + specs[i].ToString();
@@ -125,6 +203,12 @@ Manifest ReadManifest(const std::string& directory) {
     if (m.layout.phi.dims.size() > 1) throw JsonError("layout.phi must be a scalar or a vector");
     m.layout.outputs = m.layout.phi.dims.empty() ? 0 : m.layout.phi.dims[0];
     for (const ArraySpec& spec : m.layout.state) m.layout.differentiable.push_back(DTypeOf(spec.type).floating);
+    m.z_global = m.layout.z;
+    m.data_global = m.layout.data;
+    if (const Json* sharding = root.Find("sharding")) {
+      m.sharded = true;
+      ReadSharding(*sharding, m);
+    }
     if (const Json* versions = root.Find("versions")) {
       for (const auto& [key, value] : versions->AsObject("versions")) {
         if (value.type() == Json::Type::kString) m.versions[key] = value.AsString(key);

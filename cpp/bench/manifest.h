@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/programs.h"
+#include "runtime/sharding.h"
 
 namespace metagrad::bench {
 
@@ -24,12 +25,23 @@ struct ProgramEntry {
   Signature signature;
 };
 
+// How a sharded task splits its leaves (absent: one device).
+struct TaskSharding {
+  Mesh mesh;
+  bool use_shardy_partitioner = true;
+  std::vector<int> devices;  // of the partitions, in order (indices in the client's devices)
+  std::vector<PartitionSpec> state, z, data;
+};
+
 struct Manifest {
   std::string directory;
   std::string path;  // of manifest.json
   int64_t steps = 0;
   std::string backend;
-  TaskLayout layout;
+  TaskLayout layout;                      // per shard: what the programs take
+  std::vector<ArraySpec> z_global, data_global;  // the whole arrays, as stored
+  bool sharded = false;
+  TaskSharding sharding;
   std::vector<std::string> z_paths, data_paths;  // pytree paths of the leaves, for messages
   std::vector<std::string> z_files, data_files;  // arrays, inside the directory
   std::map<std::string, ProgramEntry> programs;
@@ -42,7 +54,7 @@ Manifest ReadManifest(const std::string& directory);
 // Whole file as bytes; throws ManifestError naming it if it cannot be read.
 std::string ReadFile(const std::string& path);
 
-// The arrays of `files` (inside the directory), size-checked against `specs`.
+// The arrays of `files` (inside the directory), size-checked against `specs` (whole arrays).
 std::vector<std::string> ReadArrays(const Manifest& manifest, const std::vector<std::string>& files,
                                     const std::vector<ArraySpec>& specs, const std::vector<std::string>& paths);
 

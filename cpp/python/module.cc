@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
@@ -13,7 +14,9 @@
 #include "runtime/buffer.h"
 #include "runtime/client.h"
 #include "runtime/executable.h"
+#include "runtime/ffi.h"
 #include "runtime/schedule.h"
+#include "runtime/sharding.h"
 #include "runtime/task_runner.h"
 
 namespace nb = nanobind;
@@ -31,10 +34,12 @@ nb::dlpack::dtype ToDLPack(PJRT_Buffer_Type type) {
 
 using HostArray = nb::ndarray<nb::ro, nb::device::cpu>;
 
-BufferPtr Upload(Client& client, HostArray array, int device) {
+// `type` overrides the array's own dtype (same element size), for bfloat16
+// arrays that arrive as their uint16 bits.
+BufferPtr UploadAs(Client& client, HostArray array, int device, std::optional<PJRT_Buffer_Type> type) {
   ArraySpec spec;
   if (array.dtype().lanes != 1) throw InvalidArgument("vector dtypes are not supported");
-  const DType& dtype = DTypeFromDLPack(array.dtype().code, array.dtype().bits);
+  const DType& dtype = type ? DTypeOf(*type) : DTypeFromDLPack(array.dtype().code, array.dtype().bits);
   spec.type = dtype.type;
   const int64_t size = static_cast<int64_t>(dtype.size);
   std::vector<int64_t> byte_strides;
@@ -52,6 +57,24 @@ BufferPtr Upload(Client& client, HostArray array, int device) {
   return client.BufferFromHost(array.data(), spec, byte_strides, device);
 }
 
+BufferPtr Upload(Client& client, HostArray array, int device) { return UploadAs(client, array, device, {}); }
+
+// numpy exports ml_dtypes' bfloat16 through neither DLPack nor the buffer
+// protocol, so such arrays cross the boundary as their uint16 bits, both ways.
+bool IsBfloat16(nb::handle array) {
+  nb::object dtype = nb::getattr(array, "dtype", nb::none());
+  return !dtype.is_none() && nb::str(nb::getattr(dtype, "name", nb::str(""))).equal(nb::str("bfloat16"));
+}
+
+BufferPtr UploadBfloat16(Client& client, nb::object array, int device) {
+  if (!IsBfloat16(array)) {
+    throw nb::type_error("buffer_from_array expects an array on the CPU (numpy, or anything exposing DLPack or the "
+                         "buffer protocol)");
+  }
+  nb::object bits = nb::module_::import_("numpy").attr("asarray")(array).attr("view")("uint16");
+  return UploadAs(client, nb::cast<HostArray>(bits), device, PJRT_Buffer_Type_BF16);
+}
+
 nb::object ToNumpy(const BufferPtr& buffer) {
   const ArraySpec& spec = buffer->spec();
   const size_t bytes = spec.num_bytes();
@@ -62,6 +85,10 @@ nb::object ToNumpy(const BufferPtr& buffer) {
     buffer->ToHost(data, bytes);
   }
   std::vector<size_t> shape(spec.dims.begin(), spec.dims.end());
+  if (spec.type == PJRT_Buffer_Type_BF16) {
+    nb::object bits = nb::cast(nb::ndarray<nb::numpy, uint16_t>(data, shape.size(), shape.data(), owner));
+    return bits.attr("view")(nb::module_::import_("ml_dtypes").attr("bfloat16"));
+  }
   return nb::cast(nb::ndarray<nb::numpy>(data, shape.size(), shape.data(), owner, nullptr, ToDLPack(spec.type)));
 }
 
@@ -108,6 +135,19 @@ nb::dict StatsDict(const MemoryStats& stats) {
   return d;
 }
 
+std::pair<int, int> VersionPair(FfiApiVersion v) { return {v.major, v.minor}; }
+
+// The function pointer held by a capsule (jaxlib's handler capsules are named
+// "xla._CUSTOM_CALL_TARGET"; ctypes or user capsules may be unnamed).
+void* CapsulePointer(nb::handle capsule) {
+  if (!PyCapsule_CheckExact(capsule.ptr())) {
+    throw nb::type_error("expected a PyCapsule holding an XLA FFI handler (e.g. from jax.ffi.pycapsule)");
+  }
+  void* pointer = PyCapsule_GetPointer(capsule.ptr(), PyCapsule_GetName(capsule.ptr()));
+  if (pointer == nullptr) throw nb::python_error();
+  return pointer;
+}
+
 }  // namespace
 
 NB_MODULE(_runtime, m) {
@@ -135,6 +175,47 @@ NB_MODULE(_runtime, m) {
       "The element types the runtime handles: (numpy name, MLIR name, floating).");
   m.def("default_client_options", &DefaultClientOptions, nb::arg("plugin_path"), nb::arg("cpu_device_count") = 1,
         "The create options metagrad passes to a plugin.");
+  m.def("compile_options",
+        [](const std::vector<int>& device_ids, bool use_shardy_partitioner, const std::string& platform) {
+          const std::string options = SerializeCompileOptions(
+              device_ids, use_shardy_partitioner, MultiDeviceDebugOptions(platform, device_ids.size()));
+          return nb::bytes(options.data(), options.size());
+        },
+        nb::arg("device_ids") = std::vector<int>{0}, nb::arg("use_shardy_partitioner") = false,
+        nb::arg("platform") = "",
+        "The serialized xla.CompileOptionsProto for a program on these device ids (several: SPMD partitions, "
+        "with the debug options the `platform` needs for them).");
+
+  // Shardings (runtime/sharding.h): a mesh as [(axis, size)], a PartitionSpec
+  // as one list of axis names per dimension.
+  auto mesh_of = [](const std::vector<std::pair<std::string, int64_t>>& axes) {
+    Mesh mesh;
+    for (const auto& [name, size] : axes) {
+      mesh.axes.push_back(name);
+      mesh.sizes.push_back(size);
+    }
+    return mesh;
+  };
+  m.def("check_partition_spec",
+        [mesh_of](const std::vector<int64_t>& shape, const PartitionSpec& spec,
+                  const std::vector<std::pair<std::string, int64_t>>& mesh, const std::string& what) {
+          CheckPartitionSpec(shape, spec, mesh_of(mesh), what);
+        },
+        nb::arg("shape"), nb::arg("spec"), nb::arg("mesh"), nb::arg("what"),
+        "ValueError unless `spec` splits an array of `shape` evenly over `mesh`.");
+  m.def("shard_shape",
+        [mesh_of](const std::vector<int64_t>& shape, const PartitionSpec& spec,
+                  const std::vector<std::pair<std::string, int64_t>>& mesh) {
+          return ShardDims(shape, spec, mesh_of(mesh));
+        },
+        nb::arg("shape"), nb::arg("spec"), nb::arg("mesh"), "The shape of every shard.");
+  m.def("shard_offsets",
+        [mesh_of](const std::vector<int64_t>& shape, const PartitionSpec& spec,
+                  const std::vector<std::pair<std::string, int64_t>>& mesh, int64_t partition) {
+          return ShardOffsets(shape, spec, mesh_of(mesh), partition);
+        },
+        nb::arg("shape"), nb::arg("spec"), nb::arg("mesh"), nb::arg("partition"),
+        "Where partition `partition`'s block starts, per dimension.");
 
   m.attr("PJRT_API_MAJOR") = PJRT_API_MAJOR;
   m.attr("PJRT_API_MINOR") = PJRT_API_MINOR;
@@ -143,7 +224,38 @@ NB_MODULE(_runtime, m) {
       .def_static("load", &Api::Load, nb::arg("path"), "dlopen a PJRT plugin and read its API table.")
       .def_prop_ro("path", &Api::path)
       .def_prop_ro("api_version", &Api::version, "(major, minor) PJRT C API version of the plugin.")
-      .def_prop_ro("attributes", &Api::attributes, "Plugin attributes, e.g. stablehlo_current_version.");
+      .def_prop_ro("attributes", &Api::attributes, "Plugin attributes, e.g. stablehlo_current_version.")
+      .def_prop_ro("can_register_ffi_handlers",
+                   [](const std::shared_ptr<const Api>& api) { return HasFfiHandlerRegistration(*api); },
+                   "Whether the plugin's PJRT FFI extension can register custom-call handlers.")
+      .def("ffi_api_version",
+           [](const std::shared_ptr<const Api>& api, const std::string& platform) {
+             return VersionPair(PluginFfiApiVersion(*api, platform));
+           },
+           nb::arg("platform"), "(major, minor) XLA FFI C API version of the plugin's XLA; (-1, -1) if unknown.")
+      .def("register_ffi_handler",
+           [](const std::shared_ptr<const Api>& api, const std::string& target, const std::string& platform,
+              nb::handle capsule, bool allow_adapter) {
+             return RegisterFfiHandler(*api, target, platform, CapsulePointer(capsule), allow_adapter) ==
+                            FfiRegistration::kAdapted
+                        ? "adapted"
+                        : "direct";
+           },
+           nb::arg("target"), nb::arg("platform"), nb::arg("handler"), nb::arg("allow_adapter") = false,
+           "Register a typed XLA FFI handler (a capsule) for custom-call `target` on `platform`; returns "
+           "'direct' or 'adapted' (a stateless handler one FFI minor version ahead, behind a version adapter).");
+
+  m.attr("XLA_FFI_API_VERSION") = VersionPair(BuiltFfiApiVersion());
+  m.def("ffi_handler_metadata",
+        [](nb::handle capsule) {
+          FfiHandlerMetadata info = QueryFfiHandler(CapsulePointer(capsule));
+          nb::dict d;
+          d["api_version"] = VersionPair(info.version);
+          d["traits"] = info.traits;
+          d["creates_state"] = info.creates_state;
+          return d;
+        },
+        nb::arg("handler"), "Metadata of a typed XLA FFI handler (a capsule): the FFI API version it was built with.");
 
   nb::class_<ArraySpec>(m, "ArraySpec")
       .def(nb::init<>())
@@ -191,8 +303,25 @@ NB_MODULE(_runtime, m) {
            },
            nb::arg("serialized"), nb::arg("inputs"), nb::arg("donated"),
            "Load an executable written by Executable.serialize() with this plugin version.")
+      .def("memory_stats",
+           [](const Client& client, int device) -> nb::object {
+             Client::MemoryStats stats;
+             try {
+               stats = client.DeviceMemoryStats(device);
+             } catch (const PjrtError&) {
+               return nb::none();  // the plugin keeps none (the CPU plugin)
+             }
+             nb::dict d;
+             d["bytes_in_use"] = stats.bytes_in_use;
+             if (stats.peak_bytes_in_use >= 0) d["peak_bytes_in_use"] = stats.peak_bytes_in_use;
+             if (stats.bytes_limit >= 0) d["bytes_limit"] = stats.bytes_limit;
+             return d;
+           },
+           nb::arg("device") = 0, "The device's memory statistics, or None where the plugin keeps none.")
       .def("buffer_from_array", &Upload, nb::arg("array"), nb::arg("device") = 0,
-           "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.");
+           "Copy a host array (anything exposing DLPack or the buffer protocol on the CPU) to a device.")
+      .def("buffer_from_array", &UploadBfloat16, nb::arg("array"), nb::arg("device") = 0,
+           "Copy a numpy bfloat16 array (ml_dtypes) to a device.");
 
   nb::class_<Buffer>(m, "Buffer", "A device buffer owned by the runtime.")
       .def_prop_ro("spec", &Buffer::spec)
@@ -200,6 +329,10 @@ NB_MODULE(_runtime, m) {
       .def_prop_ro("dtype", [](const Buffer& b) { return std::string(DTypeOf(b.spec().type).name); })
       .def_prop_ro("is_deleted", &Buffer::is_deleted)
       .def_prop_ro("on_device_size", &Buffer::on_device_size)
+      .def_prop_ro("device", &Buffer::device_index, "Index of the buffer's device in client.devices.")
+      .def_prop_ro("memory_kind", &Buffer::memory_kind, "'device', 'pinned_host', 'unpinned_host'...")
+      .def("copy_to_memory", &Buffer::CopyToMemory, nb::arg("kind"), nb::call_guard<nb::gil_scoped_release>(),
+           "A copy in memory space `kind` of the same device (ready asynchronously).")
       .def("block_until_ready", &Buffer::Await, nb::call_guard<nb::gil_scoped_release>())
       .def("to_numpy", &ToNumpy, "Copy the value to a new numpy array.")
       .def("__dlpack__", [](const BufferPtr& b, nb::kwargs) { return DLPackView(b); },
@@ -213,6 +346,7 @@ NB_MODULE(_runtime, m) {
       .def_prop_ro("inputs", &Executable::inputs)
       .def_prop_ro("outputs", &Executable::outputs)
       .def_prop_ro("donated", &Executable::donated)
+      .def_prop_ro("devices", &Executable::devices, "The devices of its partitions, in order (indices in client.devices).")
       .def("memory_stats", [](const Executable& e) { return StatsDict(e.CompiledMemoryStats()); },
            "XLA's compiled memory statistics: argument, output, alias, temp and generated-code bytes.")
       .def("serialize",
@@ -226,7 +360,8 @@ NB_MODULE(_runtime, m) {
            },
            "Platform-specific bytes for Client.deserialize with the same plugin version.")
       .def("execute", &Execute, nb::arg("args"),
-           "Enqueue one execution; outputs are device buffers, ready asynchronously.");
+           "Enqueue one execution (on each device: `args` are leaf-major shards); outputs are device buffers, "
+           "leaf-major, ready asynchronously.");
 
   BindSchedule(m);
   BindTaskRunner(m);

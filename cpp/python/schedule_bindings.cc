@@ -8,6 +8,8 @@
 // caster. Such a file still works (the caster reads a Plan as a sequence of
 // Actions, a copy); PlanFromPython below gives the vector without a copy.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/set.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -94,6 +96,43 @@ void BindSchedule(nb::module_& m) {
   m.def("plan_revolve", [](int64_t T, int slots, int64_t leaf) { return Wrap(metagrad::PlanRevolve(T, slots, leaf)); },
         "T"_a, "slots"_a, "leaf"_a = 1,
         "Binomial checkpointing (revolve): fewest forward steps with at most `slots` saved states.");
+  nb::class_<metagrad::ProgramCost>(m, "ProgramCost", "Seconds and device bytes of one execution of a program.")
+      .def(nb::init<>())
+      .def_rw("seconds", &metagrad::ProgramCost::seconds)
+      .def_rw("bytes", &metagrad::ProgramCost::bytes)
+      .def("__repr__", [](const metagrad::ProgramCost& c) {
+        return "ProgramCost(seconds=" + std::to_string(c.seconds) + ", bytes=" + std::to_string(c.bytes) + ")";
+      });
+  nb::class_<metagrad::CostTable>(m, "CostTable", "The costs of a task's programs (see schedule.h).")
+      .def(nb::init<>())
+      .def_rw("state_bytes", &metagrad::CostTable::state_bytes)
+      .def_rw("cotangent_bytes", &metagrad::CostTable::cotangent_bytes)
+      .def_rw("init", &metagrad::CostTable::init)
+      .def_rw("step", &metagrad::CostTable::step)
+      .def_rw("output_vjp", &metagrad::CostTable::output_vjp)
+      .def_rw("step_vjp", &metagrad::CostTable::step_vjp)
+      .def_rw("init_vjp", &metagrad::CostTable::init_vjp)
+      .def_rw("advance", &metagrad::CostTable::advance)
+      .def_rw("segment_vjp", &metagrad::CostTable::segment_vjp)
+      .def_rw("to_host", &metagrad::CostTable::to_host, "copying one state to host memory")
+      .def_rw("from_host", &metagrad::CostTable::from_host, "copying one state back to the device");
+  m.def("simulate_plan",
+        [](nb::handle plan, const metagrad::CostTable& costs, const std::set<int>& host_slots) {
+          const metagrad::PlanCost cost = metagrad::SimulatePlan(PlanFromPython(plan), costs, host_slots);
+          nb::dict d;
+          d["seconds"] = cost.seconds;
+          d["peak_bytes"] = cost.peak_bytes;
+          d["peak_host_bytes"] = cost.peak_host_bytes;
+          d["bytes_to_host"] = cost.bytes_to_host;
+          d["bytes_from_host"] = cost.bytes_from_host;
+          d["executions"] = cost.executions;
+          return d;
+        },
+        "plan"_a, "costs"_a, "host_slots"_a = std::set<int>{},
+        "Predicted seconds, peak device and host bytes, bytes copied each way and executions of a (checked) plan "
+        "whose `host_slots` live in host memory, with the runner's accounting.");
+  m.def("host_slot_order", [](nb::handle plan) { return metagrad::HostSlotOrder(PlanFromPython(plan)); }, "plan"_a,
+        "The plan's slots, cheapest to hold in host memory first (fewest saves and restores).");
   m.def("revolve_forward_steps", &metagrad::RevolveForwardSteps, "units"_a, "slots"_a,
         "The fewest forward block-advances any plan over `units` blocks with `slots` saved states can have.");
 }

@@ -5,6 +5,7 @@
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/set.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -19,12 +20,16 @@ const Plan& PlanFromPython(nb::handle plan);  // schedule_bindings.cc
 
 namespace {
 
-// Called by the runner between executions with the GIL released: a pending
-// Ctrl-C becomes KeyboardInterrupt, raised through the runner (whose buffers
-// are released on the way out) back to the caller.
-void CheckSignals() {
-  nb::gil_scoped_acquire acquire;
-  if (PyErr_CheckSignals() != 0) throw nb::python_error();
+// The runner's monitor, called between executions with the GIL released: a
+// pending Ctrl-C becomes KeyboardInterrupt, raised through the runner (whose
+// buffers are released on the way out) back to the caller; `progress`, if
+// given, is called with (steps done, total).
+TaskRunner::Monitor Monitor(nb::object progress) {
+  return [progress](int64_t done, int64_t total) {
+    nb::gil_scoped_acquire acquire;
+    if (PyErr_CheckSignals() != 0) throw nb::python_error();
+    if (!progress.is_none()) progress(done, total);
+  };
 }
 
 nb::dict KindDict(const ProgramKind& kind) {
@@ -55,6 +60,7 @@ void BindTaskRunner(nb::module_& m) {
 
   nb::class_<TaskLayout>(m, "TaskLayout", "Shapes and dtypes of a task's flat argument groups.")
       .def(nb::init<>())
+      .def_rw("devices", &TaskLayout::devices, "devices the task runs on: shards per leaf")
       .def_rw("state", &TaskLayout::state)
       .def_rw("z", &TaskLayout::z)
       .def_rw("data", &TaskLayout::data)
@@ -62,6 +68,7 @@ void BindTaskRunner(nb::module_& m) {
       .def_rw("accumulators", &TaskLayout::accumulators)
       .def_rw("phi", &TaskLayout::phi)
       .def_rw("outputs", &TaskLayout::outputs)
+      .def_prop_ro("state_bytes", &TaskLayout::state_bytes, "bytes of one state, per device")
       .def("expected_signature",
            [](const TaskLayout& layout, const std::string& name) {
              const Signature s = ExpectedSignature(name, layout);
@@ -98,29 +105,48 @@ void BindTaskRunner(nb::module_& m) {
            nb::arg("programs"), nb::arg("layout"), nb::arg("steps"), nb::arg("data"))
       .def_prop_ro("steps", &TaskRunner::steps)
       .def("train",
-           [](TaskRunner& runner, const std::vector<BufferPtr>& z) {
+           [](TaskRunner& runner, const std::vector<BufferPtr>& z, nb::object progress) {
              RunReport report;
              std::vector<BufferPtr> state;
-             runner.SetInterruptCheck(CheckSignals);
+             runner.SetMonitor(Monitor(progress));
              {
                nb::gil_scoped_release release;
                state = runner.Train(z, &report);
              }
              return nb::make_tuple(state, report);
            },
-           nb::arg("z"), "init and all steps; returns (final state buffers, report).")
+           nb::arg("z"), nb::arg("progress") = nb::none(),
+           "init and all steps; returns (final state buffers, report). progress(done, total) is called between "
+           "executions, at most every 50 ms.")
       .def("metagradient",
            [](TaskRunner& runner, const std::vector<BufferPtr>& z, nb::handle plan_object, int64_t determinism_stride,
-              bool check_finite) {
+              bool check_finite, nb::object progress, std::set<int> host_slots,
+              const std::string& host_memory_kind) {
              const Plan& plan = PlanFromPython(plan_object);
              TaskRunner::Result result;
-             runner.SetInterruptCheck(CheckSignals);
+             runner.SetMonitor(Monitor(progress));
              {
                nb::gil_scoped_release release;
-               result = runner.Metagradient(z, plan, MetagradientOptions{determinism_stride, check_finite});
+               result = runner.Metagradient(
+                   z, plan,
+                   MetagradientOptions{determinism_stride, check_finite, std::move(host_slots), host_memory_kind});
              }
              return nb::make_tuple(result.value, result.grad, result.report);
            },
            nb::arg("z"), nb::arg("plan"), nb::arg("determinism_stride") = 0, nb::arg("check_finite") = false,
-           "Run the plan; returns (phi buffer, metagradient buffers, report).");
+           nb::arg("progress") = nb::none(), nb::arg("host_slots") = std::set<int>{},
+           nb::arg("host_memory_kind") = "pinned_host",
+           "Run the plan (the states of `host_slots` in host memory); returns (phi buffer of partition 0, "
+           "metagradient buffers leaf-major, report). progress(done, total): forward and reversed steps, called "
+           "between executions at most every 50 ms.")
+      .def("calibrate",
+           [](TaskRunner& runner, const std::vector<BufferPtr>& z, int repeats, const std::string& host_memory_kind) {
+             runner.SetMonitor(Monitor(nb::none()));
+             nb::gil_scoped_release release;
+             return runner.Calibrate(z, repeats, host_memory_kind);
+           },
+           nb::arg("z"), nb::arg("repeats") = 3, nb::arg("host_memory_kind") = "",
+           "Seconds and device bytes per execution of each program (and, with a host memory kind, the seconds to "
+           "copy a state there, 'to_host', and back, 'from_host').")
+      .def("program_bytes", &TaskRunner::ProgramBytes, "Device bytes per execution of each program (no run).");
 }

@@ -12,6 +12,53 @@ Buffer::Buffer(std::shared_ptr<Client> client, PJRT_Buffer* buffer) : client_(st
   type.buffer = buffer_;
   api.Check(api->PJRT_Buffer_ElementType(&type), "reading buffer element type");
   spec_.type = type.type;
+  auto device = PJRT_ARGS(PJRT_Buffer_Device_Args);
+  device.buffer = buffer_;
+  api.Check(api->PJRT_Buffer_Device(&device), "reading a buffer's device");
+  device_index_ = client_->DeviceIndex(device.device);
+}
+
+namespace {
+
+std::string MemoryKind(const Api& api, PJRT_Memory* memory) {
+  auto kind = PJRT_ARGS(PJRT_Memory_Kind_Args);
+  kind.memory = memory;
+  api.Check(api->PJRT_Memory_Kind(&kind), "reading a memory kind");
+  return std::string(kind.kind, kind.kind_size);
+}
+
+}  // namespace
+
+std::string Buffer::memory_kind() const {
+  const Api& api = client_->api();
+  auto args = PJRT_ARGS(PJRT_Buffer_Memory_Args);
+  args.buffer = buffer_;
+  api.Check(api->PJRT_Buffer_Memory(&args), "reading a buffer's memory space");
+  return MemoryKind(api, args.memory);
+}
+
+std::shared_ptr<Buffer> Buffer::CopyToMemory(const std::string& kind) const {
+  if (is_deleted()) throw InvalidArgument("the buffer was donated to an execution and no longer holds data");
+  const Api& api = client_->api();
+  const DeviceInfo& device = client_->device(device_index_);
+  auto memories = PJRT_ARGS(PJRT_Device_AddressableMemories_Args);
+  memories.device = device.device;
+  api.Check(api->PJRT_Device_AddressableMemories(&memories), "listing memory spaces");
+  PJRT_Memory* target = nullptr;
+  for (size_t m = 0; m < memories.num_memories && target == nullptr; ++m) {
+    if (MemoryKind(api, memories.memories[m]) == kind) target = memories.memories[m];
+  }
+  if (target == nullptr) {
+    std::string known;
+    for (const std::string& name : device.memory_kinds) known += (known.empty() ? "" : ", ") + name;
+    throw InvalidArgument("device " + std::to_string(device.id) + " has no memory kind '" + kind + "'; it has: " +
+                          known);
+  }
+  auto args = PJRT_ARGS(PJRT_Buffer_CopyToMemory_Args);
+  args.buffer = buffer_;
+  args.dst_memory = target;
+  api.Check(api->PJRT_Buffer_CopyToMemory(&args), "copying a buffer to another memory space");
+  return std::make_shared<Buffer>(client_, args.dst_buffer);
 }
 
 Buffer::~Buffer() {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "runtime/client.h"
 
@@ -17,6 +18,10 @@ class Buffer {
   PJRT_Buffer* raw() const { return buffer_; }
   const ArraySpec& spec() const { return spec_; }
   const std::shared_ptr<Client>& client() const { return client_; }
+  // Position of the buffer's device in client()->devices().
+  int device_index() const { return device_index_; }
+  // Kind of the memory space holding it: "device", "pinned_host", "unpinned_host"...
+  std::string memory_kind() const;
 
   // True once the buffer was donated to an execution (or deleted).
   bool is_deleted() const;
@@ -25,6 +30,10 @@ class Buffer {
   void Await() const;
   // Blocks until the value is copied into `dst` (row-major, `size` bytes).
   void ToHost(void* dst, size_t size) const;
+  // A copy in memory space `kind` of the same device, returned at once and
+  // ready asynchronously (executions that take it wait for it). Throws
+  // InvalidArgument naming the device's kinds when it has no `kind`.
+  std::shared_ptr<Buffer> CopyToMemory(const std::string& kind) const;
 
   // Zero-copy access for DLPack export: the pointer stays valid while an
   // external reference is held.
@@ -35,6 +44,7 @@ class Buffer {
   std::shared_ptr<Client> client_;
   PJRT_Buffer* buffer_;
   ArraySpec spec_;
+  int device_index_;
 };
 
 }  // namespace metagrad

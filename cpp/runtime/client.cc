@@ -28,13 +28,70 @@ std::map<std::string, Attribute> DefaultClientOptions(const std::string& plugin_
   return {{"cpu_device_count", cpu_device_count}};
 }
 
-std::string SerializeCompileOptions(int num_replicas, int num_partitions) {
-  if (num_replicas < 1 || num_partitions < 1 || num_replicas > 127 || num_partitions > 127) {
-    throw InvalidArgument("num_replicas and num_partitions must be in [1, 127]");
+namespace {
+
+// Just enough protobuf wire format for the few CompileOptionsProto fields set here.
+void PutVarint(std::string& out, uint64_t value) {
+  while (value >= 0x80) {
+    out.push_back(static_cast<char>((value & 0x7f) | 0x80));
+    value >>= 7;
   }
-  // CompileOptionsProto{executable_build_options (3): {num_replicas (4), num_partitions (5)}}
-  std::string build_options = {0x20, static_cast<char>(num_replicas), 0x28, static_cast<char>(num_partitions)};
-  return std::string{0x1a, static_cast<char>(build_options.size())} + build_options;
+  out.push_back(static_cast<char>(value));
+}
+
+void PutVarintField(std::string& out, int field, uint64_t value) {
+  PutVarint(out, static_cast<uint64_t>(field) << 3);
+  PutVarint(out, value);
+}
+
+void PutBytesField(std::string& out, int field, const std::string& bytes) {
+  PutVarint(out, (static_cast<uint64_t>(field) << 3) | 2);
+  PutVarint(out, bytes.size());
+  out += bytes;
+}
+
+}  // namespace
+
+std::string SerializeCompileOptions(const std::vector<int>& device_ids, bool use_shardy_partitioner,
+                                    const std::map<std::string, bool>& debug_options) {
+  if (device_ids.empty()) throw InvalidArgument("a program needs at least one device");
+  // ExecutableBuildOptionsProto{num_replicas (4), num_partitions (5)}
+  std::string build;
+  PutVarintField(build, 4, 1);
+  PutVarintField(build, 5, device_ids.size());
+  if (device_ids.size() > 1) {
+    // DeviceAssignmentProto{replica_count (1), computation_count (2),
+    //   computation_devices (3): per partition {replica_device_ids (1)}}
+    std::string assignment;
+    PutVarintField(assignment, 1, 1);
+    PutVarintField(assignment, 2, device_ids.size());
+    for (int id : device_ids) {
+      if (id < 0) throw InvalidArgument("device ids must be >= 0, got " + std::to_string(id));
+      std::string computation;
+      PutVarintField(computation, 1, static_cast<uint64_t>(id));
+      PutBytesField(assignment, 3, computation);
+    }
+    // use_spmd_partitioning (6), device_assignment (9), use_shardy_partitioner (19)
+    PutVarintField(build, 6, 1);
+    PutBytesField(build, 9, assignment);
+    if (use_shardy_partitioner) PutVarintField(build, 19, 1);
+  }
+  std::string options;  // CompileOptionsProto{executable_build_options (3)}
+  PutBytesField(options, 3, build);
+  for (const auto& [name, value] : debug_options) {
+    // env_option_overrides (7): map entry {key (1), value (2): OptionOverrideProto{bool_field (2)}}
+    std::string override_value, entry;
+    PutVarintField(override_value, 2, value ? 1 : 0);
+    PutBytesField(entry, 1, name);
+    PutBytesField(entry, 2, override_value);
+    PutBytesField(options, 7, entry);
+  }
+  return options;
+}
+
+std::map<std::string, bool> MultiDeviceDebugOptions(const std::string& platform, size_t num_devices) {
+  if (platform != "cpu" || num_devices < 2) return {};
+  return {{"xla_cpu_multi_thread_eigen", false}};
 }
 
 std::shared_ptr<Client> Client::Create(std::shared_ptr<const Api> api,
@@ -102,6 +159,13 @@ const DeviceInfo& Client::device(int index) const {
   return devices_[index];
 }
 
+int Client::DeviceIndex(PJRT_Device* device) const {
+  for (size_t i = 0; i < devices_.size(); ++i) {
+    if (devices_[i].device == device) return static_cast<int>(i);
+  }
+  throw InvalidArgument("a device that this client does not address");
+}
+
 std::shared_ptr<Executable> Client::Compile(const std::string& code, const std::string& format,
                                             std::vector<ArraySpec> inputs, std::vector<bool> donated,
                                             const std::string& options) {
@@ -109,7 +173,7 @@ std::shared_ptr<Executable> Client::Compile(const std::string& code, const std::
   if (format != "mlir" && format != "hlo") {
     throw InvalidArgument("unknown program format '" + format + "': use 'mlir' (text or bytecode) or 'hlo'");
   }
-  const std::string compile_options = options.empty() ? SerializeCompileOptions(1, 1) : options;
+  const std::string compile_options = options.empty() ? SerializeCompileOptions() : options;
   auto program = PJRT_ARGS(PJRT_Program);
   program.code = const_cast<char*>(code.data());
   program.code_size = code.size();
@@ -140,6 +204,17 @@ std::shared_ptr<Executable> Client::Wrap(PJRT_LoadedExecutable* executable, std:
   auto owned = std::make_shared<Executable>(shared_from_this(), executable);  // destroys it if the checks throw
   owned->SetSignature(std::move(inputs), std::move(donated));
   return owned;
+}
+
+Client::MemoryStats Client::DeviceMemoryStats(int device_index) const {
+  auto args = PJRT_ARGS(PJRT_Device_MemoryStats_Args);
+  args.device = device(device_index).device;
+  api_->Check(api_->raw()->PJRT_Device_MemoryStats(&args), "reading device memory statistics");
+  MemoryStats stats;
+  stats.bytes_in_use = args.bytes_in_use;
+  if (args.peak_bytes_in_use_is_set) stats.peak_bytes_in_use = args.peak_bytes_in_use;
+  if (args.bytes_limit_is_set) stats.bytes_limit = args.bytes_limit;
+  return stats;
 }
 
 std::shared_ptr<Buffer> Client::BufferFromHost(const void* data, const ArraySpec& spec,

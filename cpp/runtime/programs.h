@@ -11,6 +11,9 @@
 //   p  phi, the output: a scalar, or a vector of m outputs
 //   f  a bool scalar
 // With m outputs taken at once (a vector phi), D and A carry a leading m axis.
+// A task sharded over N devices (TaskLayout::devices) has per-shard specs and
+// N buffers per leaf in every group, leaf-major (executable.h); t, p and f are
+// replicated (one copy per device).
 //
 //   name             inputs         donated  outputs
 //   init             Z X                     S
@@ -37,7 +40,7 @@ namespace metagrad {
 
 // Version of a saved task's manifest.json (python/metagrad/_src/saved.py
 // writes it, cpp/bench/manifest.cc reads it; both take this constant).
-constexpr int64_t kManifestVersion = 2;
+constexpr int64_t kManifestVersion = 3;  // 3: sharded tasks (per-shard program signatures)
 
 class Executable;
 using ExecutablePtr = std::shared_ptr<Executable>;
@@ -60,8 +63,9 @@ struct ProgramName {
 // known programs for anything else.
 ProgramName ParseProgramName(const std::string& name);
 
-// Shapes and dtypes of a task's flat groups.
+// Shapes and dtypes of a task's flat groups: of each device's shard.
 struct TaskLayout {
+  int64_t devices = 1;  // shards per leaf: the devices every program runs on
   std::vector<ArraySpec> state, z, data;
   std::vector<bool> differentiable;  // per state leaf: carries a cotangent
   std::vector<ArraySpec> accumulators;  // per z leaf (with the leading m axis when outputs > 0)
@@ -69,7 +73,7 @@ struct TaskLayout {
   int64_t outputs = 0;                  // 0: phi is a scalar; m: a vector of m outputs
 
   std::vector<ArraySpec> Group(char group) const;
-  int64_t state_bytes() const;
+  int64_t state_bytes() const;  // of one state, per device
 };
 
 // The inputs, donation flags and outputs program `name` must have for `layout`.

@@ -483,4 +483,113 @@ PlanStats CheckPlan(const Plan& plan, int64_t T) {
   return stats;
 }
 
+std::vector<std::pair<int64_t, int64_t>> ForwardChunks(int64_t from, int64_t count,
+                                                       const std::vector<int64_t>& fused) {
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  const int64_t end = from + count;
+  for (int64_t t = from; t < end;) {
+    int64_t n = 1;
+    for (auto it = fused.rbegin(); it != fused.rend(); ++it) {
+      if (*it > n && t % *it == 0 && *it <= end - t) n = *it;
+    }
+    chunks.emplace_back(t, n);
+    t += n;
+  }
+  return chunks;
+}
+
+PlanCost SimulatePlan(const Plan& plan, const CostTable& costs, const std::set<int>& host_slots) {
+  PlanCost total;
+  std::vector<int64_t> fused;
+  for (const auto& [n, cost] : costs.advance) fused.push_back(n);
+  int64_t saved = 0, host = 0, cotangent = 0;
+  bool current_saved = false, have_current = false;
+  std::map<int, bool> slot_is_current;
+  auto execute = [&](const ProgramCost& cost) {
+    const int64_t live = saved + (have_current && !current_saved ? costs.state_bytes : 0) + cotangent;
+    total.peak_bytes = std::max(total.peak_bytes, live + cost.bytes);
+    total.seconds += cost.seconds;
+    ++total.executions;
+  };
+  auto lookup = [](const std::map<int64_t, ProgramCost>& table, int64_t n, const char* what) {
+    auto found = table.find(n);
+    if (found == table.end()) {
+      throw std::invalid_argument(std::string("the cost table has no ") + what + " of " + std::to_string(n) +
+                                  " steps");
+    }
+    return found->second;
+  };
+  execute(costs.init);
+  have_current = true;
+  for (const Action& a : plan) {
+    const bool on_host = host_slots.count(a.slot) > 0;
+    switch (a.kind) {
+      case ActionKind::kAdvance:
+        for (const auto& [t, n] : ForwardChunks(a.step, a.count, fused)) {
+          execute(n == 1 ? costs.step : lookup(costs.advance, n, "fused advance"));
+          current_saved = false;
+        }
+        break;
+      case ActionKind::kSave:
+        if (on_host) {  // a copy goes to the host; the current state stays on the device
+          host += costs.state_bytes;
+          total.peak_host_bytes = std::max(total.peak_host_bytes, host);
+          total.bytes_to_host += costs.state_bytes;
+          total.seconds += costs.to_host.seconds;
+        } else {
+          saved += costs.state_bytes;
+          current_saved = true;
+        }
+        break;
+      case ActionKind::kRestore:
+        if (on_host) {  // a fresh device copy
+          total.bytes_from_host += costs.state_bytes;
+          total.seconds += costs.from_host.seconds;
+          current_saved = false;
+        } else {
+          current_saved = true;
+        }
+        break;
+      case ActionKind::kFree:
+        if (on_host) {
+          host -= costs.state_bytes;
+        } else {
+          saved -= costs.state_bytes;
+          // The freed slot held the current state exactly when nothing ran since it was restored or saved.
+          if (current_saved && slot_is_current[a.slot]) current_saved = false;
+        }
+        break;
+      case ActionKind::kOutput:
+        execute(costs.output_vjp);
+        cotangent = costs.cotangent_bytes;
+        break;
+      case ActionKind::kReverse:
+        execute(a.count == 1 ? costs.step_vjp : lookup(costs.segment_vjp, a.count, "fused reverse"));
+        break;
+    }
+    // Which device slot (if any) shares its buffers with the current state.
+    if (a.kind == ActionKind::kSave || a.kind == ActionKind::kRestore) {
+      for (auto& [slot, is] : slot_is_current) is = false;
+      if (!on_host) slot_is_current[a.slot] = true;
+    } else if (a.kind == ActionKind::kAdvance) {
+      for (auto& [slot, is] : slot_is_current) is = false;
+    } else if (a.kind == ActionKind::kFree) {
+      slot_is_current.erase(a.slot);
+    }
+  }
+  execute(costs.init_vjp);
+  return total;
+}
+
+std::vector<int> HostSlotOrder(const Plan& plan) {
+  std::map<int, int64_t> copies;
+  for (const Action& a : plan) {
+    if (a.kind == ActionKind::kSave || a.kind == ActionKind::kRestore) ++copies[a.slot];
+  }
+  std::vector<int> order;
+  for (const auto& [slot, count] : copies) order.push_back(slot);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return copies[a] < copies[b]; });
+  return order;
+}
+
 }  // namespace metagrad

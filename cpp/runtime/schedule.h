@@ -23,14 +23,22 @@
 // Unused fields: slot == -1 for advance/output/reverse, count == 0 for
 // save/restore/free/output. Every slot is freed by the end of a plan.
 //
+// Host tier: a plan runs with a set of *host slots*. A save into a host slot
+// copies the state to host memory (the current state stays on the device); a
+// restore from one copies it back to the device. Which slots go to the host
+// is the planner's choice (HostSlotOrder).
+//
 // Fused leaves: with leaf > 1 a policy works on blocks of `leaf` steps (the
 // last block has T % leaf steps when that is nonzero) and reverses each block
 // with one kReverse of the block's length, so at most two fused lengths occur.
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace metagrad {
@@ -105,5 +113,51 @@ class PlanError : public std::logic_error {
 // Simulates `plan` over T steps; throws PlanError naming the first violated
 // rule (with the action's index), std::invalid_argument if T < 1.
 PlanStats CheckPlan(const Plan& plan, int64_t T);
+
+// The executions that apply steps [from, from + count): at each step t the
+// largest fused length n in `fused` (n > 1) with t % n == 0 and t + n <= the
+// end, else a single step. The same steps always decompose the same way, so
+// a replay over whole chunks runs the same programs as the first pass.
+// Returns (first step, length) pairs.
+std::vector<std::pair<int64_t, int64_t>> ForwardChunks(int64_t from, int64_t count,
+                                                       const std::vector<int64_t>& fused);
+
+// What one execution of a program costs: its time, and the device bytes it
+// adds to its live arguments (outputs that do not alias a donated argument,
+// plus its temporaries: XLA's compiled memory statistics).
+struct ProgramCost {
+  double seconds = 0;
+  int64_t bytes = 0;
+};
+
+// The costs of a task's programs, for predicting what a plan costs. Bytes are
+// per device (a task over several devices holds a shard of each value on each).
+struct CostTable {
+  int64_t state_bytes = 0;      // one training state
+  int64_t cotangent_bytes = 0;  // the cotangent of a state plus the metagradient accumulators
+  ProgramCost init, step, output_vjp, step_vjp, init_vjp;
+  std::map<int64_t, ProgramCost> advance, segment_vjp;  // fused programs by length
+  // Copying one state to host memory and back (seconds; bytes unused).
+  ProgramCost to_host, from_host;
+};
+
+struct PlanCost {
+  double seconds = 0;           // the plan's executions and host copies
+  int64_t peak_bytes = 0;       // on the device: saved states + current state + cotangents + the running program's
+  int64_t peak_host_bytes = 0;  // saved states in host memory
+  int64_t bytes_to_host = 0, bytes_from_host = 0;
+  int64_t executions = 0;
+};
+
+// Walks a valid plan (CheckPlan first) with the task runner's accounting:
+// the runner measures the same quantities on real buffers during a run.
+// `host_slots` hold their states in host memory. Throws std::invalid_argument
+// if the plan needs a program the table lacks.
+PlanCost SimulatePlan(const Plan& plan, const CostTable& costs, const std::set<int>& host_slots = {});
+
+// The slots of `plan`, cheapest to hold in host memory first: by the copies
+// that would cost (saves + restores into and from the slot), then by slot
+// number. The planner puts a prefix of this order on the host.
+std::vector<int> HostSlotOrder(const Plan& plan);
 
 }  // namespace metagrad

@@ -25,6 +25,19 @@ int64_t TotalBytes(const std::vector<BufferPtr>& buffers) {
   return total;
 }
 
+std::vector<BufferPtr> CopyAll(const std::vector<BufferPtr>& buffers, const std::string& kind) {
+  std::vector<BufferPtr> copies;
+  for (const auto& buffer : buffers) copies.push_back(buffer->CopyToMemory(kind));
+  return copies;
+}
+
+// A flag every device computed the same (replicated): partition 0's copy.
+bool ReadFlag(const std::vector<BufferPtr>& flag) {
+  bool value = false;
+  flag[0]->ToHost(&value, sizeof(value));
+  return value;
+}
+
 std::vector<std::string> HostCopy(const std::vector<BufferPtr>& buffers) {
   std::vector<std::string> copies;
   for (const auto& buffer : buffers) {
@@ -96,16 +109,40 @@ TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, 
   if (layout_.differentiable.size() != layout_.state.size()) {
     throw InvalidArgument("the layout needs one differentiable flag per state leaf");
   }
+  const std::vector<int>& devices = programs_.step->devices();
+  if (static_cast<int64_t>(devices.size()) != layout_.devices) {
+    throw InvalidArgument("the layout is sharded over " + std::to_string(layout_.devices) +
+                          " device(s), the step program runs on " + std::to_string(devices.size()));
+  }
+  std::vector<const ExecutablePtr*> all = {&programs_.init,     &programs_.output,     &programs_.output_vjp,
+                                           &programs_.step_vjp, &programs_.init_vjp,   &programs_.all_finite,
+                                           &programs_.state_finite};
+  for (const auto& [n, program] : programs_.advance) {
+    advance_lengths_.push_back(n);
+    all.push_back(&program);
+  }
+  for (const auto& [n, program] : programs_.segment_vjp) all.push_back(&program);
+  for (const ExecutablePtr* program : all) {
+    if (*program != nullptr && (*program)->devices() != devices) {
+      throw InvalidArgument("the task's programs must all run on the same devices");
+    }
+  }
 }
 
-const BufferPtr& TaskRunner::StepIndex(int64_t t) {
+const std::vector<BufferPtr>& TaskRunner::StepIndex(int64_t t) {
   if (step_indices_.empty()) step_indices_.resize(static_cast<size_t>(steps_));
-  BufferPtr& slot = step_indices_[static_cast<size_t>(t)];
-  if (slot == nullptr) {
+  std::vector<BufferPtr>& slot = step_indices_[static_cast<size_t>(t)];
+  if (slot.empty()) {
     const int32_t value = static_cast<int32_t>(t);
-    slot = programs_.step->client()->BufferFromHost(&value, ArraySpec{{}, PJRT_Buffer_Type_S32}, {}, 0);
+    for (int device : programs_.step->devices()) {
+      slot.push_back(programs_.step->client()->BufferFromHost(&value, ArraySpec{{}, PJRT_Buffer_Type_S32}, {}, device));
+    }
   }
   return slot;
+}
+
+int64_t TaskRunner::DeviceBytes(const std::vector<BufferPtr>& buffers) const {
+  return TotalBytes(buffers) / layout_.devices;
 }
 
 int64_t TaskRunner::ExecutionBytes(const ExecutablePtr& program) {
@@ -126,11 +163,11 @@ int64_t TaskRunner::ExecutionBytes(const ExecutablePtr& program) {
 std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
                                        const std::vector<const std::vector<BufferPtr>*>& groups,
                                        RunReport& report) {
-  if (interrupt_check_) {
+  if (monitor_) {
     const auto now = Clock::now();
     if (now - last_check_ >= std::chrono::milliseconds(50)) {
       last_check_ = now;
-      interrupt_check_();
+      monitor_(report.forward_steps + report.reversed_steps, monitor_total_);
     }
   }
   std::vector<Buffer*> args;
@@ -141,34 +178,17 @@ std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
   return program->Execute(args);
 }
 
-std::vector<std::pair<int64_t, int64_t>> TaskRunner::Chunks(int64_t from, int64_t count) const {
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  const int64_t end = from + count;
-  for (int64_t t = from; t < end;) {
-    int64_t n = 1;
-    for (auto it = programs_.advance.rbegin(); it != programs_.advance.rend(); ++it) {
-      if (it->first > 1 && t % it->first == 0 && t + it->first <= end) {
-        n = it->first;
-        break;
-      }
-    }
-    chunks.emplace_back(t, n);
-    t += n;
-  }
-  return chunks;
-}
-
 std::vector<BufferPtr> TaskRunner::Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
                                          std::pair<int64_t, int64_t> chunk, RunReport& report) {
-  const std::vector<BufferPtr> index = {StepIndex(chunk.first)};
   const ExecutablePtr& program = chunk.second == 1 ? programs_.step : programs_.advance.at(chunk.second);
-  return Run(program, {&state, &z, &data_, &index}, report);
+  return Run(program, {&state, &z, &data_, &StepIndex(chunk.first)}, report);
 }
 
 void TaskRunner::CheckZ(const std::vector<BufferPtr>& z) const {
-  if (z.size() != layout_.z.size()) {
-    throw InvalidArgument("z has " + std::to_string(z.size()) + " leaves, the task was compiled for " +
-                          std::to_string(layout_.z.size()));
+  if (z.size() != layout_.z.size() * static_cast<size_t>(layout_.devices)) {
+    throw InvalidArgument("z has " + std::to_string(z.size()) + " buffers, the task was compiled for " +
+                          std::to_string(layout_.z.size()) + " leaves" +
+                          (layout_.devices > 1 ? " of " + std::to_string(layout_.devices) + " shards each" : ""));
   }
 }
 
@@ -177,28 +197,41 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
   RunReport local;
   RunReport& r = report ? *report : local;
   const auto start = Clock::now();
+  monitor_total_ = steps_;
   std::vector<BufferPtr> state = Run(programs_.init, {&z, &data_}, r);
-  for (const auto& chunk : Chunks(0, steps_)) state = Apply(state, z, chunk, r);
+  for (const auto& chunk : Chunks(0, steps_)) {
+    state = Apply(state, z, chunk, r);
+    r.forward_steps += chunk.second;
+  }
   AwaitAll(state);
   r.steps = steps_;
-  r.forward_steps = steps_;
+  r.devices = layout_.devices;
   r.state_bytes = layout_.state_bytes();
   r.seconds_forward = r.seconds_total = SecondsSince(start);
   return state;
 }
 
-// One metagradient run: the plan's actions applied to device buffers, one
-// method per action kind, with the optional checks.
+// One metagradient run: the plan's actions applied to device buffers (saved
+// states of host slots copied to host memory and back), one method per
+// action kind, with the optional checks. Values are flat leaf-major lists of
+// shards; byte counts are per device.
 class Traversal {
  public:
   Traversal(TaskRunner& runner, const std::vector<BufferPtr>& z, const MetagradientOptions& options,
             TaskRunner::Result& result)
-      : r_(runner), z_(z), options_(options), result_(result), report_(result.report) {}
+      : r_(runner),
+        z_(z),
+        options_(options),
+        result_(result),
+        report_(result.report),
+        shards_(static_cast<size_t>(runner.layout_.devices)) {}
 
   void Begin() {
     start_ = Clock::now();
     report_.steps = r_.steps_;
+    report_.devices = r_.layout_.devices;
     report_.state_bytes = r_.layout_.state_bytes();
+    report_.data_bytes = r_.DeviceBytes(r_.data_) + r_.DeviceBytes(z_);
     current_ = Execute(r_.programs_.init, {&z_, &r_.data_});
     if (options_.determinism_stride > 0) {
       CheckFusedAgainstSingle();
@@ -231,12 +264,13 @@ class Traversal {
     int64_t position;
     std::vector<BufferPtr> state;
     bool exact;  // computed by the same programs from the same states as the first pass
+    bool on_host;
   };
 
   std::vector<BufferPtr> Execute(const ExecutablePtr& program,
                                  const std::vector<const std::vector<BufferPtr>*>& groups) {
-    const int64_t live = saved_bytes_ + (current_is_saved_ ? 0 : TotalBytes(current_)) + TotalBytes(cotangent_) +
-                         TotalBytes(z_acc_);
+    const int64_t live = saved_bytes_ + (current_is_saved_ ? 0 : r_.DeviceBytes(current_)) +
+                         r_.DeviceBytes(cotangent_) + r_.DeviceBytes(z_acc_);
     report_.peak_device_bytes = std::max(report_.peak_device_bytes, live + r_.ExecutionBytes(program));
     return r_.Run(program, groups, report_);
   }
@@ -244,59 +278,76 @@ class Traversal {
   void Advance(const Action& action) {
     for (const auto& chunk : r_.Chunks(action.step, action.count)) {
       std::vector<BufferPtr> before = current_;
-      const std::vector<BufferPtr> index = {r_.StepIndex(chunk.first)};
       const ExecutablePtr& program = chunk.second == 1 ? r_.programs_.step : r_.programs_.advance.at(chunk.second);
-      current_ = Execute(program, {&before, &z_, &r_.data_, &index});
+      current_ = Execute(program, {&before, &z_, &r_.data_, &r_.StepIndex(chunk.first)});
       current_is_saved_ = false;
       position_ = chunk.first + chunk.second;
       if (!replaying_) first_pass_chunk_start_[position_] = chunk.first;
       exact_ = exact_ && first_pass_chunk_start_.count(position_) && first_pass_chunk_start_[position_] == chunk.first;
+      report_.forward_steps += chunk.second;
       if (options_.check_finite && !replaying_) CheckStateFinite(before, chunk);
       if (options_.determinism_stride > 0 && position_ % options_.determinism_stride == 0) CheckDeterminism();
     }
-    report_.forward_steps += action.count;
   }
 
+  // A save into a host slot copies the state out (asynchronously: later work
+  // on the device does not wait for it); the current state stays on the device.
   void Save(const Action& action) {
-    slots_[action.slot] = {position_, current_, exact_};
-    saved_bytes_ += TotalBytes(current_);
-    current_is_saved_ = true;
+    const int64_t bytes = r_.DeviceBytes(current_);
+    if (options_.host_slots.count(action.slot)) {
+      slots_[action.slot] = {position_, CopyAll(current_, options_.host_memory_kind), exact_, true};
+      host_bytes_ += bytes;
+      report_.peak_host_bytes = std::max(report_.peak_host_bytes, host_bytes_);
+      report_.bytes_to_host += bytes;
+      ++report_.host_saved_states;
+    } else {
+      slots_[action.slot] = {position_, current_, exact_, false};
+      saved_bytes_ += bytes;
+      current_is_saved_ = true;
+    }
     report_.peak_saved_states = std::max(report_.peak_saved_states, static_cast<int64_t>(slots_.size()));
   }
 
   void Restore(const Action& action) {
     const Slot& slot = slots_.at(action.slot);
     position_ = slot.position;
-    current_ = slot.state;
     exact_ = slot.exact;
-    current_is_saved_ = true;
+    if (slot.on_host) {  // programs take device buffers: a fresh copy, which the next execution waits for
+      current_ = CopyAll(slot.state, "device");
+      current_is_saved_ = false;
+      report_.bytes_from_host += r_.DeviceBytes(current_);
+    } else {
+      current_ = slot.state;
+      current_is_saved_ = true;
+    }
     replay_origin_ = position_;
     replaying_ = true;
   }
 
   void Free(const Action& action) {
     auto found = slots_.find(action.slot);
-    saved_bytes_ -= TotalBytes(found->second.state);
+    (found->second.on_host ? host_bytes_ : saved_bytes_) -= r_.DeviceBytes(found->second.state);
     if (found->second.state == current_) current_is_saved_ = false;
     slots_.erase(found);
   }
 
   void Output() {
     std::vector<BufferPtr> out = Execute(r_.programs_.output_vjp, {&current_, &z_, &r_.data_});
-    result_.value = out[0];
-    const size_t num_d = out.size() - 1 - r_.layout_.z.size();
-    cotangent_.assign(out.begin() + 1, out.begin() + 1 + static_cast<long>(num_d));
-    z_acc_.assign(out.begin() + 1 + static_cast<long>(num_d), out.end());
+    result_.value = out[0];  // phi is replicated: partition 0's copy
+    const long first = static_cast<long>(shards_);
+    const long num_d = static_cast<long>(out.size() - shards_ - r_.layout_.z.size() * shards_);
+    cotangent_.assign(out.begin() + first, out.begin() + first + num_d);
+    z_acc_.assign(out.begin() + first + num_d, out.end());
     AwaitAll(z_acc_);
     report_.seconds_forward = SecondsSince(start_);
     if (options_.check_finite) CheckCotangentFinite(r_.steps_, "the output phi (or its gradient)");
   }
 
   void Reverse(const Action& action) {
-    const std::vector<BufferPtr> index = {r_.StepIndex(action.step)};
     const ExecutablePtr& program =
         action.count == 1 ? r_.programs_.step_vjp : r_.programs_.segment_vjp.at(action.count);
-    std::vector<BufferPtr> out = Execute(program, {&current_, &z_, &r_.data_, &index, &cotangent_, &z_acc_});
+    std::vector<BufferPtr> out =
+        Execute(program, {&current_, &z_, &r_.data_, &r_.StepIndex(action.step), &cotangent_, &z_acc_});
     cotangent_.assign(out.begin(), out.begin() + static_cast<long>(cotangent_.size()));
     z_acc_.assign(out.begin() + static_cast<long>(cotangent_.size()), out.end());
     report_.reversed_steps += action.count;
@@ -306,10 +357,7 @@ class Traversal {
   }
 
   bool Finite(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups) {
-    std::vector<BufferPtr> flag = Execute(program, groups);
-    bool finite = false;
-    flag[0]->ToHost(&finite, sizeof(finite));
-    return finite;
+    return ReadFlag(Execute(program, groups));
   }
 
   // The first pass's state after `chunk`; on NaN/Inf, single steps from the
@@ -352,10 +400,10 @@ class Traversal {
       const auto a = HostCopy(fused), b = HostCopy(single);
       ++report_.determinism_checks;
       for (size_t i = 0; i < a.size(); ++i) {
-        if (!AgreeToRounding(a[i], b[i], r_.layout_.state[i])) {
+        if (!AgreeToRounding(a[i], b[i], r_.layout_.state[i / shards_])) {
           throw CheckFailed("training is not deterministic: the fused program for steps 0.." + std::to_string(n - 1) +
                                 " and the same steps run one by one disagree beyond rounding (state leaf " +
-                                std::to_string(i) + "). Each compiled program computes something different, as "
+                                std::to_string(i / shards_) + "). Each compiled program computes something different, as "
                                 "when a step reads numpy randomness or Python state while it is traced: derive "
                                 "randomness from t (jax.random.fold_in(key, t)) and read only its arguments.",
                             0);
@@ -383,7 +431,9 @@ class Traversal {
       return;
     }
     bool close = true;
-    for (size_t i = 0; i < copy.size() && close; ++i) close = AgreeToRounding(copy[i], found->second[i], r_.layout_.state[i]);
+    for (size_t i = 0; i < copy.size() && close; ++i) {
+      close = AgreeToRounding(copy[i], found->second[i], r_.layout_.state[i / shards_]);
+    }
     if (exact_ || !close) {
       throw CheckFailed("training is not deterministic: replaying " + StepRange(replay_origin_, position_) +
                             " (from the state saved at step " + std::to_string(replay_origin_) +
@@ -401,6 +451,7 @@ class Traversal {
   const MetagradientOptions options_;
   TaskRunner::Result& result_;
   RunReport& report_;
+  const size_t shards_;  // per leaf: the task's devices
   Clock::time_point start_;
 
   std::vector<BufferPtr> current_;
@@ -410,7 +461,8 @@ class Traversal {
   bool replaying_ = false;
   int64_t replay_origin_ = 0;
   std::unordered_map<int, Slot> slots_;
-  int64_t saved_bytes_ = 0;
+  int64_t saved_bytes_ = 0;  // in device slots
+  int64_t host_bytes_ = 0;   // in host slots
   std::vector<BufferPtr> cotangent_;  // dS[D]
   std::vector<BufferPtr> z_acc_;
   std::unordered_map<int64_t, int64_t> first_pass_chunk_start_;  // end position -> start of its first-pass chunk
@@ -438,11 +490,129 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
     }
   }
   Result result;
+  monitor_total_ = stats.forward_steps + steps_;
   Traversal traversal(*this, z, options, result);
   traversal.Begin();
   for (const Action& action : plan) traversal.Do(action);
   traversal.Finish();
   return result;
+}
+
+namespace {
+
+// Seconds per execution of `run`, which enqueues one execution that feeds on
+// the previous one's outputs (as in a run: dispatch overlaps compute) and
+// returns its outputs: the median over `repeats` chains of kChain executions,
+// after one untimed chain.
+constexpr int kChain = 8;
+
+template <typename Run>
+double Time(int repeats, Run&& run) {
+  std::vector<double> samples;
+  for (int r = 0; r <= repeats; ++r) {
+    const auto start = Clock::now();
+    std::vector<BufferPtr> last;
+    for (int i = 0; i < kChain; ++i) last = run();
+    AwaitAll(last);
+    if (r > 0) samples.push_back(SecondsSince(start) / kChain);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+}  // namespace
+
+std::map<std::string, ProgramCost> TaskRunner::ProgramBytes() {
+  std::map<std::string, ProgramCost> costs;
+  auto add = [&](const std::string& name, const ExecutablePtr& program) {
+    if (program != nullptr) costs[name].bytes = ExecutionBytes(program);
+  };
+  add("init", programs_.init);
+  add("step", programs_.step);
+  add("output_vjp", programs_.output_vjp);
+  add("step_vjp", programs_.step_vjp);
+  add("init_vjp", programs_.init_vjp);
+  for (const auto& [n, program] : programs_.advance) add("advance_" + std::to_string(n), program);
+  for (const auto& [n, program] : programs_.segment_vjp) add("segment_vjp_" + std::to_string(n), program);
+  return costs;
+}
+
+std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<BufferPtr>& z, int repeats,
+                                                         const std::string& host_memory_kind) {
+  CheckZ(z);
+  if (repeats < 1) throw InvalidArgument("repeats must be >= 1");
+  for (const auto* program : {&programs_.output_vjp, &programs_.step_vjp, &programs_.init_vjp}) {
+    if (*program == nullptr) throw InvalidArgument("the task was compiled without its reverse programs");
+  }
+  std::map<std::string, ProgramCost> costs = ProgramBytes();
+  RunReport report;
+  std::vector<BufferPtr> state;
+  costs["init"].seconds = Time(repeats, [&] { return state = Run(programs_.init, {&z, &data_}, report); });
+  const std::vector<BufferPtr>& index = StepIndex(0);
+  const std::vector<BufferPtr> state0 = state;
+  auto forward = [&](const ExecutablePtr& program) {
+    state = state0;
+    return [&, program] { return state = Run(program, {&state, &z, &data_, &index}, report); };
+  };
+  costs["step"].seconds = Time(repeats, forward(programs_.step));
+  for (const auto& [n, program] : programs_.advance) {
+    costs["advance_" + std::to_string(n)].seconds = Time(repeats, forward(program));
+  }
+  state = state0;
+  if (!host_memory_kind.empty()) {
+    // One state's round trip, each way timed alone (the copies are asynchronous).
+    std::vector<double> out_samples, in_samples;
+    for (int r = 0; r <= repeats; ++r) {
+      auto start = Clock::now();
+      std::vector<BufferPtr> host = CopyAll(state0, host_memory_kind);
+      AwaitAll(host);
+      const double out_seconds = SecondsSince(start);
+      start = Clock::now();
+      AwaitAll(CopyAll(host, "device"));
+      if (r > 0) {
+        out_samples.push_back(out_seconds);
+        in_samples.push_back(SecondsSince(start));
+      }
+    }
+    std::sort(out_samples.begin(), out_samples.end());
+    std::sort(in_samples.begin(), in_samples.end());
+    costs["to_host"].seconds = out_samples[out_samples.size() / 2];
+    costs["from_host"].seconds = in_samples[in_samples.size() / 2];
+  }
+  std::vector<BufferPtr> cotangent, accumulators;
+  const long num_z = static_cast<long>(layout_.z.size()) * layout_.devices;
+  const long num_phi = static_cast<long>(layout_.devices);
+  auto output = [&] {
+    std::vector<BufferPtr> out = Run(programs_.output_vjp, {&state, &z, &data_}, report);
+    cotangent.assign(out.begin() + num_phi, out.end() - num_z);
+    accumulators.assign(out.end() - num_z, out.end());
+    return out;
+  };
+  costs["output_vjp"].seconds = Time(repeats, output);
+  // Reverses donate their cotangents: chain them, as a traversal does.
+  auto reverse = [&](const ExecutablePtr& program) {
+    return [&, program] {
+      std::vector<BufferPtr> out = Run(program, {&state, &z, &data_, &index, &cotangent, &accumulators}, report);
+      cotangent.assign(out.begin(), out.begin() + static_cast<long>(cotangent.size()));
+      accumulators.assign(out.begin() + static_cast<long>(cotangent.size()), out.end());
+      return out;
+    };
+  };
+  costs["step_vjp"].seconds = Time(repeats, reverse(programs_.step_vjp));
+  for (const auto& [n, program] : programs_.segment_vjp) {
+    costs["segment_vjp_" + std::to_string(n)].seconds = Time(repeats, reverse(program));
+  }
+  // init_vjp consumes the cotangents output_vjp makes: time it alone.
+  std::vector<double> samples;
+  for (int i = 0; i <= repeats; ++i) {
+    AwaitAll(output());
+    const auto start = Clock::now();
+    AwaitAll(Run(programs_.init_vjp, {&z, &data_, &cotangent, &accumulators}, report));
+    if (i > 0) samples.push_back(SecondsSince(start));
+  }
+  std::sort(samples.begin(), samples.end());
+  costs["init_vjp"].seconds = samples[samples.size() / 2];
+  return costs;
 }
 
 }  // namespace metagrad

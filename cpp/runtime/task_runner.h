@@ -1,11 +1,14 @@
 // Runs a compiled task in the runtime: training, and the metagradient by
-// executing a checkpointing plan (schedule.h) with device buffers only.
+// executing a checkpointing plan (schedule.h) on device buffers, with saved
+// states in host memory where the plan's host slots say. A task over several
+// devices holds every value as one shard per device (programs.h).
 #pragma once
 
 #include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -24,11 +27,18 @@ struct MetagradientOptions {
   // Stop at the first forward step whose state, or the first reversed step
   // whose cotangent, holds NaN or Inf.
   bool check_finite = false;
+  // Slots of the plan whose states live in host memory (memory kind
+  // `host_memory_kind` of each shard's device).
+  std::set<int> host_slots;
+  std::string host_memory_kind = "pinned_host";
 };
 
-// What one run did. Its fields are listed once, in VisitReportFields.
+// What one run did. Its fields are listed once, in VisitReportFields. Bytes
+// are per device: over several devices each holds one shard of every value
+// (a replicated leaf whole), and even shardings make every device equal.
 struct RunReport {
   std::string schedule;
+  int64_t devices = 1;
   int64_t steps = 0;
   int64_t forward_steps = 0;   // steps applied by forward programs, replays included
   int64_t reversed_steps = 0;  // steps reversed (by step_vjp or fused segments)
@@ -37,6 +47,16 @@ struct RunReport {
   int64_t peak_saved_bytes = 0;
   int64_t state_bytes = 0;
   int64_t peak_device_bytes = 0;  // saved states + current state + cotangents + the running program's temporaries
+  int64_t data_bytes = 0;         // data and z, on the device throughout
+  int64_t peak_host_bytes = 0;    // saved states held in host memory
+  int64_t host_saved_states = 0;  // saves that went to host memory
+  int64_t bytes_to_host = 0;      // copied device -> host (saves)
+  int64_t bytes_from_host = 0;    // copied host -> device (restores)
+  int64_t predicted_peak_device_bytes = 0;  // the planner's figure for peak_device_bytes (0: no prediction)
+  int64_t predicted_peak_host_bytes = 0;    // the planner's figure for peak_host_bytes
+  double predicted_seconds = 0;             // the planner's figure for seconds_total (0: no prediction)
+  int64_t budget_bytes = 0;                 // the device-memory budget the plan was chosen for (0: none)
+  int64_t host_budget_bytes = 0;            // the host-memory budget per device (0: none)
   int64_t determinism_checks = 0;
   double seconds_forward = 0;  // init, first pass to T, output_vjp
   double seconds_reverse = 0;  // reverse traversal with its replays, init_vjp
@@ -48,6 +68,8 @@ struct RunReport {
 template <typename Visit>
 void VisitReportFields(Visit&& visit) {
   visit("schedule", &RunReport::schedule, "the schedule that ran");
+  visit("devices", &RunReport::devices,
+        "devices the task runs on; every byte figure is per device (each holds one shard of every value)");
   visit("steps", &RunReport::steps, "training steps T");
   visit("forward_steps", &RunReport::forward_steps, "steps run forward, replays included");
   visit("reversed_steps", &RunReport::reversed_steps, "steps reversed");
@@ -58,6 +80,20 @@ void VisitReportFields(Visit&& visit) {
   visit("peak_device_bytes", &RunReport::peak_device_bytes,
         "most device bytes the run held at once: saved states, the current state, cotangents and accumulators, and "
         "the temporaries of the program running (XLA's compiled memory statistics)");
+  visit("data_bytes", &RunReport::data_bytes, "data and z, on the device throughout the run");
+  visit("peak_host_bytes", &RunReport::peak_host_bytes, "most bytes of saved states held in host memory at once");
+  visit("host_saved_states", &RunReport::host_saved_states, "saves that went to host memory");
+  visit("bytes_to_host", &RunReport::bytes_to_host, "bytes copied from the device to host memory (saves)");
+  visit("bytes_from_host", &RunReport::bytes_from_host, "bytes copied from host memory to the device (restores)");
+  visit("predicted_peak_device_bytes", &RunReport::predicted_peak_device_bytes,
+        "the planner's prediction of peak_device_bytes (0 without one)");
+  visit("predicted_peak_host_bytes", &RunReport::predicted_peak_host_bytes,
+        "the planner's prediction of peak_host_bytes");
+  visit("predicted_seconds", &RunReport::predicted_seconds, "the planner's prediction of seconds_total (0 without one)");
+  visit("budget_bytes", &RunReport::budget_bytes,
+        "the device-memory budget the planner chose the plan for: peak_device_bytes + data_bytes fit in it");
+  visit("host_budget_bytes", &RunReport::host_budget_bytes,
+        "the host-memory budget per device the planner chose the plan for (0: no host tier)");
   visit("determinism_checks", &RunReport::determinism_checks, "replayed states compared with the first pass");
   visit("seconds_forward", &RunReport::seconds_forward, "init, the first forward pass and the output");
   visit("seconds_reverse", &RunReport::seconds_reverse, "the reverse traversal with its replays");
@@ -83,8 +119,10 @@ class TaskRunner {
   const TaskLayout& layout() const { return layout_; }
 
   // Called between executions, at most every 50 ms, during Train and
-  // Metagradient; it may throw to abandon the run (a Ctrl-C from Python).
-  void SetInterruptCheck(std::function<void()> check) { interrupt_check_ = std::move(check); }
+  // Metagradient, with the steps done (forward and reversed) and the run's
+  // total; it may throw to abandon the run (a Ctrl-C from Python).
+  using Monitor = std::function<void(int64_t done, int64_t total)>;
+  void SetMonitor(Monitor monitor) { monitor_ = std::move(monitor); }
 
   // init then all T steps; returns the final state.
   std::vector<BufferPtr> Train(const std::vector<BufferPtr>& z, RunReport* report = nullptr);
@@ -96,20 +134,32 @@ class TaskRunner {
   };
   Result Metagradient(const std::vector<BufferPtr>& z, const Plan& plan, const MetagradientOptions& options);
 
+  // The cost of each program (by its name in programs.h) on this task's
+  // inputs: seconds per execution (the median of `repeats` chained executions
+  // after one untimed) and the device bytes an execution adds; with a
+  // `host_memory_kind`, also "to_host" and "from_host": the seconds to copy
+  // one state there and back.
+  std::map<std::string, ProgramCost> Calibrate(const std::vector<BufferPtr>& z, int repeats,
+                                               const std::string& host_memory_kind = "");
+  // The device bytes of each program, without running anything.
+  std::map<std::string, ProgramCost> ProgramBytes();
+
  private:
   friend class Traversal;
 
   std::vector<BufferPtr> Run(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups,
                              RunReport& report);
-  // The executions that apply steps [from, from + count): the largest fused
-  // advance whose chunk starts at a multiple of its length and fits, else
-  // single steps. The same steps always decompose the same way.
-  std::vector<std::pair<int64_t, int64_t>> Chunks(int64_t from, int64_t count) const;
+  std::vector<std::pair<int64_t, int64_t>> Chunks(int64_t from, int64_t count) const {
+    return ForwardChunks(from, count, advance_lengths_);
+  }
   // Applies one chunk (start, length) to `state`.
   std::vector<BufferPtr> Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
                                std::pair<int64_t, int64_t> chunk, RunReport& report);
-  const BufferPtr& StepIndex(int64_t t);
+  // t as an int32 on every device.
+  const std::vector<BufferPtr>& StepIndex(int64_t t);
   void CheckZ(const std::vector<BufferPtr>& z) const;
+  // Bytes per device of leaf-major shards.
+  int64_t DeviceBytes(const std::vector<BufferPtr>& buffers) const;
   // Device bytes an execution of `program` adds to its live arguments:
   // outputs that do not alias a donated argument, and its temporaries.
   int64_t ExecutionBytes(const ExecutablePtr& program);
@@ -118,9 +168,11 @@ class TaskRunner {
   TaskLayout layout_;
   int64_t steps_;
   std::vector<BufferPtr> data_;
-  std::vector<BufferPtr> step_indices_;  // int32 scalars t, uploaded once
+  std::vector<int64_t> advance_lengths_;  // of the fused forward programs
+  std::vector<std::vector<BufferPtr>> step_indices_;  // int32 scalars t per device, uploaded once
   std::map<const Executable*, int64_t> execution_bytes_;
-  std::function<void()> interrupt_check_;
+  Monitor monitor_;
+  int64_t monitor_total_ = 0;
   std::chrono::steady_clock::time_point last_check_{};
 };
 

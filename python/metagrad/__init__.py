@@ -17,10 +17,14 @@ from metagrad._runtime import CheckFailed, PjrtError
 from metagrad._src.clear import clear_cache
 from metagrad._src.compiled import CompiledTask, Report, load
 from metagrad._src.lowering import EnzymeUnsupportedError
+from metagrad._src.module_checks import UnsupportedOpError
+from metagrad._src.planner import Auto, DeviceMemoryError
 from metagrad._src.schedules import Budget, Periodic, PlanError, Replay, StoreAll
+from metagrad._src.sharding import Sharding
 from metagrad._src.task import Task
 
 __all__ = [
-    "Budget", "CheckFailed", "CompiledTask", "EnzymeUnsupportedError", "Periodic", "PjrtError", "PlanError",
-    "Replay", "Report", "StoreAll", "Task", "baselines", "clear_cache", "load", "mgd", "runtime", "schedules",
+    "Auto", "Budget", "CheckFailed", "CompiledTask", "DeviceMemoryError", "EnzymeUnsupportedError", "Periodic",
+    "PjrtError", "PlanError", "Replay", "Report", "Sharding", "StoreAll", "Task", "UnsupportedOpError", "baselines",
+    "clear_cache", "load", "mgd", "runtime", "schedules",
 ]

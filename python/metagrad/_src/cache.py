@@ -5,8 +5,11 @@ part) and has XLA compile them. Both results are kept under a user cache
 directory, keyed by content: a program by the task's exported forward
 functions, its layout, the program's name, the backend, the StableHLO target
 and the versions of jax, jaxlib, enzyme-ad and metagrad; an executable by its
-program's bytes, its compile options and the plugin (path, platform and
-version). A second process compiling the same task reads them back.
+program's bytes, its compile options, the plugin (path, platform and
+version) and the machine (host, CPU). The planner's calibration of a task's
+programs is kept the same way, so that another process chooses the same plan
+(and computes the same bits). A second process compiling the same task reads
+them back.
 
 Location: ``$METAGRAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/metagrad``, else
 ``~/.cache/metagrad``. ``METAGRAD_CACHE=0`` (or ``off``/``false``) turns the
@@ -101,5 +104,5 @@ def clear() -> None:
     """Delete the disk cache."""
     root = directory()
     if root is not None and os.path.isdir(root):
-        for kind in ("programs", "executables"):
+        for kind in ("programs", "executables", "calibration"):
             shutil.rmtree(os.path.join(root, kind), ignore_errors=True)

@@ -1,7 +1,8 @@
 """Command line: ``metagrad run <application> [--steps N] [--out DIR] ...``.
 
 Each application writes ``result.json`` and a PNG plot into ``--out`` and
-prints its key numbers. ``metagrad list`` shows the applications and their
+prints MGD against its baselines on unseen training seeds. Every argument is
+checked before any work. ``metagrad list`` shows the applications and their
 parameters; any parameter can be set with ``--set name=value``.
 """
 
@@ -12,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 
 APPLICATIONS = {
     "data-selection": "metagrad.applications.data_selection",
@@ -64,12 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--toy", action="store_true", help="tiny sizes (seconds; for smoke tests)")
     run.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
                      help="set an application parameter (see 'metagrad list'); repeatable")
-    run.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or log lines on stderr (bars are "
+                     "drawn only when stderr is a terminal)")
     sub.add_parser("list", help="list the applications and their default parameters")
     return parser
 
 
 def _settings(parser, app: str, args) -> dict:
+    """The application's checked parameters from ``--set``, ``--steps`` and ``--toy``; any bad one ends the
+    command with a usage error before any work."""
+    from metagrad.applications.common import ArgumentError
+
     mod = _module(app)
     defaults = mod.TOY if args.toy else mod.DEFAULTS
     kw = {}
@@ -88,23 +95,38 @@ def _settings(parser, app: str, args) -> dict:
         if "steps" not in defaults:
             parser.error(f"--steps: {app} runs no metagradient descent; its parameters are: "
                          f"{', '.join(sorted(defaults))}")
-        if args.steps < 0:
-            parser.error(f"--steps must be >= 0, got {args.steps}")
         kw["steps"] = args.steps
-    return kw
+    try:
+        return mod.params(args.toy, **kw)
+    except ArgumentError as err:
+        parser.error(str(err))
 
 
-def _key_numbers(result: dict) -> dict:
-    """The metrics without long lists, for printing."""
+def _check_out(parser, out: str) -> None:
+    """``out`` is, or can be made, a writable folder (checked before any work, not after the run)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out!r} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        parser.error(f"--out {out!r}: cannot write there ({err.strerror or err}); give a writable folder")
 
-    def trim(x):
-        if isinstance(x, dict):
-            return {k: trim(v) for k, v in x.items() if not (isinstance(v, list) and len(v) > 10)}
-        if isinstance(x, float):
-            return round(x, 4)
-        return x
 
-    return trim(result.get("metrics", {}))
+def _report(app: str, result: dict, out: str) -> dict:
+    """What the command prints: the head-to-head on unseen seeds, the targets, the time, where the files are."""
+    from metagrad.applications.common import summary
+
+    report = {"application": app, "engine": result.get("engine")}
+    if "comparison" in result:
+        report["comparison"] = summary(result["comparison"])
+    else:
+        report["metrics"] = result.get("metrics", {})
+    report["targets"] = result.get("targets")
+    report["seconds"] = round(result.get("seconds", {}).get("total", float("nan")), 1)
+    report["out"] = os.path.abspath(out)
+    return report
 
 
 def main(argv=None) -> int:
@@ -116,19 +138,11 @@ def main(argv=None) -> int:
             print(f"{name}: {(mod.__doc__ or '').strip().splitlines()[0]}")
             print("    " + ", ".join(f"{k}={v}" for k, v in mod.DEFAULTS.items()))
         return 0
-    kw = _settings(parser, args.application, args)
+    params = _settings(parser, args.application, args)
     out = args.out or os.path.join("metagrad_results", args.application)
-    mod = _module(args.application)
-    from metagrad.applications.common import ArgumentError
-
-    try:
-        result = mod.run(out=out, engine=args.engine, progress=not args.quiet, toy=args.toy, **kw)
-    except ArgumentError as err:
-        parser.error(str(err))
-    print(json.dumps({"application": args.application, "engine": result.get("engine"),
-                      "metrics": _key_numbers(result), "targets": result.get("targets"),
-                      "seconds": round(result.get("seconds", {}).get("total", float("nan")), 1),
-                      "out": os.path.abspath(out)}, indent=2))
+    _check_out(parser, out)
+    result = _module(args.application).run(out=out, engine=args.engine, progress=not args.quiet, **params)
+    print(json.dumps(_report(args.application, result, out), indent=2, default=float))
     return 0
 
 

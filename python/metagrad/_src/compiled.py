@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import operator
 from dataclasses import dataclass, field
@@ -11,10 +13,13 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import lowering, programs, runtime, saved, trees
+from metagrad._src import cache, ffi, lowering, module_checks, planner, programs, runtime, saved, trees
+from metagrad._src import sharding as sharding_lib
 from metagrad._src.layout import Layout, describe
+from metagrad._src.planner import Auto
 from metagrad._src.programs import Program
-from metagrad._src.schedules import Budget
+from metagrad._src.progress import steps_bar
+from metagrad._src.sharding import TaskSharding
 
 # The report of a run: bound from C++ (cpp/runtime/task_runner.h lists its fields).
 Report = _runtime.Report
@@ -22,16 +27,20 @@ Report = _runtime.Report
 BASE_PROGRAMS = ("init", "step", "output", "output_vjp", "step_vjp", "init_vjp", "all_finite", "state_finite")
 
 
-def _task_layout(layout: Layout) -> _runtime.TaskLayout:
-    def specs(structs):
-        return [runtime.ArraySpec(list(s.shape), np.dtype(s.dtype).name) for s in structs]
+def _task_layout(layout: Layout, sharding: TaskSharding | None) -> _runtime.TaskLayout:
+    """The runner's layout: every leaf as each device's shard of it."""
+    def specs(structs, group):
+        leaf_specs = [()] * len(structs) if sharding is None else sharding.group_specs(layout, group)
+        return [runtime.ArraySpec(list(s.shape if sharding is None else sharding.shard_shape(s.shape, spec)),
+                                  np.dtype(s.dtype).name) for s, spec in zip(structs, leaf_specs)]
 
     task_layout = _runtime.TaskLayout()
-    task_layout.state = specs(s.struct() for s in layout.state)
-    task_layout.z = specs(s.struct() for s in layout.z)
-    task_layout.data = specs(s.struct() for s in layout.data)
+    task_layout.devices = 1 if sharding is None else sharding.num_devices
+    task_layout.state = specs([s.struct() for s in layout.state], "S")
+    task_layout.z = specs([s.struct() for s in layout.z], "Z")
+    task_layout.data = specs([s.struct() for s in layout.data], "X")
     task_layout.differentiable = list(layout.differentiable)
-    task_layout.accumulators = specs(layout.accumulators())
+    task_layout.accumulators = specs(layout.accumulators(), "A")
     task_layout.phi = runtime.ArraySpec(list(layout.phi_shape), layout.phi_dtype)
     task_layout.outputs = layout.outputs
     return task_layout
@@ -84,9 +93,22 @@ def _check_schedule(schedule):
         raise TypeError(f"schedule must be a schedule instance, got the class {schedule.__name__}: write "
                         f"{schedule.__name__}(...)")
     if not hasattr(schedule, "plan"):
-        raise TypeError(f"schedule must be a metagrad schedule (Replay, StoreAll, Periodic, Budget), "
+        raise TypeError(f"schedule must be a metagrad schedule (Auto, Replay, StoreAll, Periodic, Budget), "
                         f"got {type(schedule).__name__}")
     return schedule
+
+
+@dataclass(frozen=True)
+class _Planned:
+    described: str  # the schedule, and what Auto chose
+    plan: Any
+    fused: tuple[int, ...]  # fused reverse lengths the plan runs
+    seconds: float  # predicted (0 for fixed schedules: no calibration)
+    peak_bytes: int | None  # predicted peak device bytes (per device)
+    budget: int  # Auto's budget (0 for fixed schedules)
+    host_slots: frozenset = frozenset()  # slots of the plan in host memory
+    peak_host_bytes: int = 0  # predicted, per device
+    host_budget: int = 0  # Auto's host budget per device
 
 
 @dataclass
@@ -99,25 +121,45 @@ class CompiledTask:
     layout: Layout
     steps: int
     backend: str
+    loop: str  # how programs of several steps are written (programs.LOOPS)
     exports: dict[str, bytes] = field(repr=False)  # the forward functions: every program derives from them
     programs: dict[str, Program] = field(repr=False)
     client: Any = field(repr=False)
     data: list = field(repr=False)  # host arrays of the data leaves, uploaded once
     z_example: Any = field(repr=False)
     forward: programs.Forward | None = field(default=None, repr=False)  # the task's own functions, if known
+    sharding: TaskSharding | None = None  # None: one device
+    devices: tuple[int, ...] = (0,)  # the client's devices of the partitions
     _executables: dict = field(default_factory=dict, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
+    _costs: dict = field(default_factory=dict, repr=False)  # calibrated ProgramCost by program name
 
     def __post_init__(self):
+        self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
         for name, program in self.programs.items():
             if name not in self._executables:
-                self._executables[name] = runtime.compile_program(program, self.client)
-        self._data = [runtime.to_device(leaf, self.client) for leaf in self.data]
-        self._task_layout = _task_layout(self.layout)
+                self._executables[name] = runtime.compile_program(program, self.client, self._options)
+        self._data = self._upload(self.data, "data")
+        self._task_layout = _task_layout(self.layout, self.sharding)
+
+    def _upload(self, arrays, what: str) -> list:
+        """Host arrays of group ``what`` ("data", "z") as device buffers: per leaf, one shard per device."""
+        if self.sharding is None:
+            return [runtime.to_device(a, self.client) for a in arrays]
+        return [b for a, spec in zip(arrays, getattr(self.sharding, what))
+                for b in self.sharding.upload(a, spec, self.client, self.devices)]
+
+    def _download(self, buffers, leaves, specs) -> list[np.ndarray]:
+        """Host arrays of the leaves ``leaves`` from their shards (leaf-major)."""
+        if self.sharding is None:
+            return [b.to_numpy() for b in buffers]
+        n = len(self.devices)
+        return [self.sharding.assemble(buffers[i * n:(i + 1) * n], leaf.shape, spec)
+                for i, (leaf, spec) in enumerate(zip(leaves, specs))]
 
     def _z_buffers(self, z) -> list:
-        return [runtime.to_device(a, self.client) for a in _host_leaves(z, self.layout.z, "z")]
+        return self._upload(_host_leaves(z, self.layout.z, "z"), "z")
 
     def _ensure(self, names) -> None:
         """Lower and compile programs ``names`` that this task does not have yet."""
@@ -125,10 +167,11 @@ class CompiledTask:
         if not missing:
             return
         built = lowering.lower(self.exports, self.layout, missing, backend=self.backend,
-                               target=runtime.stablehlo_target(self.client), forward=self.forward)
+                               target=runtime.stablehlo_target(self.client), loop=self.loop, forward=self.forward,
+                               sharding=self.sharding)
         for name, program in built.items():
             self.programs[name] = program
-            self._executables[name] = runtime.compile_program(program, self.client)
+            self._executables[name] = runtime.compile_program(program, self.client, self._options)
 
     def _runner(self, fused_lengths: tuple[int, ...] = ()):
         """The runner with the fused reverse programs of these lengths (built on first use)."""
@@ -139,11 +182,90 @@ class CompiledTask:
             self._runners[fused_lengths] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data)
         return self._runners[fused_lengths]
 
-    def _plan(self, schedule):
-        schedule = _check_schedule(schedule if schedule is not None else Budget(k=4))
-        plan = schedule.plan(self.steps, state_bytes=self.layout.state_bytes)
-        fused = tuple(n for n in plan.stats(self.steps)["fused_lengths"] if n > 1)
-        return schedule, plan, fused
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of the data and z on each device, held there throughout a run."""
+        return sum(spec.nbytes for spec in (*self._task_layout.data, *self._task_layout.z))
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def _host_memory_kind(self) -> str | None:
+        kinds = self.client.devices[self.devices[0]].memory_kinds
+        return planner.HOST_MEMORY_KIND if planner.HOST_MEMORY_KIND in kinds else None
+
+    def _auto_leaves(self, auto: Auto) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The fused reverse lengths Auto considers, and the segment programs they need."""
+        leaves = tuple(auto.leaves or planner.DEFAULT_LEAVES[self.loop])
+        return leaves, tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
+
+    def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
+        """The plan Auto picks, its device budget and its host budget per device.
+        Whether any plan fits is settled from the programs' compiled memory alone;
+        only then are they calibrated (once), which runs them."""
+        leaves, fused = self._auto_leaves(auto)
+        runner = self._runner(fused)
+        sizes = runner.program_bytes()
+        budget = auto.memory or planner.default_budget(self.client)
+        host_kind = self._host_memory_kind()
+        host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.client)
+        host_budget = host_memory // self.num_devices if host_kind else 0
+        planner.choose(planner.cost_table(self._task_layout, sizes), self.steps, leaves, budget, self.data_bytes,
+                       host_budget)
+        wanted = set(sizes) | ({"to_host", "from_host"} if host_budget else set())
+        if not wanted <= set(self._costs):
+            self._costs.update(self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else ""))
+        table = planner.cost_table(self._task_layout, {name: self._costs[name] for name in wanted})
+        choice = planner.choose(table, self.steps, leaves, budget, self.data_bytes, host_budget)
+        return choice, budget, host_budget
+
+    def _calibrate(self, runner, sizes: dict, z_buffers, host_kind: str) -> dict:
+        """Each program's seconds per execution (and, with a host tier, one state's copies),
+        measured once per machine: kept in the disk cache, so that another process makes
+        the same choice (and the same bits)."""
+        entry = runtime.cache_key_of(self.client, "calibration", sorted(
+            (name, hashlib.sha256(self.programs[name].artifact).hexdigest()) for name in sizes
+            if name in self.programs), sorted(sizes), host_kind, self.num_devices)
+        stored = cache.get("calibration", entry)
+        if stored is not None:
+            try:
+                return {name: planner.program_cost(*values) for name, values in json.loads(stored).items()}
+            except (ValueError, TypeError):
+                pass
+        # Calibration holds the first state, a chain of states and the cotangents.
+        peak = 3 * self._task_layout.state_bytes + max(cost.bytes for cost in sizes.values())
+        planner.check_fits(self.client, peak, self.data_bytes, "calibrating the task's programs",
+                           "The task's state is too large for this device.", self.num_devices)
+        costs = runner.calibrate(z_buffers, host_memory_kind=host_kind)
+        cache.put("calibration", entry, json.dumps({n: [c.seconds, c.bytes] for n, c in costs.items()}).encode())
+        return costs
+
+    def _plan(self, schedule, z_buffers) -> "_Planned":
+        """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
+        schedule = _check_schedule(schedule if schedule is not None else Auto())
+        if isinstance(schedule, Auto):
+            choice, budget, host_budget = self._choose(schedule, z_buffers)
+            described = f"Auto(memory={budget}) -> {choice.schedule!r}"
+            if choice.host_slots:
+                described += (f" with {len(choice.host_slots)} of its slots in host memory "
+                              f"(host_memory={host_budget * self.num_devices})")
+            planned = _Planned(described, choice.plan, (), choice.seconds, choice.peak_bytes, budget,
+                               choice.host_slots, choice.peak_host_bytes, host_budget)
+        else:
+            plan = schedule.plan(self.steps, state_bytes=self._task_layout.state_bytes)
+            planned = _Planned(repr(schedule), plan, (), 0.0, None, 0)
+        fused = tuple(n for n in planned.plan.stats(self.steps)["fused_lengths"] if n > 1)
+        planned = dataclasses.replace(planned, fused=fused)
+        if planned.peak_bytes is None:
+            table = planner.cost_table(self._task_layout, self._runner(fused).program_bytes())
+            planned = dataclasses.replace(planned,
+                                          peak_bytes=_runtime.simulate_plan(planned.plan, table)["peak_bytes"])
+        planner.check_fits(self.client, planned.peak_bytes, self.data_bytes, planned.described,
+                           "Auto() (the default schedule) picks the fastest plan that fits the device; "
+                           "Budget(states=...) with fewer states needs less.", self.num_devices,
+                           planned.peak_host_bytes)
+        return planned
 
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused reverse programs ``schedule`` needs for this task.
@@ -152,31 +274,43 @@ class CompiledTask:
         that the saved task holds them (a loaded task can also build them: it
         keeps the forward functions, but that needs jax and enzyme-ad).
         """
-        self._runner(self._plan(schedule)[2])
+        if isinstance(schedule, Auto):
+            self._runner(self._auto_leaves(schedule)[1])
+        else:
+            self._runner(self._plan(schedule, None).fused)
         return self
 
     # -- running --------------------------------------------------------------
 
     def _state_tree(self, buffers):
-        leaves = []
-        for spec, buffer in zip(self.layout.state, buffers):
-            array = buffer.to_numpy()
-            leaves.append(array if spec.key_impl is None else jax.random.wrap_key_data(array, impl=spec.key_impl))
+        arrays = self._download(buffers, self.layout.state, self.sharding and self.sharding.state)
+        leaves = [array if spec.key_impl is None else jax.random.wrap_key_data(array, impl=spec.key_impl)
+                  for spec, array in zip(self.layout.state, arrays)]
         return self.layout.unflatten("state", leaves)
 
-    def train(self, z):
-        """Train with metaparameter ``z``; returns the final state (numpy leaves)."""
-        state, _ = self._runner().train(self._z_buffers(z))
+    def train(self, z, *, progress: bool | None = None):
+        """Train with metaparameter ``z``; returns the final state (numpy leaves).
+
+        ``progress``: a tqdm bar for runs over a second (None: on a terminal only).
+        """
+        forward = max((b.bytes for name, b in self._runner().program_bytes().items()
+                       if name == "step" or name.startswith("advance_")), default=0)
+        planner.check_fits(self.client, forward + self._task_layout.state_bytes, self.data_bytes, "training",
+                           "The state, data and z must fit the device.", self.num_devices)
+        with steps_bar("training", progress) as bar:
+            state, _ = self._runner().train(self._z_buffers(z), bar)
         return self._state_tree(state)
 
     def metagradient(self, z, schedule=None, *, check_determinism: bool | int = False, check_finite: bool = False,
-                     report: bool = False):
+                     report: bool = False, progress: bool | None = None):
         """``phi(A(z))`` and its exact gradient with respect to ``z``.
 
         Args:
           z: metaparameter, with the structure of the example it was compiled with.
-          schedule: a policy from :mod:`metagrad.schedules` (default ``Budget(k=4)``:
-            revolve in the memory of ``Replay(k=4)``, with fewer forward steps).
+          schedule: ``Auto(memory=...)`` (the default: the fastest plan that fits
+            a device-memory budget, see :class:`metagrad.Auto`) or a fixed
+            policy from :mod:`metagrad.schedules`. Any plan that cannot fit the
+            device's memory is refused before it runs (``DeviceMemoryError``).
           check_determinism: compare replayed states with the first pass
             (``True``: at every state the run reaches; an int ``n``: every n-th),
             and the fused forward programs with single steps once; raises
@@ -185,6 +319,8 @@ class CompiledTask:
           check_finite: raise ``CheckFailed`` at the first forward step whose
             state, or the first reversed step whose cotangent, holds NaN or Inf.
           report: also return a :class:`Report` of the run.
+          progress: a tqdm bar of the forward and reversed steps for runs over a
+            second (None, the default: only when stderr is a terminal).
 
         Returns:
           ``(value, grad)``, or ``(value, grad, report)``; ``grad`` has z's structure.
@@ -193,14 +329,23 @@ class CompiledTask:
         check_finite = _check_flag("check_finite", check_finite)
         report = _check_flag("report", report)
         z_buffers = self._z_buffers(z)
-        schedule, plan, fused = self._plan(schedule)
-        value, grad, stats = self._runner(fused).metagradient(z_buffers, plan, stride, check_finite)
-        value = value.to_numpy()
+        planned = self._plan(schedule, z_buffers)
+        with steps_bar("metagradient", progress) as bar:
+            value, grad, stats = self._runner(planned.fused).metagradient(
+                z_buffers, planned.plan, stride, check_finite, bar, set(planned.host_slots),
+                self._host_memory_kind() or planner.HOST_MEMORY_KIND)
+        value = value.to_numpy()  # phi is replicated: partition 0's copy
         value = value[()] if value.ndim == 0 else value
-        grad = [b.to_numpy().astype(spec.dtype, copy=False) for b, spec in zip(grad, self.layout.z)]
+        grad = self._download(grad, self.layout.z, self.sharding and self.sharding.z)
+        grad = [g.astype(spec.dtype, copy=False) for g, spec in zip(grad, self.layout.z)]
         grad = self.layout.unflatten("z", grad)
         if report:
-            stats.schedule = repr(schedule)
+            stats.schedule = planned.described
+            stats.predicted_seconds = planned.seconds
+            stats.predicted_peak_device_bytes = planned.peak_bytes
+            stats.predicted_peak_host_bytes = planned.peak_host_bytes
+            stats.budget_bytes = planned.budget
+            stats.host_budget_bytes = planned.host_budget
             return value, grad, stats
         return value, grad
 
@@ -210,7 +355,14 @@ class CompiledTask:
         The C++ harness (``metagrad-bench``) and :func:`metagrad.load` run it
         without the user's code.
         """
-        saved.write(self, path)
+        exports = self.exports
+        if self.forward is not None:  # saved exports carry their VJPs (see programs.export_forward)
+            exports = programs.export_forward(self.forward, self.layout, custom_calls=_handled_calls(), vjp=True)
+        saved.write(self, path, exports)
+
+
+def _handled_calls() -> tuple[str, ...]:
+    return tuple(sorted(ffi.handled_targets()))
 
 
 # Programs take the data as arguments, so tasks that differ only in their data
@@ -223,36 +375,40 @@ def forget_compiled() -> None:
     _MEMORY.clear()
 
 
-def compile_task(task, z_example, *, backend: str, fuse_forward: int, client=None) -> CompiledTask:
-    """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``."""
+def compile_task(task, z_example, *, backend: str, fuse_forward: int, loop: str, client=None,
+                 sharding: sharding_lib.Sharding | None = None) -> CompiledTask:
+    """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``
+    (over the devices of ``sharding``, when given)."""
     if backend not in lowering.BACKENDS:
         raise ValueError(f"backend must be one of {lowering.BACKENDS}, got {backend!r}")
+    if loop not in programs.LOOPS:
+        raise ValueError(f"loop must be one of {programs.LOOPS}, got {loop!r}")
     if isinstance(fuse_forward, bool) or not isinstance(fuse_forward, (int, np.integer)) or fuse_forward < 1:
         raise ValueError(f"fuse_forward must be an integer >= 1 (steps per forward execution), got {fuse_forward!r}")
     client = client or runtime.get_client()
     layout = describe(task, z_example)
+    resolved, devices = sharding_lib.resolve(sharding, layout, client) if sharding is not None else (None, (0,))
     steps = int(task.steps)
     fuse = int(min(fuse_forward, steps))
-    key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, fuse, id(client),
-           bool(jax.config.jax_enable_x64))
+    key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, fuse, loop,
+           id(client), bool(jax.config.jax_enable_x64), resolved and resolved.key(), devices)
     if key not in _MEMORY:
         forward = programs.forward_of_task(task, layout)
-        exports = programs.export_forward(forward, layout)
+        exports = programs.export_forward(forward, layout, module_checks.check_lowered, _handled_calls())
         names = BASE_PROGRAMS + ((f"advance_{fuse}",) if fuse > 1 else ())
         built = lowering.lower(exports, layout, names, backend=backend, target=runtime.stablehlo_target(client),
-                               forward=forward)
+                               loop=loop, forward=forward, sharding=resolved)
+        options = sharding_lib.compile_options(client, resolved, devices)
         _MEMORY[key] = (forward, exports, built,
-                        {name: runtime.compile_program(p, client) for name, p in built.items()})
+                        {name: runtime.compile_program(p, client, options) for name, p in built.items()})
     forward, exports, built, executables = _MEMORY[key]
-    return CompiledTask(layout, steps, backend, exports, built, client,
+    return CompiledTask(layout, steps, backend, loop, exports, built, client,
                         data=_host_leaves(task.data, layout.data, "data"),
                         z_example=jax.tree_util.tree_map(np.asarray, z_example), forward=forward,
-                        _executables=executables)
+                        sharding=resolved, devices=devices, _executables=executables)
 
 
 def load(path: str, *, client=None) -> CompiledTask:
     """Load a task written by :meth:`CompiledTask.save`: no user code is needed, and
     nothing in the directory is executed (see ``saved``)."""
-    client = client or runtime.get_client()
-    parts = saved.read(path, client)
-    return CompiledTask(**parts, client=client)
+    return CompiledTask(**saved.read(path, client))

@@ -68,6 +68,7 @@ def _serve() -> None:
 
     from metagrad._src import programs
     from metagrad._src.layout import Layout
+    from metagrad._src.sharding import TaskSharding
 
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
@@ -76,7 +77,9 @@ def _serve() -> None:
             jax.config.update("jax_enable_x64", request["x64"])
             forward = programs.forward_of_exports(request["exports"])
             layout = Layout.from_json(request["layout"])
-            program = programs.build(request["name"], forward, layout, "enzyme", request["target"])
+            sharding = request.get("sharding")
+            program = programs.build(request["name"], forward, layout, "enzyme", request["target"], request["loop"],
+                                     sharding=sharding and TaskSharding.from_json(sharding))
             reply = {"program": program}
         except Exception as error:  # every failure goes back to the caller, typed there
             text = f"{type(error).__name__}: {error}"

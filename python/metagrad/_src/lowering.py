@@ -4,7 +4,8 @@ Forward programs are built in this process. Reverse programs are built by
 Enzyme in a separate process (``enzyme_worker``: a crash there cannot end
 this one) or by JAX's autodiff here. ``backend="auto"`` (the default) tries
 Enzyme for each reverse program and falls back to JAX, with one line of
-warning, wherever Enzyme fails; ``"enzyme"`` raises
+warning, wherever Enzyme fails (and takes JAX's batched reverse for m
+outputs at once); ``"enzyme"`` raises
 :class:`EnzymeUnsupportedError` instead; ``"jax"`` never uses Enzyme.
 
 Built programs are cached on disk (``cache``), keyed by content.
@@ -12,13 +13,14 @@ Built programs are cached on disk (``cache``), keyed by content.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import warnings
 
 import jax
 
-from metagrad._src import cache, enzyme_worker, programs
+from metagrad._src import cache, enzyme_worker, module_checks, programs
 from metagrad._src.layout import Layout
 from metagrad._src.programs import Program
 
@@ -45,7 +47,15 @@ _ADVICE = {
     "stablehlo.select_and_scatter": "This is the gradient of max-pooling inside the step; average pooling "
                                     "differentiates (and trains more smoothly). ",
     "stablehlo.sort": "Sorting (jnp.sort, argsort, median, quantile, top_k) crashes Enzyme. ",
+    "stablehlo.custom_call": "Custom calls (jnp.linalg's LAPACK kernels: solve, cholesky, eigh, qr...) have no "
+                             "Enzyme adjoint. ",
 }
+
+# Element types the JAX wrapper of enzyme-ad 0.0.16 can hand to Enzyme
+# (`maketup` in enzyme_ad/jax/primitives.py); any other (float16, uint8,
+# int16...) fails there with a bare KeyError.
+_ENZYME_DTYPES = frozenset({"bool", "int8", "int32", "int64", "uint32", "uint64", "bfloat16", "float32", "float64",
+                            "complex64", "complex128"})
 
 # Ops on which Enzyme crashes instead of raising (measured with enzyme-ad
 # 0.0.16). backend="auto" goes to JAX at once for programs that use them (a
@@ -67,9 +77,11 @@ def _versions() -> dict:
             "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16")}
 
 
-def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str) -> str:
-    return cache.key("program", _versions(), layout.to_json(), name, backend, target,
-                     bool(jax.config.jax_enable_x64), *(exports[k] for k in sorted(exports)))
+def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str, loop: str,
+                sharding=None) -> str:
+    return cache.key("program", _versions(), layout.to_json(), name, backend, target, loop,
+                     bool(jax.config.jax_enable_x64), *(() if sharding is None else (sharding.to_json(),)),
+                     *(exports[k] for k in sorted(exports)))
 
 
 def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
@@ -78,45 +90,62 @@ def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
     return next((op for op in _CRASHES_ENZYME if f"{op}" in text), None)
 
 
-def _build(exports, forward, layout: Layout, name: str, backend: str, target: str) -> Program:
-    if backend == "jax" or not programs.is_reverse(name):
-        return programs.build(name, forward, layout, "jax", target)
+def _build(exports, forward, layout: Layout, name: str, backend: str, target: str, loop: str, sharding) -> Program:
+    # Programs built here are checked for ops the runtime cannot run (host
+    # callbacks, custom calls without a handler); Enzyme's reverses hold the
+    # same ops as the forward programs, which are checked before them.
+    # With m outputs at once, backend="auto" takes JAX's reverse, batched over
+    # the m cotangents (vmap): Enzyme's primitive has no batching rule, and its
+    # m reverses in a loop ran slower than m separate metagradients
+    # (bench/batched_outputs.py), where JAX's batch runs in about half their time.
+    if backend == "jax" or not programs.is_reverse(name) or (backend == "auto" and layout.outputs > 0):
+        return programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered, sharding)
     known = _known_crash(exports, name)
+    odd = next((s for s in (*layout.state, *layout.z, *layout.data) if s.dtype not in _ENZYME_DTYPES), None)
     try:
+        if odd is not None:
+            raise enzyme_worker.EnzymeFailed(f"{odd.path} is {odd.dtype}, which enzyme-ad's JAX wrapper does not "
+                                             f"pass to Enzyme")
         if backend == "auto" and known:
             raise enzyme_worker.EnzymeFailed(f"Enzyme crashes on {known}", known)
         return enzyme_worker.build({"name": name, "exports": exports, "layout": layout.to_json(), "target": target,
-                                    "x64": bool(jax.config.jax_enable_x64)})
+                                    "loop": loop, "x64": bool(jax.config.jax_enable_x64),
+                                    "sharding": sharding and sharding.to_json()})
     except enzyme_worker.EnzymeFailed as failure:
         op = failure.op or known
         if backend == "enzyme":
             raise EnzymeUnsupportedError(name, op, str(failure)) from None
         reason = f"no adjoint for '{op}'" if failure.op else str(failure).splitlines()[0][:200]
-        warnings.warn(f"backend='auto': Enzyme cannot differentiate {name} ({reason}); using JAX's autodiff for "
-                      f"{name}", stacklevel=5)
-        return programs.build(name, forward, layout, "jax", target)
+        program = programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered, sharding)
+        return dataclasses.replace(program, fallback=reason)
 
 
-def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, target: str,
-          forward: programs.Forward | None = None) -> dict[str, Program]:
+def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, target: str, loop: str = "unroll",
+          forward: programs.Forward | None = None, sharding=None) -> dict[str, Program]:
     """Programs ``names`` of the task with these exported forward functions.
 
     Each comes from the disk cache when an identical build was cached, else is
     built (and cached). ``forward``: the task's own functions, when this
     process has them (JAX's programs are built from them; Enzyme's always
-    from the exports, in its own process).
+    from the exports, in its own process). ``sharding``: a
+    ``sharding.TaskSharding`` to lower every program for its mesh.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if loop not in programs.LOOPS:
+        raise ValueError(f"loop must be one of {programs.LOOPS}, got {loop!r}")
     built = {}
     for name in names:
-        entry = program_key(exports, layout, name, backend, target)
+        entry = program_key(exports, layout, name, backend, target, loop, sharding)
         program = _decode(name, cache.get("programs", entry))
         if program is None:
             if forward is None:
                 forward = programs.forward_of_exports(exports)
-            program = _build(exports, forward, layout, name, backend, target)
+            program = _build(exports, forward, layout, name, backend, target, loop, sharding)
             cache.put("programs", entry, _encode(program))
+        if program.fallback:  # also when the program came from the cache
+            warnings.warn(f"backend='auto': Enzyme cannot differentiate {name} ({program.fallback}); using JAX's "
+                          f"autodiff for {name}", stacklevel=4)
         built[name] = program
     return built
 

@@ -1,6 +1,6 @@
 """Metagradient descent (MGD): optimize a metaparameter ``z`` with metagradients.
 
-A small functional API in the style of Optax::
+A small functional API built on Optax::
 
     from metagrad import mgd
     hist = mgd.run(metagradient_fn, z0, steps=50, direction="minimize",
@@ -11,23 +11,23 @@ A small functional API in the style of Optax::
   ``phi(A(z))`` and its gradient with ``z``'s pytree structure
   (``CompiledTask.metagradient``, :func:`metagrad.baselines.scan_metagradient`,
   ...).
-* A *step rule* (:class:`StepRule`) is a pair of pure functions
-  ``init(z) -> state`` and ``update(g, state, z) -> (z_new, state)`` that take a
-  *descent* step on ``g``; :func:`run` hands it ``+grad`` to minimize and
-  ``-grad`` to maximize, so the rules never need to know the direction.
-  Provided: :func:`sign_step`, :func:`gradient_step`, :func:`adam`. Learning
-  rates are floats or callables ``lr(i) -> float`` of the MGD step ``i``
-  (e.g. :func:`cosine_decay`).
+* The *step rule* is any ``optax.GradientTransformation`` acting on ``z``:
+  :func:`sign_step` (the paper's signed step), ``optax.adam(lr)``,
+  ``optax.sgd(lr)``, chains with ``optax`` schedules... :func:`run` hands it
+  ``+grad`` to minimize and ``-grad`` to maximize, so a rule never needs to know
+  the direction.
 * A *projection* is a pure function ``z -> z`` applied after every update:
   :func:`box`, :func:`pixel_range`, :func:`simplex`, :func:`top_k`. They act
   on every leaf of ``z``; for pytrees that need different sets per leaf, write
-  a function that projects each leaf (see :func:`leafwise`).
+  a function that projects each leaf (see :func:`leafwise`). A projection must
+  return every leaf in its shape.
 * :class:`History` records ``phi`` and the metagradient norm at every step and
-  ``z`` snapshots, can be saved to ``.npz`` and loaded back, and ``run`` resumes
-  from a loaded history exactly (same iterates as an uninterrupted run).
+  ``z`` snapshots, can be saved to ``.npz`` (with the step rule's Optax state)
+  and loaded back, and ``run`` resumes from a loaded history exactly (same
+  iterates as an uninterrupted run).
 
-Internally ``z`` is held as float numpy arrays; the metagradient function
-receives numpy arrays of the dtypes of ``z0``.
+Internally ``z`` is held as numpy arrays; the metagradient function receives
+numpy arrays of the dtypes and shapes of ``z0``.
 """
 
 from __future__ import annotations
@@ -38,123 +38,35 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
+from tqdm import tqdm
 
-__all__ = [
-    "StepRule", "sign_step", "gradient_step", "adam", "cosine_decay",
-    "box", "pixel_range", "simplex", "top_k", "leafwise",
-    "History", "run",
-]
+__all__ = ["sign_step", "box", "pixel_range", "simplex", "top_k", "leafwise", "History", "run"]
 
 PyTree = Any
 _tree = jax.tree_util
 
 
 # --------------------------------------------------------------------------- #
-# step rules
+# the paper's step rule (every other rule is Optax's)
 # --------------------------------------------------------------------------- #
 
-class StepRule(NamedTuple):
-    """``init(z) -> state``; ``update(g, state, z) -> (z_new, state)`` (a descent step on ``g``).
+def sign_step(lr) -> optax.GradientTransformation:
+    """``z <- z - lr * sign(g)``: the step of the paper's MGD (robust to the metagradient's scale).
 
-    ``state`` must be a pytree of numpy arrays/scalars (so it can be saved).
+    ``lr``: a number > 0, or an Optax schedule ``count -> lr`` (e.g.
+    ``optax.cosine_decay_schedule``) of the MGD step.
     """
-
-    init: Callable[[PyTree], PyTree]
-    update: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
-
-
-def _lr_fn(lr, name="lr") -> Callable[[int], float]:
-    if callable(lr):
-        return lambda i: float(lr(i))
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number or a callable lr(step) -> float, got {lr!r}")
-    if not lr > 0:
-        raise ValueError(f"{name} must be > 0, got {lr!r}")
-    value = float(lr)
-    return lambda i: value
-
-
-def cosine_decay(init: float, end: float, steps: int) -> Callable[[int], float]:
-    """``lr(i)``: from ``init`` at step 0 down to ``end`` at step ``steps - 1`` along a half cosine, then ``end``.
-
-    On a rough ``phi`` a constant rate keeps ``z`` bouncing around a minimum;
-    decaying it lets MGD settle.
-    """
-    for name, v in (("init", init), ("end", end)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
-            raise ValueError(f"cosine_decay {name} must be a number > 0, got {v!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"cosine_decay steps must be an int >= 1, got {steps!r}")
-    span = max(int(steps) - 1, 1)
-
-    def lr(i: int) -> float:
-        frac = min(max(i, 0), span) / span
-        return float(end + 0.5 * (init - end) * (1.0 + math.cos(math.pi * frac)))
-
-    return lr
-
-
-def sign_step(lr) -> StepRule:
-    """``z <- z - lr * sign(g)``: the step of the paper's MGD (robust to metagradient scale)."""
-    lr_at = _lr_fn(lr)
-
-    def init(z):
-        return {"count": np.int64(0)}
-
-    def update(g, state, z):
-        eta = lr_at(int(state["count"]))
-        z_new = _tree.tree_map(lambda zz, gg: (zz - eta * np.sign(gg)).astype(zz.dtype), z, g)
-        return z_new, {"count": np.int64(state["count"] + 1)}
-
-    return StepRule(init, update)
-
-
-def gradient_step(lr, *, normalize: bool = False) -> StepRule:
-    """``z <- z - lr * g`` (``normalize=True``: ``g / ||g||``, the global 2-norm over all leaves)."""
-    lr_at = _lr_fn(lr)
-
-    def init(z):
-        return {"count": np.int64(0)}
-
-    def update(g, state, z):
-        eta = lr_at(int(state["count"]))
-        if normalize:
-            norm = _global_norm(g)
-            eta = eta / norm if norm > 0 else 0.0
-        z_new = _tree.tree_map(lambda zz, gg: (zz - eta * gg).astype(zz.dtype), z, g)
-        return z_new, {"count": np.int64(state["count"] + 1)}
-
-    return StepRule(init, update)
-
-
-def adam(lr, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> StepRule:
-    """Adam on the metagradient (bias-corrected), ``z <- z - lr * m_hat / (sqrt(v_hat) + eps)``."""
-    lr_at = _lr_fn(lr)
-    for name, b in (("b1", b1), ("b2", b2)):
-        if not 0 <= b < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-
-    def init(z):
-        zeros = _tree.tree_map(lambda zz: np.zeros(np.shape(zz), np.float64), z)
-        return {"count": np.int64(0), "m": zeros, "v": _tree.tree_map(np.copy, zeros)}
-
-    def update(g, state, z):
-        i = int(state["count"])
-        eta = lr_at(i)
-        m = _tree.tree_map(lambda mm, gg: b1 * mm + (1 - b1) * gg, state["m"], g)
-        v = _tree.tree_map(lambda vv, gg: b2 * vv + (1 - b2) * np.square(gg.astype(np.float64)), state["v"], g)
-        c1, c2 = 1 - b1 ** (i + 1), 1 - b2 ** (i + 1)
-        z_new = _tree.tree_map(
-            lambda zz, mm, vv: (zz - eta * (mm / c1) / (np.sqrt(vv / c2) + eps)).astype(zz.dtype), z, m, v)
-        return z_new, {"count": np.int64(i + 1), "m": m, "v": v}
-
-    return StepRule(init, update)
+    if not callable(lr):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
+            raise TypeError(f"sign_step lr must be a number or a schedule count -> lr, got {lr!r}")
+        if not lr > 0:
+            raise ValueError(f"sign_step lr must be > 0, got {lr!r}")
+    return optax.sign_sgd(lr)
 
 
 # --------------------------------------------------------------------------- #
@@ -257,10 +169,26 @@ def _global_norm(tree) -> float:
     return float(math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in _tree.tree_leaves(tree))))
 
 
-def _to_numpy(tree, like=None):
-    if like is None:
-        return _tree.tree_map(lambda x: np.array(x, copy=True), tree)
-    return _tree.tree_map(lambda x, l: np.array(x, dtype=l.dtype, copy=True).reshape(l.shape), tree, like)
+def _copy(tree):
+    return _tree.tree_map(lambda x: np.array(x, copy=True), tree)
+
+
+def _conform(tree, like, what: str, reference: str = "z"):
+    """``tree`` as numpy arrays with ``like``'s dtypes.
+
+    A structure or leaf shape that differs from ``like``'s is an error: reshaping
+    a transposed leaf would keep its size and silently scramble ``z``.
+    """
+    treedef, like_def = _tree.tree_structure(tree), _tree.tree_structure(like)
+    if treedef != like_def:
+        raise ValueError(f"{what} has structure {treedef}, but {reference} has {like_def}")
+    out = []
+    for (path, x), ref in zip(_tree.tree_flatten_with_path(tree)[0], _tree.tree_leaves(like)):
+        if np.shape(x) != np.shape(ref):
+            key = _tree.keystr(path)
+            raise ValueError(f"{what}{key} has shape {np.shape(x)}, but {reference}{key} has shape {np.shape(ref)}")
+        out.append(np.array(x, dtype=np.asarray(ref).dtype, copy=True))
+    return _tree.tree_unflatten(like_def, out)
 
 
 @dataclass
@@ -270,7 +198,7 @@ class History:
     Attributes:
       direction: ``"minimize"`` or ``"maximize"``.
       z: the current metaparameter (after the last update and projection).
-      rule_state: the step rule's state.
+      rule_state: the step rule's (Optax) state.
       values: ``values[i]`` is ``phi`` at the ``i``-th iterate ``z_i`` (before update ``i``).
       grad_norms: the 2-norm of the metagradient at ``z_i``.
       times: seconds spent in step ``i`` (metagradient + update).
@@ -321,82 +249,71 @@ class History:
                 arrays[f"snap{int(i)}/{j}"] = np.asarray(leaf)
         meta = self.summary()
         meta["has_best_z"] = self.best_z is not None
-        meta["format"] = "metagrad.mgd.History/1"
+        meta["format"] = "metagrad.mgd.History/2"
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         tmp = path + ".tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str, z_template: PyTree, step_rule: StepRule) -> "History":
-        """Load a history saved by :meth:`save`; ``z_template`` (e.g. ``z0``) and the
-        same ``step_rule`` give the pytree structures back."""
+    def load(cls, path: str, z_template: PyTree, step_rule: optax.GradientTransformation) -> "History":
+        """Load a history saved by :meth:`save`.
+
+        ``z_template`` (e.g. ``z0``) and the same ``step_rule`` give the pytree
+        structures back; a saved ``z`` or rule state of other shapes (another
+        run's file, another rule) is a ``ValueError``.
+        """
         with np.load(path) as f:
             files = {k: f[k] for k in f.files}
-        meta = json.loads(bytes(files["meta"]).decode())
-        if meta.get("format") != "metagrad.mgd.History/1":
+        if "meta" not in files:
             raise ValueError(f"{path!r} is not a saved metagrad.mgd.History")
-        z_template = _to_numpy(z_template)
+        meta = json.loads(bytes(files["meta"]).decode())
+        if meta.get("format") != "metagrad.mgd.History/2":
+            raise ValueError(f"{path!r} is not a saved metagrad.mgd.History of format 2 (found "
+                             f"{meta.get('format')!r})")
+        z_template = _copy(z_template)
 
-        def tree(name, template):
+        def tree(name, template, what, reference):
             treedef = _tree.tree_structure(template)
-            leaves = [files[f"{name}/{j}"] for j in range(treedef.num_leaves)]
-            return _tree.tree_unflatten(treedef, leaves)
+            n_saved = sum(1 for k in files if k.startswith(name + "/"))
+            if n_saved != treedef.num_leaves:
+                raise ValueError(f"{what} in {path!r} has {n_saved} leaves, but {reference} has {treedef.num_leaves}")
+            return _conform(_tree.tree_unflatten(treedef, [files[f"{name}/{j}"] for j in range(n_saved)]),
+                            template, what, reference)
 
-        state_template = step_rule.init(z_template)
+        state_template = _tree.tree_map(np.asarray, step_rule.init(z_template))
+        z_of = lambda name, what: tree(name, z_template, what, "z0")  # noqa: E731
         return cls(
-            direction=meta["direction"], z=tree("z", z_template), rule_state=tree("rule_state", state_template),
+            direction=meta["direction"], z=z_of("z", "the saved z"),
+            rule_state=tree("rule_state", state_template, "the saved step-rule state",
+                            "this step rule's state"),
             values=list(meta["values"]), grad_norms=list(meta["grad_norms"]), times=list(meta["times"]),
-            snapshots={int(i): tree(f"snap{int(i)}", z_template) for i in meta["snapshot_steps"]},
+            snapshots={int(i): z_of(f"snap{int(i)}", f"the saved snapshot {i}") for i in meta["snapshot_steps"]},
             best_value=meta["best_value"], best_step=meta["best_step"],
-            best_z=tree("best_z", z_template) if meta["has_best_z"] else None, records=list(meta["records"]))
+            best_z=z_of("best_z", "the saved best z") if meta["has_best_z"] else None, records=list(meta["records"]))
 
 
 # --------------------------------------------------------------------------- #
 # the loop
 # --------------------------------------------------------------------------- #
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.total, self.enabled, self.label = total, enabled, label
-        self.tty = enabled and sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def update(self, i: int, value: float, best: float, gnorm: float, done: int):
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.t0
-        rate = elapsed / max(done, 1)
-        eta = rate * (self.total - i)
-        width = 20
-        fill = int(width * i / max(self.total, 1))
-        line = (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {i}/{self.total} phi={value:.5g} "
-                f"best={best:.5g} |g|={gnorm:.3g} {rate:.2f}s/step eta {eta:.0f}s")
-        if self.tty:
-            sys.stderr.write("\r" + line + "\x1b[K")
-            if i == self.total:
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-
 def run(metagradient_fn: Callable[[PyTree], tuple[Any, PyTree]], z0: PyTree, *, steps: int, direction: str,
-        step_rule: StepRule, projection: Callable[[PyTree], PyTree] | None = None,
+        step_rule: optax.GradientTransformation, projection: Callable[[PyTree], PyTree] | None = None,
         snapshot_every: int | None = None, history: History | None = None,
         callback: Callable[[int, PyTree, float, PyTree], dict | None] | None = None,
         checkpoint_path: str | None = None, progress: bool = True, label: str = "mgd") -> History:
     """Metagradient descent for ``steps`` steps in total.
 
-    Each step ``i``: ``value, g = metagradient_fn(z_i)``; record; ``z_{i+1} =
-    projection(step_rule.update(+-g, state, z_i))``.
+    Each step ``i``: ``value, g = metagradient_fn(z_i)``; record; ``u, state =
+    step_rule.update(+-g, state, z_i)``; ``z_{i+1} = projection(z_i + u)``.
 
     Args:
       metagradient_fn: ``z -> (phi(A(z)), d phi / dz)``.
       z0: the starting metaparameter (projected before the first step).
       steps: total number of MGD steps, counting those already in ``history``.
       direction: ``"minimize"`` or ``"maximize"`` -- required, never implied.
-      step_rule: e.g. :func:`sign_step`, :func:`gradient_step`, :func:`adam`.
+      step_rule: an ``optax.GradientTransformation``, e.g. :func:`sign_step`,
+        ``optax.adam(lr)``, ``optax.sgd(lr)``.
       projection: ``z -> z`` onto the allowed set, or ``None``.
       snapshot_every: keep ``z_i`` every this many steps (the final iterate is ``history.z``).
       history: a :class:`History` to resume (from :meth:`History.load`);
@@ -404,7 +321,8 @@ def run(metagradient_fn: Callable[[PyTree], tuple[Any, PyTree]], z0: PyTree, *, 
       callback: ``callback(i, z_i, value, grad) -> dict or None``; dicts are
         stored in ``history.records`` (e.g. a test accuracy of ``z_i``).
       checkpoint_path: if given, the history is saved there after every step.
-      progress: print a one-line progress bar to stderr.
+      progress: a tqdm bar on stderr (shown only when stderr is a terminal).
+      label: the bar's description.
     Returns:
       The :class:`History`; ``history.z`` is the final iterate and
       ``history.best_z`` the best one seen.
@@ -413,50 +331,57 @@ def run(metagradient_fn: Callable[[PyTree], tuple[Any, PyTree]], z0: PyTree, *, 
         raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if not isinstance(step_rule, StepRule):
-        raise TypeError(f"step_rule must be a metagrad.mgd.StepRule (sign_step, gradient_step, adam), "
-                        f"got {type(step_rule).__name__}")
+    if not isinstance(step_rule, optax.GradientTransformation):
+        raise TypeError(f"step_rule must be an optax.GradientTransformation (e.g. mgd.sign_step(lr), "
+                        f"optax.adam(lr)), got {type(step_rule).__name__}")
     if snapshot_every is not None and (not isinstance(snapshot_every, (int, np.integer)) or snapshot_every < 1):
         raise ValueError(f"snapshot_every must be None or an int >= 1, got {snapshot_every!r}")
-    template = _to_numpy(z0)
+    template = _copy(z0)
     project = projection if projection is not None else (lambda z: z)
     if history is None:
-        z = _to_numpy(project(template), template)
+        z = _conform(project(template), template, "the projection returned z")
         history = History(direction=direction, z=z, rule_state=step_rule.init(z))
     else:
         if history.direction != direction:
             raise ValueError(f"direction={direction!r} differs from the resumed history's {history.direction!r}")
-        if _tree.tree_structure(history.z) != _tree.tree_structure(template):
-            raise ValueError("the resumed history's z does not have z0's structure")
+        history.z = _conform(history.z, template, "the resumed history's z", "z0")
     sign = 1.0 if direction == "minimize" else -1.0
     better = (lambda a, b: a < b) if direction == "minimize" else (lambda a, b: a > b)
-    bar = _Progress(steps, progress, label)
     start = history.steps_done
-    for i in range(start, steps):
-        t0 = time.perf_counter()
-        z = history.z
-        value, grad = metagradient_fn(z)
-        value = float(value)
-        grad = _to_numpy(grad, z)
-        gnorm = _global_norm(grad)
-        if not (math.isfinite(value) and math.isfinite(gnorm)):
-            raise FloatingPointError(f"MGD step {i}: phi={value}, |metagradient|={gnorm}; "
-                                     "training is unstable at this z (smaller steps, or a smoother setup)")
-        if snapshot_every is not None and i % snapshot_every == 0:
-            history.snapshots[i] = _to_numpy(z)
-        if history.best_value is None or better(value, history.best_value):
-            history.best_value, history.best_step, history.best_z = value, i, _to_numpy(z)
-        if callback is not None:
-            rec = callback(i, z, value, grad)
-            if rec is not None:
-                history.records.append({"step": i, **rec})
-        descent = _tree.tree_map(lambda g: sign * g, grad)
-        z_new, history.rule_state = step_rule.update(descent, history.rule_state, z)
-        history.z = _to_numpy(project(z_new), z)
-        history.values.append(value)
-        history.grad_norms.append(gnorm)
-        history.times.append(time.perf_counter() - t0)
-        if checkpoint_path is not None:
-            history.save(checkpoint_path)
-        bar.update(i + 1, value, history.best_value, gnorm, i + 1 - start)
+    # disable=None: tqdm draws only when stderr is a terminal (logs and pipes stay clean)
+    bar = tqdm(total=steps, initial=min(start, steps), desc=label, unit="step", file=sys.stderr,
+               disable=None if progress else True, dynamic_ncols=True)
+    try:
+        for i in range(start, steps):
+            t0 = time.perf_counter()
+            z = history.z
+            value, grad = metagradient_fn(z)
+            value = float(value)
+            grad = _conform(grad, z, "metagradient_fn returned a gradient")
+            gnorm = _global_norm(grad)
+            if not (math.isfinite(value) and math.isfinite(gnorm)):
+                raise FloatingPointError(f"MGD step {i}: phi={value}, |metagradient|={gnorm}; "
+                                         "training is unstable at this z (smaller steps, or a smoother setup)")
+            if snapshot_every is not None and i % snapshot_every == 0:
+                history.snapshots[i] = _copy(z)
+            if history.best_value is None or better(value, history.best_value):
+                history.best_value, history.best_step, history.best_z = value, i, _copy(z)
+            if callback is not None:
+                rec = callback(i, z, value, grad)
+                if rec is not None:
+                    history.records.append({"step": i, **rec})
+            descent = _tree.tree_map(lambda g: sign * g, grad)
+            updates, history.rule_state = step_rule.update(descent, history.rule_state, z)
+            z_new = _conform(optax.apply_updates(z, updates), z, "the step rule's update of z")
+            history.z = _conform(project(z_new), z, "the projection returned z")
+            history.values.append(value)
+            history.grad_norms.append(gnorm)
+            history.times.append(time.perf_counter() - t0)
+            if checkpoint_path is not None:
+                history.save(checkpoint_path)
+            bar.set_postfix({"phi": f"{value:.5g}", "best": f"{history.best_value:.5g}", "|g|": f"{gnorm:.3g}"},
+                            refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
     return history

@@ -48,13 +48,17 @@ class Program:
     inputs: tuple[Spec, ...]
     donated: tuple[bool, ...]
     outputs: tuple[Spec, ...]
+    fallback: str = ""  # why JAX built a reverse that backend="auto" asked of Enzyme
 
     def to_json(self) -> dict:
         """The manifest entry of this program (the artifact itself is stored beside it)."""
-        return {"backend": self.backend,
-                "inputs": [{"shape": list(s), "dtype": d, "donated": bool(k)}
-                           for (s, d), k in zip(self.inputs, self.donated)],
-                "outputs": [{"shape": list(s), "dtype": d} for s, d in self.outputs]}
+        entry = {"backend": self.backend,
+                 "inputs": [{"shape": list(s), "dtype": d, "donated": bool(k)}
+                            for (s, d), k in zip(self.inputs, self.donated)],
+                 "outputs": [{"shape": list(s), "dtype": d} for s, d in self.outputs]}
+        if self.fallback:
+            entry["fallback"] = self.fallback
+        return entry
 
     @classmethod
     def from_json(cls, name: str, entry: dict, artifact: bytes) -> "Program":
@@ -63,7 +67,8 @@ class Program:
             return tuple(int(d) for d in e["shape"]), str(e["dtype"])
 
         return cls(name, artifact, str(entry["backend"]), tuple(spec(e) for e in entry["inputs"]),
-                   tuple(bool(e["donated"]) for e in entry["inputs"]), tuple(spec(e) for e in entry["outputs"]))
+                   tuple(bool(e["donated"]) for e in entry["inputs"]), tuple(spec(e) for e in entry["outputs"]),
+                   str(entry.get("fallback", "")))
 
 
 class Forward(NamedTuple):
@@ -128,14 +133,28 @@ def signature(layout: Layout, name: str) -> tuple[list, tuple[bool, ...], list]:
     return inputs, tuple(donated), group_specs(layout, kind["outputs"])
 
 
-def export_forward(forward: Forward, layout: Layout) -> dict[str, bytes]:
-    """The forward functions, exported (serialized StableHLO with their signatures)."""
+def export_forward(forward: Forward, layout: Layout, check: Callable | None = None,
+                   custom_calls: tuple[str, ...] = (), vjp: bool = False) -> dict[str, bytes]:
+    """The forward functions, exported (serialized StableHLO with their signatures).
+
+    ``custom_calls``: targets the runtime has handlers for, exported although
+    jax.export guarantees nothing about them. ``check(lowered, name)``
+    explains a function that cannot be exported (host callbacks, custom calls
+    without a handler) by refusing its lowered module. ``vjp``: include each
+    function's VJP (for saved tasks, whose JAX reverses are built from the
+    exports; it doubles the export's cost, so compiling leaves it out).
+    """
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(target) for target in custom_calls]
     exports = {}
     for name in ("init", "step", "output"):
         inputs, _, _ = signature(layout, name)
-        exported = jax.export.export(jax.jit(getattr(forward, name)))(*inputs)
-        # With its VJP, so that JAX's autodiff can differentiate a loaded export too.
-        exports[name] = bytes(exported.serialize(vjp_order=1))
+        try:
+            exported = jax.export.export(jax.jit(getattr(forward, name)), disabled_checks=disabled)(*inputs)
+        except (NotImplementedError, ValueError):
+            if check is not None:
+                check(jax.jit(getattr(forward, name)).lower(*inputs), name)
+            raise
+        exports[name] = bytes(exported.serialize(vjp_order=1 if vjp else 0))
     return exports
 
 
@@ -151,6 +170,9 @@ def _split(args, *sizes):
         out.append(list(args[i:i + size]))
         i += size
     return out
+
+
+LOOPS = ("unroll", "scan")  # how programs of n > 1 steps are written (see _Builder.steps)
 
 
 def _reversible(forward: Forward, layout: Layout, backend: str) -> Forward:
@@ -171,109 +193,149 @@ def _reversible(forward: Forward, layout: Layout, backend: str) -> Forward:
                    enzyme_jax_ir()(forward.output))
 
 
-def function(name: str, forward: Forward, layout: Layout, backend: str) -> Callable:
-    """The flat function of program ``name``; ``backend`` ("enzyme" or "jax") builds the reverses."""
-    kind, n = kind_of(name)
-    ns, nz, nx = len(layout.state), len(layout.z), len(layout.data)
-    diff = [i for i, spec in enumerate(layout.state) if spec.floating]
-    nd = len(diff)
-    m = layout.outputs
-    acc_dtypes = [a.dtype for a in layout.accumulators()]
+class _Builder:
+    """The flat function of each program kind, for one task and backend."""
 
-    def merge(state, leaves):
+    def __init__(self, forward: Forward, layout: Layout, backend: str, loop: str):
+        self.forward, self.layout, self.backend, self.loop = forward, layout, backend, loop
+        self.sizes = len(layout.state), len(layout.z), len(layout.data)
+        self.diff = [i for i, spec in enumerate(layout.state) if spec.floating]
+        self.m = layout.outputs
+
+    @property
+    def rev(self) -> Forward:
+        return _reversible(self.forward, self.layout, self.backend)
+
+    def steps(self, step: Callable, n: int, state: list, z: list, x: list, t0) -> list:
+        """n steps from t0. Unrolled by default: XLA's CPU backend runs convolutions
+        inside a while loop several times slower; ``loop="scan"`` writes a lax.scan,
+        which compiles in constant time and runs long fused reverses of dot-heavy
+        steps faster (docs/performance.md). Enzyme aborts on a scan's
+        stablehlo.while, so with Enzyme JAX differentiates the loop and Enzyme each step."""
+        if n == 1 or self.loop == "unroll":
+            for i in range(n):
+                state = list(step(*state, *z, *x, t0 + i))
+            return state
+        body = lambda carry, i: (list(step(*carry, *z, *x, t0 + i)), None)  # noqa: E731
+        return jax.lax.scan(body, state, jnp.arange(n, dtype=jnp.int32))[0]
+
+    def merge(self, state, leaves) -> list:
         state = list(state)
-        for i, leaf in zip(diff, leaves):
+        for i, leaf in zip(self.diff, leaves):
             state[i] = leaf
         return state
 
-    def full(d_leaves):
-        """A cotangent for every state leaf: ``d_leaves`` where differentiable, float0 zeros elsewhere.
-
-        Enzyme's vjp wants one cotangent per output of the function it differentiated.
-        """
+    def full(self, d_leaves) -> list:
+        """A cotangent for every state leaf: ``d_leaves`` where differentiable, float0
+        zeros elsewhere (Enzyme's vjp wants one per output of what it differentiated)."""
         it = iter(d_leaves)
-        return [next(it) if spec.floating else np.zeros(spec.shape, jax.dtypes.float0) for spec in layout.state]
+        return [next(it) if spec.floating else np.zeros(spec.shape, jax.dtypes.float0) for spec in self.layout.state]
 
-    def pull_all(pull, cotangent, expand=lambda c: c):
-        """The vjp at one cotangent, or at each of the m cotangents stacked on a leading axis."""
-        return pull(expand(cotangent)) if m == 0 else jax.vmap(lambda c: pull(expand(c)))(cotangent)
+    def pull_all(self, pull, cotangent, expand=lambda c: c):
+        """The vjp at one cotangent, or at each of the m cotangents stacked on a leading axis.
 
-    def accumulate(acc, z_bar):
+        One forward pass serves all m: JAX's reverse is batched (vmap); Enzyme's
+        primitive has no batching rule, so its m reverses run in a loop.
+        """
+        if self.m == 0:
+            return pull(expand(cotangent))
+        if self.backend == "enzyme":
+            return jax.lax.map(lambda c: pull(expand(c)), cotangent)
+        return jax.vmap(lambda c: pull(expand(c)))(cotangent)
+
+    @staticmethod
+    def accumulate(acc, z_bar) -> list:
         return [a + jnp.asarray(g).astype(a.dtype) for a, g in zip(acc, z_bar)]
 
-    if kind == "init":
-        return forward.init
-    if kind == "step":
-        return forward.step
-    if kind == "output":
-        return forward.output
-    if kind == "advance":
-        # Unrolled: XLA's CPU backend runs convolutions inside a while loop (a
-        # scan) several times slower than in straight-line code.
-        def advance(*args):
+    # -- one method per program kind -------------------------------------------
+
+    def advance(self, n: int) -> Callable:
+        ns, nz, nx = self.sizes
+
+        def run(*args):
             s, z, x, (t0,) = _split(args, ns, nz, nx, 1)
-            for i in range(n):
-                s = list(forward.step(*s, *z, *x, t0 + i))
-            return tuple(s)
-        return advance
-    if kind == "all_finite":
+            return tuple(self.steps(self.forward.step, n, s, z, x, t0))
+        return run
+
+    def all_finite(self, n: int) -> Callable:
         return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [True]))
-    if kind == "state_finite":
-        return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaves[i])) for i in diff] or [True]))
 
-    rev = _reversible(forward, layout, backend)
-    if kind == "output_vjp":
-        def output_vjp(*args):
+    def state_finite(self, n: int) -> Callable:
+        return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaves[i])) for i in self.diff] or [True]))
+
+    def output_vjp(self, n: int) -> Callable:
+        ns, nz, nx = self.sizes
+        rev, acc_dtypes = self.rev, [a.dtype for a in self.layout.accumulators()]
+
+        def run(*args):
             s, z, x = _split(args, ns, nz, nx)
-            phi, pull = jax.vjp(lambda d, zz: rev.output(*merge(s, d), *zz, *x), [s[i] for i in diff], z)
-            seed = jnp.ones_like(phi) if m == 0 else jnp.eye(m, dtype=phi.dtype)
-            d_bar, z_bar = pull_all(pull, seed)
+            phi, pull = jax.vjp(lambda d, zz: rev.output(*self.merge(s, d), *zz, *x), [s[i] for i in self.diff], z)
+            seed = jnp.ones_like(phi) if self.m == 0 else jnp.eye(self.m, dtype=phi.dtype)
+            d_bar, z_bar = self.pull_all(pull, seed)
             return (phi, *d_bar, *[g.astype(dt) for g, dt in zip(z_bar, acc_dtypes)])
-        return output_vjp
-    if kind in ("step_vjp", "segment_vjp"):
-        steps = 1 if kind == "step_vjp" else n
+        return run
 
-        def reverse_steps(*args):
+    def step_vjp(self, n: int) -> Callable:
+        return self.segment_vjp(1)
+
+    def segment_vjp(self, n: int) -> Callable:
+        ns, nz, nx = self.sizes
+        nd, rev = len(self.diff), self.rev
+
+        def run(*args):
             s, z, x, (t0,), d, acc = _split(args, ns, nz, nx, 1, nd, nz)
+            forward = lambda d_leaves, zz: self.steps(rev.step, n, self.merge(s, d_leaves), zz, x, t0)  # noqa: E731
+            _, pull = jax.vjp(forward, [s[i] for i in self.diff], z)
+            d_bar, z_bar = self.pull_all(pull, d, self.full)
+            return (*d_bar, *self.accumulate(acc, z_bar))
+        return run
 
-            def run(d_leaves, zz):
-                state = merge(s, d_leaves)
-                if steps == 1 or backend == "enzyme":
-                    # Unrolled for Enzyme, which cannot type every stablehlo.while.
-                    for i in range(steps):
-                        state = list(rev.step(*state, *zz, *x, t0 + i))
-                else:
-                    body = lambda carry, i: (list(rev.step(*carry, *zz, *x, t0 + i)), None)  # noqa: E731
-                    state = jax.lax.scan(body, state, jnp.arange(steps, dtype=jnp.int32))[0]
-                return state
+    def init_vjp(self, n: int) -> Callable:
+        _, nz, nx = self.sizes
+        nd, rev = len(self.diff), self.rev
 
-            _, pull = jax.vjp(run, [s[i] for i in diff], z)
-            d_bar, z_bar = pull_all(pull, d, full)
-            return (*d_bar, *accumulate(acc, z_bar))
-        return reverse_steps
-    if kind == "init_vjp":
-        def init_vjp(*args):
+        def run(*args):
             z, x, d, acc = _split(args, nz, nx, nd, nz)
             _, pull = jax.vjp(lambda zz: list(rev.init(*zz, *x)), z)
-            (z_bar,) = pull_all(pull, d, full)
-            return tuple(accumulate(acc, z_bar))
-        return init_vjp
-    raise ValueError(f"no function for program {name!r}")
+            (z_bar,) = self.pull_all(pull, d, self.full)
+            return tuple(self.accumulate(acc, z_bar))
+        return run
+
+
+def function(name: str, forward: Forward, layout: Layout, backend: str, loop: str = "unroll") -> Callable:
+    """The flat function of program ``name``; ``backend`` ("enzyme" or "jax") builds the reverses."""
+    kind, n = kind_of(name)
+    if kind in ("init", "step", "output"):
+        return getattr(forward, kind)
+    return getattr(_Builder(forward, layout, backend, loop), kind)(n)
 
 
 def _spec(struct) -> Spec:
     return tuple(int(d) for d in struct.shape), np.dtype(struct.dtype).name
 
 
-def build(name: str, forward: Forward, layout: Layout, backend: str, target: str) -> Program:
-    """Lower program ``name`` to a portable artifact with its contract signature."""
+def build(name: str, forward: Forward, layout: Layout, backend: str, target: str, loop: str = "unroll",
+          check: Callable | None = None, sharding=None) -> Program:
+    """Lower program ``name`` to a portable artifact with its contract signature;
+    ``check(lowered, name)`` may refuse the lowered module first. With a
+    ``sharding`` (``sharding.TaskSharding``) the program is lowered for its mesh
+    and its signature is per shard."""
     import warnings
 
     inputs, donated, outputs = signature(layout, name)
-    fn = function(name, forward, layout, backend)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        lowered = jax.jit(fn, donate_argnums=tuple(i for i, d in enumerate(donated) if d),
-                          keep_unused=True).lower(*inputs)
+    fn = function(name, forward, layout, backend, loop)
+    donate = tuple(i for i, d in enumerate(donated) if d)
+    if sharding is None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            lowered = jax.jit(fn, donate_argnums=donate, keep_unused=True).lower(*inputs)
+    else:
+        in_specs, out_specs = sharding.program_specs(KINDS[kind_of(name)[0]], layout)
+        lowered = sharding.lower(fn, inputs, in_specs, out_specs, donate)
+        shard = lambda s, spec: jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)  # noqa: E731
+        inputs = [shard(s, spec) for s, spec in zip(inputs, in_specs)]
+        outputs = [shard(s, spec) for s, spec in zip(outputs, out_specs)]
+    if check is not None:
+        check(lowered, name)
     return Program(name, runtime.portable_artifact(lowered, target), backend if is_reverse(name) else "none",
                    tuple(_spec(s) for s in inputs), donated, tuple(_spec(s) for s in outputs))

@@ -84,7 +84,11 @@ def load_plugin(path: str) -> Plugin:
 
 @functools.lru_cache(maxsize=None)
 def _client(path: str, options: tuple) -> Client:
-    return Client.create(load_plugin(path), dict(options))
+    from metagrad._src import ffi
+
+    client = Client.create(load_plugin(path), dict(options))
+    ffi.register_jaxlib_handlers(client)  # jnp.linalg's kernels; once per plugin
+    return client
 
 
 def get_client(plugin: str | None = None, *, cpu_device_count: int | None = None,
@@ -201,10 +205,33 @@ def to_device(array, client: Client | None = None, device: int = 0) -> Buffer:
     return client.buffer_from_array(array, device)  # strided arrays are copied by PJRT directly
 
 
+@functools.lru_cache(maxsize=None)
+def _machine() -> dict:
+    """What compiled code and timings depend on besides the plugin: the host and its CPU
+    (an executable compiled for one CPU's instructions must not run on another)."""
+    import hashlib
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": hashlib.sha256(cpu.encode()).hexdigest()[:16]}
+
+
 def _client_identity(client: Client) -> dict:
     return {"plugin": os.path.abspath(client.plugin_path), "platform": client.platform_name,
             "version": client.platform_version, "api": list(client.plugin_api_version),
-            "devices": len(client.devices)}
+            "devices": len(client.devices), **_machine()}
+
+
+def cache_key_of(client: Client, *parts) -> str:
+    """A disk-cache key for what depends on this client's plugin and machine as well as ``parts``."""
+    from metagrad._src import cache
+
+    return cache.key(_client_identity(client), *parts)
 
 
 def compile_program(program, client: Client | None = None, options: bytes = b"") -> Executable:
@@ -218,7 +245,7 @@ def compile_program(program, client: Client | None = None, options: bytes = b"")
 
     client = client or get_client()
     inputs = [ArraySpec(list(shape), dtype) for shape, dtype in program.inputs]
-    entry = cache.key("executable", _client_identity(client), bytes(options), program.artifact)
+    entry = cache_key_of(client, "executable", bytes(options), program.artifact)
     serialized = cache.get("executables", entry)
     if serialized is not None:
         try:

@@ -5,12 +5,17 @@ reads the same)::
 
     manifest.json                format, version, steps, backend, versions,
                                  layout (leaf specs, phi, accumulators, pytree
-                                 structures as JSON), programs, exports, arrays
+                                 structures as JSON), programs, exports, arrays,
+                                 and for a task over several devices its
+                                 sharding: mesh, partitioner, device order and
+                                 one PartitionSpec per leaf (as lists of axes)
     programs/<name>.mlirbc       portable StableHLO, one per program, with its
-                                 signature (inputs, donation, outputs) in the manifest
+                                 signature (inputs, donation, outputs; per shard
+                                 when sharded) in the manifest
     exports/<fn>.jaxexport       the forward functions (jax.export), from which
                                  new programs (other fused lengths) can be built
-    arrays/{data,z}_<i>.bin      raw little-endian arrays, C order
+    arrays/{data,z}_<i>.bin      raw little-endian arrays, C order, whole (not
+                                 per shard)
 
 Loading never executes anything from the directory: the manifest is JSON,
 pytree structures are rebuilt from plain data (see ``trees``), every path
@@ -27,14 +32,14 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import programs as programs_lib, runtime, trees
+from metagrad._src import programs as programs_lib, runtime, sharding as sharding_lib, trees
 from metagrad._src.layout import Layout
 
 MANIFEST_VERSION = _runtime.MANIFEST_VERSION  # the constant the C++ reader checks too
 FORMAT = "metagrad-task"
 
 
-def write(compiled, path: str) -> None:
+def write(compiled, path: str, exports: dict[str, bytes]) -> None:
     import enzyme_ad
     import jaxlib
     from jaxlib.mlir.dialects import stablehlo
@@ -51,19 +56,22 @@ def write(compiled, path: str) -> None:
 
     program_entries = {name: {"file": write(f"programs/{name}.mlirbc", p.artifact), **p.to_json()}
                        for name, p in compiled.programs.items()}
-    exports = {name: write(f"exports/{name}.jaxexport", blob) for name, blob in compiled.exports.items()}
+    exports = {name: write(f"exports/{name}.jaxexport", blob) for name, blob in exports.items()}
     z_leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(compiled.z_example)]
     arrays = {prefix: [write(f"arrays/{prefix}_{i}.bin", np.ascontiguousarray(leaf).tobytes())
                        for i, leaf in enumerate(leaves)]
               for prefix, leaves in (("data", compiled.data), ("z", z_leaves))}
     manifest = {
         "format": FORMAT, "version": MANIFEST_VERSION, "steps": compiled.steps, "backend": compiled.backend,
+        "loop": compiled.loop,
         "versions": {"metagrad": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
                      "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16"),
                      "stablehlo_producer": stablehlo.get_current_version(),
                      "stablehlo_target": runtime.stablehlo_target(compiled.client)},
         "layout": compiled.layout.to_json(), "programs": program_entries, "exports": exports, "arrays": arrays,
     }
+    if compiled.sharding is not None:
+        manifest["sharding"] = {**compiled.sharding.to_json(), "devices": list(compiled.devices)}
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
 
@@ -107,7 +115,11 @@ class _Reader:
 
 
 def read(path: str, client) -> dict:
-    """The parts of a saved task, as keyword arguments of ``CompiledTask`` (all but the client)."""
+    """The parts of a saved task, as keyword arguments of ``CompiledTask`` (all but the client).
+
+    ``client``: None for the default one (for a task over N devices, the
+    default plugin's client with N CPU devices).
+    """
     reader = _Reader(path)
     if not os.path.exists(reader.manifest_path):
         raise FileNotFoundError(f"{path!r} holds no manifest.json: not a saved metagrad task")
@@ -125,6 +137,9 @@ def read(path: str, client) -> dict:
     if not 1 <= steps <= 2**31 - 1:
         reader.fail(f"{reader.manifest_path}: steps", f"must be in [1, 2^31-1], got {steps}")
     backend = reader.field(manifest, "backend", str, "manifest")
+    loop = manifest.get("loop", "unroll")
+    if loop not in programs_lib.LOOPS:
+        reader.fail(f"{reader.manifest_path}: loop", f"must be one of {programs_lib.LOOPS}, got {loop!r}")
     layout_entry = reader.field(manifest, "layout", dict, "manifest")
     try:
         layout = Layout.from_json(layout_entry)
@@ -136,15 +151,42 @@ def read(path: str, client) -> dict:
             np.dtype(spec.dtype)
     except (KeyError, TypeError, ValueError) as error:
         reader.fail(f"{reader.manifest_path}: layout", f"malformed ({type(error).__name__}: {error})")
+    sharding, devices = None, (0,)
+    if "sharding" in manifest:
+        entry = reader.field(manifest, "sharding", dict, "manifest")
+        try:
+            sharding = sharding_lib.TaskSharding.from_json(entry)
+            devices = tuple(int(d) for d in entry["devices"])
+            if len(devices) != sharding.num_devices:
+                raise ValueError(f"{len(devices)} devices for a mesh of {sharding.num_devices}")
+            for what in ("state", "z", "data"):
+                specs, leaves = getattr(sharding, what), getattr(layout, what)
+                if len(specs) != len(leaves):
+                    raise ValueError(f"{len(specs)} {what} specs for {len(leaves)} leaves")
+                for spec, leaf in zip(specs, leaves):
+                    _runtime.check_partition_spec(list(leaf.shape), [list(a) for a in spec], list(sharding.mesh),
+                                                  leaf.path)
+        except (KeyError, TypeError, ValueError) as error:
+            reader.fail(f"{reader.manifest_path}: sharding", f"malformed ({type(error).__name__}: {error})")
+    if client is None:
+        client = runtime.get_client(cpu_device_count=max(devices) + 1 if sharding else None)
+    if max(devices) >= len(client.devices):
+        reader.fail(f"{reader.manifest_path}: sharding.devices",
+                    f"the task runs on devices {list(devices)}, the client has {len(client.devices)} (for the CPU "
+                    f"plugin: load(path, client=metagrad.runtime.get_client(cpu_device_count={max(devices) + 1})))")
 
     loaded = {}
     for name, entry in reader.field(manifest, "programs", dict, "manifest").items():
         where = f"programs.{name}"
         try:
-            programs_lib.kind_of(name)
+            kind = programs_lib.KINDS[programs_lib.kind_of(name)[0]]
             expected_inputs, expected_donated, _ = programs_lib.signature(layout, name)
         except ValueError as error:
             reader.fail(f"{reader.manifest_path}: {where}", str(error))
+        if sharding is not None:  # programs take shards
+            in_specs, _ = sharding.program_specs(kind, layout)
+            expected_inputs = [jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)
+                               for s, spec in zip(expected_inputs, in_specs)]
         artifact = reader.read(reader.field(entry, "file", str, where), f"{where}.file")
         try:
             program = programs_lib.Program.from_json(name, entry, artifact)
@@ -174,11 +216,13 @@ def read(path: str, client) -> dict:
     data = arrays("data", layout.data)
     z_leaves = arrays("z", layout.z)
     executables = {}
+    options = sharding_lib.compile_options(client, sharding, devices)
     for name, program in loaded.items():
         try:
-            executables[name] = runtime.compile_program(program, client)
+            executables[name] = runtime.compile_program(program, client, options)
         except (runtime.PjrtError, ValueError) as error:
             reader.fail(reader.inside(manifest["programs"][name]["file"], f"programs.{name}.file"),
                         f"does not compile as program {name}: {error}")
-    return {"layout": layout, "steps": steps, "backend": backend, "exports": exports, "programs": loaded,
-            "data": data, "z_example": layout.unflatten("z", z_leaves), "_executables": executables}
+    return {"layout": layout, "steps": steps, "backend": backend, "loop": loop, "exports": exports, "programs": loaded,
+            "data": data, "z_example": layout.unflatten("z", z_leaves), "sharding": sharding, "devices": devices,
+            "client": client, "_executables": executables}

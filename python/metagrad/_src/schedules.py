@@ -158,6 +158,11 @@ class Budget:
             _int("k", self.k, 2, _INT32_MAX, "Budget: ")
         _int("leaf", self.leaf, 1, _INT64_MAX, "Budget: ")
 
+    def __repr__(self) -> str:
+        given = ", ".join(f"{name}={getattr(self, name)}" for name in ("states", "bytes", "k")
+                          if getattr(self, name) is not None)
+        return f"Budget({given}, leaf={self.leaf})"
+
     def slots(self, state_bytes: int = 0, steps: int | None = None) -> int:
         """The number of states the budget holds, for states of ``state_bytes`` bytes
         (and, for ``k=``, a run of ``steps`` steps)."""

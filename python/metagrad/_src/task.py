@@ -32,7 +32,8 @@ class Task:
     steps: int
     data: PyTree = None
 
-    def compile(self, z_example, *, backend: str = DEFAULT_BACKEND, fuse_forward: int = 10, client=None):
+    def compile(self, z_example, *, backend: str = DEFAULT_BACKEND, fuse_forward: int = 10, loop: str = "unroll",
+                client=None, sharding=None):
         """Lower, differentiate and compile this task for metaparameters shaped like ``z_example``.
 
         ``backend``: ``"auto"`` (the default: Enzyme, falling back to JAX's
@@ -42,7 +43,14 @@ class Task:
         crash inside it cannot end this one.
         ``fuse_forward``: steps per forward execution (``n > 1``, the default
         10, compiles an ``n``-step program used by training and replays; 1:
-        one execution per step, the shortest compile).
+        one execution per step, the shortest compile). ``loop``: programs of
+        several steps as straight-line code (``"unroll"``) or a ``lax.scan``
+        (``"scan"``: compiles in constant time; faster for long fused reverses
+        of dot-heavy steps, slower for convolutions).
+        ``sharding``: a :class:`metagrad.Sharding` to run every program over
+        several devices of the client (XLA's SPMD partitioner; see
+        docs/scaling.md); None runs on one device.
         Returns a :class:`metagrad.CompiledTask`.
         """
-        return compile_task(self, z_example, backend=backend, fuse_forward=fuse_forward, client=client)
+        return compile_task(self, z_example, backend=backend, fuse_forward=fuse_forward, loop=loop, client=client,
+                            sharding=sharding)

@@ -1,32 +1,51 @@
-"""Data selection: find and drop mislabeled training examples by metagradient descent.
+"""Data selection: keep the training examples that help, by metagradient descent, against cheap filters.
 
 Setup (sklearn digits): a random ``noise`` fraction of the training labels is
-flipped to another class. ``z`` is a weight per training example (in
-``[0, 1]``, start at 1); ``A(z)`` is minibatch SGD with momentum on the
-``z``-weighted cross-entropy; ``phi`` is the mean cross-entropy on a clean
-validation set. MGD takes signed steps ``z <- clip(z - lr * sign(g), 0, 1)``.
-Successive MGD steps cycle over ``seeds`` training seeds (initialization and
-batch order), so the weights do not overfit one training trajectory.
+flipped to another class. ``z`` is a weight per training example; ``A(z)`` is
+minibatch SGD with momentum (Optax) on the ``z``-weighted cross-entropy;
+``phi`` is the mean cross-entropy on a clean validation set. MGD takes signed
+steps ``z <- P(z - lr * sign(g))`` from the uniform ``z = keep``, where ``P``
+projects onto fractional selections of the kept budget, ``{0 <= z <= 1,
+sum z = keep * n}``, and successive steps cycle over ``seeds`` training seeds
+(initialization and batch order) so the weights do not fit one trajectory.
 
-Reported: test accuracy of training on all data, on the MGD weights, on the
-examples with weight > 0.5 ("selected"), and on the clean examples only (an
-oracle); the AUROC of ``-z`` for telling flipped from clean examples.
-Accuracies are averaged over the ``seeds`` training seeds.
+Every method then keeps the same fraction ``keep`` of the examples (its
+top-scored ones) and is trained on them, weights 0/1, on ``eval_seeds`` training
+seeds that neither MGD nor any baseline saw:
+
+* ``MGD``: the ``keep * n`` largest final weights;
+* ``loss ranking``: train once (fit seed 0), drop the highest-loss examples;
+* ``first metagradient``: one metagradient at ``z = 1`` (exact influence of
+  each example on the validation loss), drop those whose weight hurts most;
+* ``val kNN``: drop the examples whose label a k-nearest-neighbour classifier
+  fit on the clean validation set finds least likely;
+* ``random``: a random subset;
+* references, not competitors: ``all data`` (nothing dropped) and
+  ``clean only (oracle)`` (exactly the unflipped examples; knows the noise).
+
+Primary metric: test accuracy (and loss), mean +- standard error over the
+unseen seeds. Secondary: how well each score separates flipped from clean
+examples (detection AUROC).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from metagrad import mgd
 from metagrad.applications import digits as D
-from metagrad.applications.common import ArgumentError, Metagradient, merge_params, Timer, log, plt, write_result
+from metagrad.applications.common import (ArgumentError, Metagradient, Timer, check_split, compare, log, merge_params,
+                                          plot_comparison, plt, resolve_engine, seed_groups, spread, write_result)
 
 NAME = "data-selection"
-DEFAULTS = dict(steps=40, n_train=1000, n_val=300, noise=0.2, lr=0.05, seeds=4, train_steps=200, hidden=128,
-                batch_size=100, seed=0)
-TOY = dict(steps=2, n_train=120, n_val=40, noise=0.2, lr=0.1, seeds=1, train_steps=6, hidden=8, batch_size=20,
-           seed=0)
+DEFAULTS = dict(steps=40, n_train=1000, n_val=300, noise=0.2, keep=0.8, lr=0.05, seeds=4, eval_seeds=8,
+                train_steps=200, hidden=128, batch_size=100, knn=10, seed=0)
+TOY = dict(steps=2, n_train=120, n_val=40, noise=0.2, keep=0.8, lr=0.1, seeds=1, eval_seeds=2, train_steps=6,
+           hidden=8, batch_size=20, knn=3, seed=0)
+MGD = "MGD"
+REFERENCES = ("all data", "clean only (oracle)")
 
 
 def auroc(labels, scores) -> float:
@@ -39,96 +58,146 @@ def auroc(labels, scores) -> float:
     return float(roc_auc_score(labels, np.asarray(scores, np.float64)))
 
 
+def params(toy: bool = False, **kw) -> dict:
+    """The run's parameters (:data:`DEFAULTS`, or :data:`TOY`, updated by ``kw``), all checked."""
+    p = merge_params(NAME, TOY if toy else DEFAULTS, kw)
+    check_split(p)
+    for name in ("noise", "keep"):
+        if not 0 < p[name] < 1:
+            raise ArgumentError(f"{name} must be in (0, 1), got {p[name]!r}")
+    if not p["lr"] > 0:
+        raise ArgumentError(f"lr must be > 0, got {p['lr']!r}")
+    if not 1 <= p["knn"] <= p["n_val"]:
+        raise ArgumentError(f"knn must be in [1, n_val={p['n_val']}], got {p['knn']!r}")
+    return p
+
+
 def config(p: dict) -> D.TrainConfig:
     return D.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.2,
                          logit_scale=0.5, momentum=0.9, weight_decay=5e-4)
 
 
+def keep_top(scores, k: int) -> np.ndarray:
+    """0/1 weights keeping the ``k`` highest ``scores`` (ties broken by position)."""
+    z = np.zeros(len(scores), np.float32)
+    z[np.argsort(-np.asarray(scores, np.float64), kind="stable")[:k]] = 1.0
+    return z
+
+
+def loss_scores(cfg: D.TrainConfig, task, x, y_noisy) -> np.ndarray:
+    """Minus each example's loss (on its possibly flipped label) after one ordinary run of ``task``."""
+    params = D.train_many(task, np.ones((1, len(y_noisy)), np.float32))
+    one = {k: v[0] for k, v in params.items()}
+    return -np.asarray(D.per_example_loss(cfg, one, x, y_noisy), np.float64)
+
+
+def knn_scores(split: dict, y_noisy, k: int) -> np.ndarray:
+    """A ``k``-nearest-neighbour classifier on the clean validation set: the probability of each given label."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=k).fit(split["x_val"], split["y_val"])
+    proba = knn.predict_proba(split["x_train"])
+    column = {int(c): j for j, c in enumerate(knn.classes_)}  # a class absent from the validation set scores 0
+    return np.array([proba[i, column[int(c)]] if int(c) in column else 0.0 for i, c in enumerate(y_noisy)])
+
+
 def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, toy: bool = False, **kw) -> dict:
     """Run the application; keyword arguments override :data:`DEFAULTS` (or :data:`TOY`)."""
-    p = merge_params(NAME, TOY if toy else DEFAULTS, kw)
-    if not 0 < p["noise"] < 1:
-        raise ArgumentError(f"noise must be in (0, 1), got {p['noise']!r}")
-    if p["seeds"] < 1:
-        raise ArgumentError(f"seeds must be >= 1, got {p['seeds']!r}")
+    p = params(toy, **kw)
+    resolve_engine(engine)
     clock = Timer()
     split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     y_noisy, flipped = D.flip_labels(split["y_train"], p["noise"], seed=p["seed"])
     cfg = config(p)
-    tasks = [D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="weights", y_train=y_noisy)
-             for s in range(p["seeds"])]
-    n = p["n_train"]
-    z0 = np.ones(n, np.float32)
-    meta = Metagradient(tasks, z0, engine=engine)
-    log(f"[{NAME}] engine={meta.engine} n_train={n} flipped={int(flipped.sum())} T={cfg.steps} "
-        f"MGD steps={p['steps']}", progress)
+    fit_seeds, unseen_seeds = seed_groups(p)
 
-    aurocs = []
+    def tasks_for(seeds):
+        return [D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="weights", y_train=y_noisy)
+                for s in seeds]
+
+    tasks = tasks_for(fit_seeds)
+    n = p["n_train"]
+    k = int(round(p["keep"] * n))
+    z0 = np.full(n, k / n, np.float32)
+    meta = Metagradient(tasks, z0, engine=engine)
+    log(f"[{NAME}] engine={meta.engine} n_train={n} flipped={int(flipped.sum())} keep={k} T={cfg.steps} "
+        f"MGD steps={p['steps']} on seeds {fit_seeds}, reported on unseen seeds {unseen_seeds}", progress)
+
+    aurocs, first = [], {}
 
     def callback(i, z, value, grad):
+        if i == 0:
+            first["grad"] = grad
         # at step 0 all weights tie; rank by the metagradient itself (upweighting hurts -> flipped)
-        a = auroc(flipped, grad) if i == 0 else auroc(flipped, -z)
-        aurocs.append(a)
-        return {"auroc": a}
+        aurocs.append(auroc(flipped, grad) if i == 0 else auroc(flipped, -z))
+        return {"auroc": aurocs[-1]}
 
     hist = mgd.run(meta, z0, steps=p["steps"], direction="minimize", step_rule=mgd.sign_step(p["lr"]),
-                   projection=mgd.box(0.0, 1.0), callback=callback, progress=progress, label=f"[{NAME}] mgd")
-    z = hist.z
+                   projection=mgd.top_k(k, soft=True), callback=callback, progress=progress,
+                   label=f"[{NAME}] mgd")
     mgd_seconds = clock()
 
-    def test_acc(weights):
-        accs, losses = [], []
-        for i in range(len(tasks)):
-            state = meta.train(np.asarray(weights, np.float32), i)
-            ev = D.evaluate(cfg, state["params"], split["x_test"], split["y_test"])
-            accs.append(ev["acc"])
-            losses.append(ev["loss"])
-        return float(np.mean(accs)), float(np.mean(losses))
-
-    selected = (z > 0.5).astype(np.float32)
-    acc_all, loss_all = test_acc(np.ones(n))
-    acc_w, loss_w = test_acc(z)
-    acc_sel, loss_sel = test_acc(selected)
-    acc_clean, loss_clean = test_acc((~flipped).astype(np.float32))
-    metrics = {
-        "auroc": auroc(flipped, -z),
-        "auroc_first_metagradient": aurocs[0] if aurocs else None,
-        "test_acc_all_data": acc_all, "test_acc_mgd_weights": acc_w, "test_acc_mgd_selected": acc_sel,
-        "test_acc_clean_only_oracle": acc_clean,
-        "test_loss_all_data": loss_all, "test_loss_mgd_weights": loss_w,
-        "val_loss_start": hist.values[0] if hist.values else None,
-        "val_loss_last": hist.values[-1] if hist.values else None,
-        "selected_fraction": float(selected.mean()),
-        "flipped_removed_fraction": float(1 - selected[flipped].mean()) if flipped.any() else None,
-        "clean_removed_fraction": float(1 - selected[~flipped].mean()),
+    # scores: higher = keep
+    scores = {
+        MGD: hist.z,
+        "loss ranking": loss_scores(cfg, tasks[0], split["x_train"], y_noisy),
+        "first metagradient": -first["grad"],
+        "val kNN": knn_scores(split, y_noisy, p["knn"]),
+        "random": np.random.default_rng([p["seed"], 1]).random(n),
     }
-    result = {"application": NAME, "engine": meta.engine, "params": p, "metrics": metrics,
-              "targets": {"auroc>=0.9": metrics["auroc"] >= 0.9,
-                          "mgd_acc>all_data_acc": max(acc_w, acc_sel) > acc_all},
-              "history": hist.summary(), "seconds": {"total": clock(), "mgd": mgd_seconds,
-                                                     "metagradients": meta.seconds, "compile": meta.compile_seconds}}
+    selections = {name: keep_top(s, k) for name, s in scores.items()}
+    selections["all data"] = np.ones(n, np.float32)
+    selections["clean only (oracle)"] = (~flipped).astype(np.float32)
+    names = list(selections)
+    trained = D.train_grid(tasks_for(unseen_seeds), np.stack([selections[m] for m in names]))
+    ev = D.evaluate_grid(cfg, trained, split["x_test"], split["y_test"])
+    methods = {m: {"test_acc": spread(ev["acc"][i]), "test_loss": spread(ev["loss"][i]),
+                   "kept_fraction": float(selections[m].mean()),
+                   "flipped_kept": int(selections[m][flipped].sum()),
+                   "clean_dropped": int((1 - selections[m])[~flipped].sum())}
+               for i, m in enumerate(names)}
+    for m, s in scores.items():
+        methods[m]["detection_auroc"] = auroc(flipped, -np.asarray(s, np.float64))
+    loss_rank = methods["loss ranking"]["test_acc"]["mean"]
+    met = methods[MGD]["test_acc"]["mean"] >= loss_rank
+    comparison = compare(methods, primary="test_acc", higher_is_better=True, mgd=MGD, references=REFERENCES,
+                         unit=f"{len(unseen_seeds)} unseen training seeds",
+                         target="MGD's test accuracy >= the loss-ranking filter's at the same kept fraction",
+                         target_met=met)
+    result = {"application": NAME, "engine": meta.engine, "params": p, "comparison": comparison,
+              "metrics": {"seeds": {"fit": fit_seeds, "unseen": unseen_seeds}, "kept": k,
+                          "flipped": int(flipped.sum()),
+                          "val_loss_start": hist.values[0], "val_loss_last": hist.values[-1],
+                          "mgd_detection_auroc_by_step": aurocs},
+              "targets": {comparison["target"]: met},
+              "history": hist.summary(),
+              "seconds": {"total": clock(), "mgd": mgd_seconds, "metagradients": meta.seconds,
+                          "compile": meta.compile_seconds}}
     if out is not None:
         write_result(out, result)
-        _plot(out, hist, aurocs, z, flipped)
-    log(f"[{NAME}] AUROC {metrics['auroc']:.3f} | test acc: all data {acc_all:.4f}, MGD weights {acc_w:.4f}, "
-        f"MGD selected {acc_sel:.4f} (clean-only oracle {acc_clean:.4f}) | {clock():.1f}s", progress)
+        _plot(out, hist, aurocs, comparison, hist.z, flipped)
+    log(f"[{NAME}] test acc on {len(unseen_seeds)} unseen seeds, keeping {k}/{n}: "
+        + ", ".join(f"{m} {v['test_acc']['mean']:.4f}+-{v['test_acc']['sem']:.4f}" for m, v in methods.items())
+        + f" | {clock():.1f}s", progress)
     return result
 
 
-def _plot(out, hist, aurocs, z, flipped):
-    import os
-
+def _plot(out, hist, aurocs, comparison, z, flipped):
     pyplot = plt()
-    fig, ax = pyplot.subplots(1, 3, figsize=(13, 3.6))
+    fig, ax = pyplot.subplots(1, 4, figsize=(19, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.4, 1]})
     ax[0].plot(hist.values, marker=".")
-    ax[0].set(xlabel="MGD step", ylabel="validation loss", title="phi = validation loss")
-    ax[1].plot(aurocs, marker=".", color="C2")
+    ax[0].set(xlabel="MGD step", ylabel="validation loss", title="phi = validation loss (fit seeds)")
+    ax[1].plot(aurocs, marker=".", color="C3", label="MGD")
+    for j, m in enumerate(("loss ranking", "val kNN", "first metagradient")):
+        ax[1].axhline(comparison["methods"][m]["detection_auroc"], color=f"C{j}", ls="--", label=m)
     ax[1].set(xlabel="MGD step", ylabel="AUROC (flipped vs clean)", title="detection of flipped labels")
+    ax[1].legend(fontsize=7)
+    plot_comparison(ax[2], comparison, title="test accuracy, same kept fraction, unseen seeds")
     bins = np.linspace(0, 1, 21)
-    ax[2].hist(z[~flipped], bins=bins, alpha=0.7, label="clean")
-    ax[2].hist(z[flipped], bins=bins, alpha=0.7, label="flipped")
-    ax[2].set(xlabel="MGD weight z_i", ylabel="count", title="final weights")
-    ax[2].legend()
+    ax[3].hist(z[~flipped], bins=bins, alpha=0.7, label="clean")
+    ax[3].hist(z[flipped], bins=bins, alpha=0.7, label="flipped")
+    ax[3].set(xlabel="MGD weight z_i", ylabel="count", title="final weights")
+    ax[3].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "data_selection.png"), dpi=110)
     pyplot.close(fig)

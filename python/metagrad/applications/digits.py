@@ -15,8 +15,9 @@ The metaparameter's *role* says where ``z`` enters training:
   linearly interpolated per step, shape ``[K]``.
 
 The output ``phi`` is the mean cross-entropy on the validation set, or, with
-``output="weighted"``, ``sum_j data["out_w"][j] * loss(test example j)``
-(one-hot ``out_w`` gives a single test example's loss).
+``output="weighted"``, ``data["out_w"] @ (the losses of the test examples)``
+(a one-hot ``out_w`` gives a single test example's loss; an identity matrix the
+vector of all of them, for a runtime that takes metagradients of many outputs).
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from dataclasses import dataclass, replace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from metagrad import Task
+from metagrad.applications.common import bar
 
 __all__ = ["TrainConfig", "load_split", "flip_labels", "init_params", "make_task", "apply", "evaluate",
-           "train_many", "final_params", "ensemble", "ROLES", "OUTPUTS"]
+           "train_loss", "lr_at", "per_example_loss", "margin", "train_grid", "train_many", "trajectory",
+           "evaluate_grid", "evaluate_grid_per_example", "ensemble", "optimizer", "ROLES", "OUTPUTS"]
 
 ROLES = ("weights", "poison", "lr")
 OUTPUTS = ("val", "weighted")
@@ -201,8 +205,18 @@ def _ce(logits, y):
 # the training run as a Task
 # --------------------------------------------------------------------------- #
 
-def _lr_at(cfg: TrainConfig, t, z, role):
-    tf = t.astype(jnp.float32)
+def train_loss(cfg: TrainConfig, params: dict, x, y, w=None):
+    """The training objective on a batch: the (``w``-weighted) mean cross-entropy plus weight decay."""
+    per = _ce(apply(cfg, params, x), y)
+    loss = jnp.mean(per if w is None else w * per)
+    if cfg.weight_decay:
+        loss = loss + 0.5 * cfg.weight_decay * sum(jnp.sum(p ** 2) for k, p in params.items() if k[0] in "wk")
+    return loss
+
+
+def lr_at(cfg: TrainConfig, t, z=None, role: str = "weights"):
+    """The learning rate of step ``t`` (from ``z`` when the role is ``"lr"``)."""
+    tf = jnp.asarray(t).astype(jnp.float32)
     if role == "lr":
         knots = jnp.linspace(0.0, cfg.steps - 1.0, z.shape[0])
         return jnp.exp(jnp.interp(tf, knots, z))
@@ -216,16 +230,22 @@ def _lr_at(cfg: TrainConfig, t, z, role):
     return lr
 
 
+def optimizer(cfg: TrainConfig, lr) -> optax.GradientTransformation:
+    """``cfg``'s Optax optimizer at learning rate ``lr`` (a traced scalar where it depends on ``z`` or ``t``;
+    the state's structure does not depend on it)."""
+    if cfg.optimizer == "sgd":
+        return optax.sgd(lr, momentum=cfg.momentum)
+    # eps inside the root (the paper's eps_root) keeps d/dv of 1/sqrt(v) bounded
+    return optax.adam(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=0.0, eps_root=cfg.adam_eps ** 2)
+
+
 @functools.lru_cache(maxsize=None)
 def _functions(cfg: TrainConfig, role: str, output: str):
     """``init, step, output`` for a config; cached so equal configs share compilations."""
 
     def init(z, data):
         params = data["params0"]
-        state = {"params": params, "m": jax.tree_util.tree_map(jnp.zeros_like, params)}
-        if cfg.optimizer == "adam":
-            state["v"] = jax.tree_util.tree_map(jnp.zeros_like, params)
-        return state
+        return {"params": params, "opt": optimizer(cfg, cfg.lr).init(params)}
 
     def batch(z, data, t):
         x, y = data["x_train"], data["y_train"]
@@ -238,40 +258,20 @@ def _functions(cfg: TrainConfig, role: str, output: str):
             w = None if w is None else w[idx]
         return x, y, w
 
-    def train_loss(params, x, y, w):
-        per = _ce(apply(cfg, params, x), y)
-        loss = jnp.mean(per if w is None else w * per)
-        if cfg.weight_decay:
-            loss = loss + 0.5 * cfg.weight_decay * sum(jnp.sum(p ** 2) for k, p in params.items() if k[0] in "wk")
-        return loss
-
     def step(state, z, data, t):
         x, y, w = batch(z, data, t)
-        g = jax.grad(train_loss)(state["params"], x, y, w)
-        lr = _lr_at(cfg, t, z, role)
-        tm = jax.tree_util.tree_map
+        g = jax.grad(functools.partial(train_loss, cfg))(state["params"], x, y, w)
         if cfg.clip is not None:
             sq = sum(jnp.sum(v * v) for v in jax.tree_util.tree_leaves(g))
-            g = tm(lambda v: v * (cfg.clip / jnp.sqrt(sq + cfg.clip ** 2)), g)
-        if cfg.optimizer == "sgd":
-            m = tm(lambda mm, gg: cfg.momentum * mm + gg, state["m"], g)
-            params = tm(lambda p, mm: p - lr * mm, state["params"], m)
-            return {"params": params, "m": m}
-        b1, b2 = cfg.adam_b1, cfg.adam_b2
-        m = tm(lambda mm, gg: b1 * mm + (1 - b1) * gg, state["m"], g)
-        v = tm(lambda vv, gg: b2 * vv + (1 - b2) * gg * gg, state["v"], g)
-        tf = t.astype(jnp.float32) + 1.0
-        c1, c2 = 1 - b1 ** tf, 1 - b2 ** tf
-        # eps inside the root (the paper's eps_root) keeps d/dv of 1/sqrt(v) bounded
-        params = tm(lambda p, mm, vv: p - lr * (mm / c1) / jnp.sqrt(vv / c2 + cfg.adam_eps ** 2),
-                    state["params"], m, v)
-        return {"params": params, "m": m, "v": v}
+            g = jax.tree_util.tree_map(lambda v: v * (cfg.clip / jnp.sqrt(sq + cfg.clip ** 2)), g)
+        updates, opt_state = optimizer(cfg, lr_at(cfg, t, z, role)).update(g, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}
 
     def out(state, z, data):
         if output == "val":
             return jnp.mean(_ce(apply(cfg, state["params"], data["x_val"]), data["y_val"]))
         per = _ce(apply(cfg, state["params"], data["x_out"]), data["y_out"])
-        return jnp.sum(data["out_w"] * per)
+        return data["out_w"] @ per
 
     return init, step, out
 
@@ -323,10 +323,6 @@ def make_task(cfg: TrainConfig, split: dict, *, role: str, output: str = "val", 
 # evaluation helpers
 # --------------------------------------------------------------------------- #
 
-def final_params(state) -> dict:
-    return state["params"]
-
-
 @functools.lru_cache(maxsize=None)
 def _eval_fn(cfg: TrainConfig):
     def ev(params, x, y):
@@ -343,27 +339,108 @@ def evaluate(cfg: TrainConfig, params: dict, x, y) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _many_fn(init, step, steps):
+def _grid_fn(init, step, steps):
     def one(z, data):
         state = init(z, data)
         state, _ = lax.scan(lambda s, t: (step(s, z, data, t), None), state, jnp.arange(steps, dtype=jnp.int32))
         return state["params"]
 
-    return jax.jit(jax.vmap(one, in_axes=(0, None)))
+    over_data = jax.vmap(one, in_axes=(None, 0))
+    return jax.jit(jax.vmap(over_data, in_axes=(0, None)))
 
 
-def train_many(task: Task, zs, chunk: int = 64) -> dict:
-    """Final params for a batch of metaparameters ``zs`` (leading axis), trained
-    in one vmapped program per ``chunk`` (the same deterministic runs as
-    :func:`metagrad.baselines.train`, many at once)."""
-    fn = _many_fn(task.init, task.step, int(task.steps))
-    zs = jnp.asarray(zs)
-    outs = [fn(zs[i:i + chunk], task.data) for i in range(0, zs.shape[0], chunk)]
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *outs)
+def train_grid(tasks, zs, chunk: int = 4, progress: str | None = None) -> dict:
+    """Final params for every metaparameter in ``zs`` (leading axis) under every task of
+    ``tasks`` (same functions, e.g. the same recipe under several seeds): leaves
+    ``[len(zs), len(tasks), ...]``, trained in vmapped programs of ``chunk``
+    metaparameters (the same deterministic runs as :func:`metagrad.baselines.train`).
+    ``progress``: the label of a progress bar (shown in a terminal), or ``None``.
+    """
+    tasks = list(tasks)
+    _check_same_functions(tasks)
+    fn = _grid_fn(tasks[0].init, tasks[0].step, int(tasks[0].steps))
+    data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[t.data for t in tasks])
+    zs = np.asarray(zs)
+    n = zs.shape[0]
+    # pad the last chunk to full size: one compiled shape
+    padded = np.concatenate([zs, np.repeat(zs[-1:], -n % chunk, axis=0)]) if n % chunk else zs
+    starts = range(0, padded.shape[0], chunk)
+    if progress is not None:
+        starts = bar(starts, desc=progress)
+    outs = [fn(jnp.asarray(padded[i:i + chunk]), data) for i in starts]
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0)[:n], *outs)
+
+
+def train_many(task: Task, zs, chunk: int = 16) -> dict:
+    """Final params for a batch of metaparameters ``zs`` (leading axis) under one task."""
+    return jax.tree_util.tree_map(lambda a: a[:, 0], train_grid([task], zs, chunk))
+
+
+@functools.lru_cache(maxsize=None)
+def _trajectory_fn(init, step, steps, every):
+    def run(z, data):
+        def chunk(s, t0):
+            s = lax.fori_loop(0, every, lambda i, s: step(s, z, data, t0 + i), s)
+            return s, s["params"]
+
+        starts = jnp.arange(0, steps, every, dtype=jnp.int32)
+        return lax.scan(chunk, init(z, data), starts)[1]
+
+    return jax.jit(run)
+
+
+def trajectory(task: Task, z, every: int) -> dict:
+    """The params after every ``every`` steps (``steps`` must be a multiple): leaves ``[steps // every, ...]``."""
+    if task.steps % every:
+        raise ValueError(f"every={every} must divide the task's {task.steps} steps")
+    return _trajectory_fn(task.init, task.step, int(task.steps), int(every))(jnp.asarray(z), task.data)
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_eval_fns(cfg: TrainConfig):
+    def per_example(params, x, y):
+        return per_example_loss(cfg, params, x, y)
+
+    def metrics(params, x, y):
+        logits = apply(cfg, params, x)
+        return jnp.mean(_ce(logits, y)), jnp.mean(jnp.argmax(logits, -1) == y)
+
+    over = lambda f: jax.jit(jax.vmap(f, in_axes=(0, None, None)))  # noqa: E731
+    return over(metrics), over(per_example)
+
+
+def _flat_models(params: dict):
+    """Params with any leading axes as one axis of models, and those axes (``b1`` is a vector in both
+    architectures, so its leading axes are the params')."""
+    lead = params["b1"].shape[:-1]
+    return jax.tree_util.tree_map(lambda a: jnp.reshape(a, (-1,) + a.shape[len(lead):]), params), lead
+
+
+def evaluate_grid(cfg: TrainConfig, params: dict, x, y) -> dict:
+    """:func:`evaluate` for params with any leading axes: ``{"loss", "acc"}`` arrays of those axes."""
+    flat, lead = _flat_models(params)
+    loss, acc = _grid_eval_fns(cfg)[0](flat, jnp.asarray(x), jnp.asarray(y))
+    return {"loss": np.asarray(loss).reshape(lead), "acc": np.asarray(acc).reshape(lead)}
+
+
+def evaluate_grid_per_example(cfg: TrainConfig, params: dict, x, y) -> np.ndarray:
+    """Each example's loss under params with any leading axes: ``[*axes, len(y)]``."""
+    flat, lead = _flat_models(params)
+    return np.asarray(_grid_eval_fns(cfg)[1](flat, jnp.asarray(x), jnp.asarray(y))).reshape(lead + (len(y),))
 
 
 def per_example_loss(cfg: TrainConfig, params: dict, x, y):
+    """``[b]``: the cross-entropy of each example."""
     return _ce(apply(cfg, params, jnp.asarray(x)), jnp.asarray(y))
+
+
+def margin(cfg: TrainConfig, params: dict, x, y):
+    """``[b]``: the correct class's logit minus the log-sum-exp of the others (``log(p / (1 - p))``)."""
+    logits = apply(cfg, params, jnp.asarray(x))
+    y = jnp.asarray(y)
+    correct = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(y, logits.shape[1], dtype=bool), -jnp.inf, logits)
+    return correct - jax.nn.logsumexp(others, axis=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -380,6 +457,15 @@ def _ensemble_functions(init, step, output):
     return e_init, e_step, e_output
 
 
+def _check_same_functions(tasks) -> None:
+    if not tasks:
+        raise ValueError("needs at least one task")
+    first = tasks[0]
+    for t in tasks[1:]:
+        if (t.init, t.step, t.output, t.steps) != (first.init, first.step, first.output, first.steps):
+            raise ValueError("needs tasks with the same init/step/output functions and steps (seeds may differ)")
+
+
 def ensemble(tasks) -> Task:
     """One task running several same-shaped tasks side by side (``vmap``) with the
     shared ``z``; ``phi`` is the mean of their outputs.
@@ -389,12 +475,8 @@ def ensemble(tasks) -> Task:
     objective whose metagradient is still exact. The state is the stacked states.
     """
     tasks = list(tasks)
-    if not tasks:
-        raise ValueError("ensemble needs at least one task")
+    _check_same_functions(tasks)
     first = tasks[0]
-    for t in tasks[1:]:
-        if (t.init, t.step, t.output, t.steps) != (first.init, first.step, first.output, first.steps):
-            raise ValueError("ensemble needs tasks with the same init/step/output functions and steps")
     data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[t.data for t in tasks])
     init, step, output = _ensemble_functions(first.init, first.step, first.output)
     return Task(init=init, step=step, output=output, steps=first.steps, data=data)

@@ -35,7 +35,8 @@ import jax
 import numpy as np
 
 from metagrad.applications import digits as D
-from metagrad.applications.common import ArgumentError, Metagradient, merge_params, Timer, log, plt, write_result
+from metagrad.applications.common import (ArgumentError, Metagradient, Timer, bar, check_split, log, merge_params, plt,
+                                          resolve_engine, spearman, write_result)
 
 NAME = "smoothness"
 DEFAULTS = dict(h=0.05, sign_directions=4, directions=16, n_train=1000, n_val=300, train_steps=200, batch_size=100,
@@ -91,12 +92,6 @@ def metasmoothness(params0, params1, params2) -> float:
     return sign_agreement(flat[1] - flat[0], flat[2] - flat[1])
 
 
-def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b)[0])
-
-
 def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:
     n = len(split["y_train"])
     rng = np.random.default_rng(p["seed"] + 7)
@@ -107,10 +102,10 @@ def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:
     U = rng.normal(size=(p["directions"], n)).astype(np.float32)
     zs = np.concatenate([z[None], z + h * V, z + 2 * h * V, z + h * U]).astype(np.float32)
     clock = Timer()
-    params = D.train_many(task, zs, chunk=16)
+    trained = D.train_many(task, zs)
     train_seconds = clock()
-    take = lambda i: jax.tree_util.tree_map(lambda a: a[i], params)  # noqa: E731
-    val = np.asarray(jax.vmap(lambda q: D.per_example_loss(cfg, q, split["x_val"], split["y_val"]))(params))
+    take = lambda i: jax.tree_util.tree_map(lambda a: a[i], trained)  # noqa: E731
+    val = np.asarray(jax.vmap(lambda q: D.per_example_loss(cfg, q, split["x_val"], split["y_val"]))(trained))
     k = p["sign_directions"]
     s_params = [metasmoothness(take(0), take(1 + d), take(1 + k + d)) for d in range(k)]
     s_out = [sign_agreement(val[1 + d] - val[0], val[1 + k + d] - val[1 + d]) for d in range(k)]
@@ -124,7 +119,7 @@ def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:
     pear = float(np.corrcoef(predicted, actual)[0, 1]) if len(actual) > 2 else float("nan")
     return {"S_params": float(np.mean(s_params)), "S_params_each": s_params,
             "S_outputs": float(np.mean(s_out)),
-            "pred_pearson": pear, "pred_spearman": _spearman(predicted, actual) if len(actual) > 2 else float("nan"),
+            "pred_pearson": pear, "pred_spearman": spearman(predicted, actual) if len(actual) > 2 else float("nan"),
             "pred_sign_agreement": float(np.mean(np.sign(predicted) == np.sign(actual))),
             "pred_slope": (float(np.dot(predicted, actual) / np.dot(predicted, predicted))
                            if np.any(predicted) else None),
@@ -134,18 +129,24 @@ def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:
             "predicted": predicted.tolist(), "actual": actual.tolist()}
 
 
-def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, toy: bool = False, **kw) -> dict:
-    """Run the diagnostic table; keyword arguments override :data:`DEFAULTS` (or :data:`TOY`)."""
+def params(toy: bool = False, **kw) -> dict:
+    """The run's parameters (:data:`DEFAULTS`, or :data:`TOY`, updated by ``kw``), all checked."""
     p = merge_params(NAME, TOY if toy else DEFAULTS, kw)
+    check_split(p)
     if not p["h"] > 0:
         raise ArgumentError(f"h must be > 0, got {p['h']!r}")
-    if p["sign_directions"] < 1 or p["directions"] < 3:
-        raise ArgumentError(f"need sign_directions >= 1 and directions >= 3, got {p['sign_directions']!r}, "
-                         f"{p['directions']!r}")
+    variants(p)  # unknown groups
+    return p
+
+
+def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, toy: bool = False, **kw) -> dict:
+    """Run the diagnostic table; keyword arguments override :data:`DEFAULTS` (or :data:`TOY`)."""
+    p = params(toy, **kw)
+    resolve_engine(engine)
     clock = Timer()
     split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     table = []
-    for group, name, cfg in variants(p):
+    for group, name, cfg in bar(variants(p), desc=f"[{NAME}] recipes", enabled=progress):
         row = {"group": group, "name": name, **measure(cfg, split, p, engine)}
         table.append(row)
         log(f"[{NAME}] {name:32s} S_params {row['S_params']:+.3f}  S_outputs {row['S_outputs']:+.3f}  "

@@ -1,0 +1,167 @@
+"""The planner (Auto): plans that fit their budget on the runtime's own accounting,
+fused blocks only where their memory fits, the same metagradient as every
+fixed schedule, and clear errors for budgets and devices too small."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import metagrad
+from metagrad import schedules
+from models import make_task
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    task, z = make_task("weights", "adam", steps=STEPS)
+    z = (z * np.linspace(0.5, 1.5, z.size)).astype(np.float32)
+    return task, z, task.compile(z, backend="jax", fuse_forward=4)
+
+
+def test_auto_fits_its_budget_and_predicts_the_peak_it_measures(compiled):
+    _, z, c = compiled
+    state = c.layout.state_bytes
+    for budget in (c.data_bytes + 6 * state, c.data_bytes + 12 * state, c.data_bytes + 60 * state, None):
+        _, _, report = c.metagradient(z, metagrad.Auto(memory=budget, leaves=(1, 4)), report=True)
+        assert report.peak_device_bytes + report.data_bytes <= report.budget_bytes, report
+        assert report.predicted_peak_device_bytes == report.peak_device_bytes, report
+        assert report.predicted_seconds > 0
+        assert report.schedule.startswith(f"Auto(memory={report.budget_bytes}) -> Budget(states=")
+
+
+def test_more_memory_never_means_more_recomputation(compiled):
+    _, z, c = compiled
+    forward = []
+    for states in (6, 12, 30):
+        _, _, report = c.metagradient(z, metagrad.Auto(memory=c.data_bytes + states * c.layout.state_bytes,
+                                                       leaves=(1,)), report=True)
+        forward.append(report.forward_steps)
+    assert forward == sorted(forward, reverse=True) and forward[-1] < forward[0]
+
+
+def test_auto_gives_the_metagradient_of_every_fixed_schedule(compiled):
+    _, z, c = compiled
+    value, grad = c.metagradient(z)  # Auto() with its default budget
+    for schedule in (metagrad.Replay(k=3), metagrad.StoreAll(), metagrad.Budget(states=5, leaf=4),
+                     metagrad.Periodic(every=8, leaf=4)):
+        v, g = c.metagradient(z, schedule)
+        np.testing.assert_allclose(v, value, rtol=1e-6)
+        np.testing.assert_allclose(g, grad, rtol=1e-4, atol=1e-6 * np.abs(grad).max())
+
+
+def test_a_budget_below_every_plan_names_the_minimum(compiled):
+    _, z, c = compiled
+    with pytest.raises(metagrad.DeviceMemoryError, match=r"below the minimum any plan needs here: .* Raise "
+                                                         r"Auto\(memory=\.\.\.\) to at least (\d+)") as error:
+        c.metagradient(z, metagrad.Auto(memory=c.data_bytes + c.layout.state_bytes))
+    minimum = int(str(error.value).rsplit(" ", 1)[1].rstrip("."))
+    _, _, report = c.metagradient(z, metagrad.Auto(memory=minimum), report=True)  # the minimum itself works
+    assert report.peak_device_bytes + report.data_bytes <= minimum
+
+
+def _table(fused_bytes: int, fused_seconds: float) -> schedules.CostTable:
+    """A hand-made cost table: state 100 B, a fused 10-step reverse that is fast but holds ``fused_bytes``."""
+    def cost(seconds, nbytes):
+        c = schedules.ProgramCost()
+        c.seconds, c.bytes = seconds, nbytes
+        return c
+
+    table = schedules.CostTable()
+    table.state_bytes, table.cotangent_bytes = 100, 100
+    table.init, table.step, table.output_vjp, table.init_vjp = cost(1, 100), cost(1, 100), cost(2, 200), cost(2, 100)
+    table.step_vjp = cost(2, 100)
+    table.advance = {}
+    table.segment_vjp = {10: cost(fused_seconds, fused_bytes)}
+    return table
+
+
+def test_fused_blocks_are_chosen_only_where_their_memory_fits():
+    table = _table(fused_bytes=5000, fused_seconds=5.0)  # 10 steps reversed for 5 s instead of 20 s
+    roomy = schedules.choose(table, 100, (1, 10), budget=20_000, data_bytes=0)
+    assert roomy.schedule.leaf == 10
+    tight = schedules.choose(table, 100, (1, 10), budget=4_000, data_bytes=0)
+    assert tight.schedule.leaf == 1
+    assert tight.peak_bytes <= 4_000 and roomy.peak_bytes <= 20_000
+    for choice in (roomy, tight):
+        assert schedules.simulate_plan(choice.plan, table)["peak_bytes"] == choice.peak_bytes
+
+
+def test_simulated_cost_adds_up_the_executions():
+    table = _table(fused_bytes=5000, fused_seconds=5.0)
+    plan = metagrad.StoreAll().plan(3)
+    cost = schedules.simulate_plan(plan, table)
+    # init, 3 steps, output_vjp, 3 step_vjps, init_vjp
+    assert cost["executions"] == 9
+    assert cost["seconds"] == 1 + 3 * 1 + 2 + 3 * 2 + 2
+    # The peak is at output_vjp: states 0..2 saved, state 3 current (not saved), and output_vjp's own bytes.
+    assert cost["peak_bytes"] == 3 * 100 + 100 + 200
+
+
+def test_auto_is_not_a_plan_of_its_own():
+    with pytest.raises(TypeError, match="Auto chooses its plan from the compiled task's costs"):
+        metagrad.Auto().plan(10)
+    with pytest.raises(ValueError, match="memory must be >= 1 byte"):
+        metagrad.Auto(memory=0)
+    with pytest.raises(ValueError, match="leaves must be a non-empty tuple"):
+        metagrad.Auto(leaves=(0,))
+
+
+OVERSIZED = """
+import resource
+# should the check fail, this process gets an allocation error, not the OOM killer
+resource.setrlimit(resource.RLIMIT_AS, ({available}, {available}))
+import numpy as np, jax, jax.numpy as jnp, metagrad
+leaf = {leaf}  # float32 elements: a state far beyond a few copies of the machine's memory
+def init(z, data): return jnp.zeros(leaf, jnp.float32)
+def step(state, z, data, t): return state * z[0]
+def output(state, z, data): return state[0]
+compiled = metagrad.Task(init, step, output, 8, None).compile(np.ones(1, np.float32), backend="jax")
+for run in (lambda: compiled.metagradient(np.ones(1, np.float32), metagrad.StoreAll()),
+            lambda: compiled.metagradient(np.ones(1, np.float32))):
+    try:
+        run()
+        print("RAN")
+    except metagrad.DeviceMemoryError as error:
+        print("REFUSED", error)
+"""
+
+
+def test_a_plan_that_cannot_fit_the_device_is_refused_before_it_runs():
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    leaf = available // 3 // 4  # a third of the free RAM per state: StoreAll holds 8
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    code = textwrap.dedent(OVERSIZED.replace("{leaf}", str(leaf)).replace("{available}", str(available)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("REFUSED StoreAll() needs") and "the device has" in lines[0]
+    assert "Auto() (the default schedule) picks the fastest plan that fits" in lines[0]
+    assert lines[1].startswith("REFUSED a device-memory budget of 2.00 GiB is below the minimum")
+
+
+SAME_CHOICE = """
+import hashlib, sys, numpy as np, metagrad
+sys.path.insert(0, sys.argv[1])
+from models import make_task
+task, z = make_task("weights", "sgdm", steps=40)
+value, grad, report = task.compile(z, backend="jax").metagradient(z, report=True)
+print(report.schedule, hashlib.sha256(np.asarray(grad).tobytes()).hexdigest())
+"""
+
+
+def test_a_second_process_makes_the_same_choice_and_computes_the_same_bits(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), METAGRAD_CACHE_DIR=str(tmp_path))
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = [subprocess.run([sys.executable, "-c", SAME_CHOICE, here], capture_output=True, text=True, timeout=600,
+                           env=env) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    first, second = (run.stdout.strip().splitlines()[-1] for run in runs)
+    assert first == second  # the calibration is cached per machine: the same plan, the same gradient
+    assert list(tmp_path.glob("calibration/*/*"))
