@@ -403,7 +403,10 @@ def markdown(results: dict) -> str:
         lines.append("|---|---:|---:|---:|---:|---|")
         for c in run["cells"]:
             if c["status"] != "ok":
-                lines.append(f"| {label(c)} | {c['status']}: {c['reason']} | | | | |")
+                status, reason = c["status"], c["reason"]
+                if "DeviceMemoryError: " in reason:  # the planner refused the budget, as it must
+                    status, reason = "does not fit", reason.split("DeviceMemoryError: ", 1)[1]
+                lines.append(f"| {label(c)} | {status}: {reason} | | | | |")
                 continue
             notes = []
             if "report" in c:
@@ -411,9 +414,10 @@ def markdown(results: dict) -> str:
                 notes.append(f"{r['peak_saved_states']} states, {r['forward_steps']} forward steps")
                 if c["method"] == "auto" or (c["param"] or {}).get("name") == "default":
                     notes.append(f"plan {r['schedule']}")
-                if r.get("predicted_seconds") is not None:
-                    notes.append(f"predicted {r['predicted_seconds']:.3g} s, "
-                                 f"{fmt_bytes(r.get('predicted_peak_device_bytes'))}")
+                if r.get("predicted_seconds"):  # 0: a fixed schedule, whose time is not predicted
+                    notes.append(f"predicted {r['predicted_seconds']:.3g} s")
+                if r.get("predicted_peak_device_bytes"):
+                    notes.append(f"predicted peak {fmt_bytes(r['predicted_peak_device_bytes'])}")
                 if c["method"] == "auto":
                     fits = r["peak_device_bytes"] <= c["param"]
                     notes.append(f"peak {'within' if fits else 'OVER'} its budget")
