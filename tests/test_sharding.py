@@ -7,7 +7,9 @@ when the device budget is short; saved sharded tasks run in metagrad-bench."""
 
 import functools
 import json
+import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,16 @@ import metagrad
 from metagrad import _runtime, runtime
 from metagrad._src import lowering, runtime as runtime_src, sharding as sharding_lib
 import models
+
+# More CPU devices than cores are refused unless asked for (tested below); these programs are small enough.
+pytestmark = pytest.mark.filterwarnings("ignore:.*CPU devices on .* cores:RuntimeWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def oversubscribe():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(sharding_lib.OVERSUBSCRIBE_ENV, "1")
+        yield
 
 N, STEPS = 4, 5
 SCHEDULES = [metagrad.Replay(k=2), metagrad.Budget(states=2), metagrad.StoreAll()]
@@ -224,6 +236,26 @@ def test_wrong_shardings_fail_before_anything_compiles(client, monkeypatch, shar
     monkeypatch.setattr(runtime_src, "compile_program", lambda *a, **k: pytest.fail("compiled"))
     with pytest.raises(error, match=message):
         task.compile(z, client=client, sharding=sharding)
+
+
+def test_more_cpu_devices_than_cores_are_refused_before_anything_compiles(client, monkeypatch):
+    task, z = models.make_task("all", steps=STEPS, batched=True)
+    monkeypatch.setattr(lowering, "lower", lambda *a, **k: pytest.fail("lowered"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv(sharding_lib.OVERSUBSCRIBE_ENV)
+    with pytest.raises(ValueError, match=r"4 CPU devices on 2 cores: XLA's CPU collectives can deadlock .* Use a mesh "
+                                         r"of at most 2 CPU devices, or set METAGRAD_CPU_OVERSUBSCRIBE=1"):
+        task.compile(z, client=client, sharding=_sharding())
+    bad = _sharding(state=P("batch"))  # fails after the check, before lowering
+    monkeypatch.setenv(sharding_lib.OVERSUBSCRIBE_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=r"4 CPU devices on 2 cores"):
+        with pytest.raises(ValueError, match="does not divide"):
+            task.compile(z, client=client, sharding=bad)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(N)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="does not divide"):
+            task.compile(z, client=client, sharding=bad)
 
 
 def test_sharding_rejects_bad_meshes():

@@ -174,6 +174,8 @@ def read(path: str, client) -> dict:
         reader.fail(f"{reader.manifest_path}: sharding.devices",
                     f"the task runs on devices {list(devices)}, the client has {len(client.devices)} (for the CPU "
                     f"plugin: load(path, client=metagrad.runtime.get_client(cpu_device_count={max(devices) + 1})))")
+    if sharding:
+        sharding_lib.check_cpu_cores(client, len(devices))
 
     loaded = {}
     for name, entry in reader.field(manifest, "programs", dict, "manifest").items():
