@@ -64,6 +64,17 @@ def machine_notes() -> dict:
     return info
 
 
+def add_cell_arguments(parser, *, kinds: str, steps: str, repeat: int, repeat_help: str, out: str) -> None:
+    """The options of the scripts that run one subprocess per cell (compare.py, frontier.py)."""
+    parser.add_argument("--kinds", default=kinds)
+    parser.add_argument("--steps", default=steps)
+    parser.add_argument("--max-steps", type=int, default=None, help="skip sizes above this T")
+    parser.add_argument("--repeat", type=int, default=repeat, help=repeat_help)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per cell")
+    parser.add_argument("--mem-limit-gb", type=float, default=6.0, help="RSS limit per cell")
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, out))
+
+
 def write_results(name: str, markdown: list[str], payload: dict) -> None:
     """``results/<name>.md`` (the table) and ``results/<name>.json`` (the numbers and the machine), and print the table."""
     os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-from common import BENCH_DIR, RESULTS_DIR, fmt_bytes, harness_path, machine_notes, replay_device_bytes, run_limited
+from common import BENCH_DIR, add_cell_arguments, fmt_bytes, harness_path, machine_notes, replay_device_bytes, run_limited
 
 SCHEDULE_K, SCHEDULE_LEAF = 32, 10
 
@@ -200,14 +200,9 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", default="mlp,cnn,wide")
-    parser.add_argument("--steps", default="100,1000,10000")
-    parser.add_argument("--max-steps", type=int, default=None, help="skip sizes above this T")
-    parser.add_argument("--repeat", type=int, default=0, help="timed runs per cell (0: 3 for T <= 1000, else 1)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per cell")
-    parser.add_argument("--mem-limit-gb", type=float, default=6.0, help="RSS limit per cell")
+    add_cell_arguments(parser, kinds="mlp,cnn,wide", steps="100,1000,10000", repeat=0,
+                       repeat_help="timed runs per cell (0: 3 for T <= 1000, else 1)", out="compare")
     parser.add_argument("--no-fused-forward", action="store_true", help="runtime: one execution per forward step")
-    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "compare"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

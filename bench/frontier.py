@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 
-from common import RESULTS_DIR, fmt_bytes, machine_notes, replay_device_bytes, run_limited
+from common import add_cell_arguments, fmt_bytes, machine_notes, replay_device_bytes, run_limited
 
 PEERS = ("jax_storeall", "jax_checkpoint", "python_replay", "equinox")
 TRAINING = ("train_runtime", "train_jax")
@@ -514,14 +514,9 @@ def write(results: dict, out: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", default="mlp_table,cnn,wide,transformer")
-    parser.add_argument("--steps", default="1000,10000")
-    parser.add_argument("--max-steps", type=int, default=None, help="skip sizes above this T")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per cell (median), after one warm-up")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per cell")
-    parser.add_argument("--mem-limit-gb", type=float, default=6.0, help="RSS limit per cell")
+    add_cell_arguments(parser, kinds="mlp_table,cnn,wide,transformer", steps="1000,10000", repeat=3,
+                       repeat_help="timed runs per cell (median), after one warm-up", out="frontier")
     parser.add_argument("--skip", default="", help="comma-separated methods not to run (e.g. python_replay,equinox)")
-    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "frontier"))
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite tables and plot from result files")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)

@@ -106,8 +106,10 @@ def test_simulated_cost_adds_up_the_executions():
 def test_auto_is_not_a_plan_of_its_own():
     with pytest.raises(TypeError, match="Auto chooses its plan from the compiled task's costs"):
         metagrad.Auto().plan(10)
-    with pytest.raises(ValueError, match="memory must be >= 1 byte"):
+    with pytest.raises(ValueError, match=r"Auto: memory \(bytes\) must be in \[1, 9223372036854775807\], got 0"):
         metagrad.Auto(memory=0)
+    with pytest.raises(TypeError, match=r"Auto: host_memory \(bytes\) must be an int, got float 1.5"):
+        metagrad.Auto(host_memory=1.5)
     with pytest.raises(ValueError, match="leaves must be a non-empty tuple"):
         metagrad.Auto(leaves=(0,))
 

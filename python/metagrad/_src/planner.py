@@ -38,11 +38,10 @@ host's, shared by the devices.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 from metagrad import _runtime
-from metagrad._src.schedules import Budget, plan_revolve
+from metagrad._src.schedules import Budget, _int, plan_revolve
 
 DEFAULT_CPU_BUDGET = 2 * 2**30
 GPU_BUDGET_SHARE = 0.5
@@ -87,17 +86,8 @@ class Auto:
 
     def __post_init__(self):
         for name, minimum in (("memory", 1), ("host_memory", 0)):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                raise TypeError(f"Auto: {name} must be a number of bytes, got {value!r}")
-            try:
-                number = operator.index(value)
-            except TypeError:
-                raise TypeError(f"Auto: {name} must be an int number of bytes, got {value!r}") from None
-            if not minimum <= number <= 2**63 - 1:
-                raise ValueError(f"Auto: {name} must be >= {minimum} byte(s), got {number}")
+            if getattr(self, name) is not None:
+                _int(f"{name} (bytes)", getattr(self, name), minimum, 2**63 - 1, where="Auto: ")
         if self.leaves is not None:
             if not self.leaves or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.leaves):
                 raise ValueError(f"Auto: leaves must be a non-empty tuple of ints >= 1, got {self.leaves!r}")
