@@ -115,10 +115,10 @@ def scaling_rows(task, z, repeat: int, schedule) -> list[dict]:
             if reference is None:
                 reference = (value, grad)
             error = float(np.abs(grad - reference[1]).max() / np.abs(reference[1]).max())
-            step = compiled._executables["step"].memory_stats()
+            step = compiled.cost_table(z).step
             rows.append({
                 "variant": "one device" if n == 1 else variant, "devices": n, "compile_s": compile_s,
-                "step_argument_bytes": step["argument_bytes"], "step_temp_bytes": step["temp_bytes"],
+                "step_bytes": step.bytes, "step_s": step.seconds,
                 "state_bytes": report.state_bytes, "data_bytes": report.data_bytes,
                 "peak_device_bytes": report.peak_device_bytes,
                 "train_s": median_seconds(lambda: compiled.train(z), repeat),
@@ -132,8 +132,7 @@ def scaling_rows(task, z, repeat: int, schedule) -> list[dict]:
 
 def host_tier(task, z, repeat: int, runnable: list[dict]) -> dict:
     import metagrad
-    from metagrad import _runtime, runtime
-    from metagrad._src import planner
+    from metagrad import runtime, schedules
 
     client = runtime.get_client(cpu_device_count=max(DEVICES))
     out = {}
@@ -142,7 +141,7 @@ def host_tier(task, z, repeat: int, runnable: list[dict]) -> dict:
                                 sharding("data_parallel", n))
         roomy = metagrad.Auto(memory=2**31, leaves=(1,), host_memory=2**31)
         _, _, device_report = compiled.metagradient(z, roomy, report=True)  # calibrates, with host copies
-        costs = compiled._costs
+        costs = compiled.cost_table(z, roomy)
         try:
             compiled.metagradient(z, metagrad.Auto(memory=1, leaves=(1,), host_memory=0))
         except metagrad.DeviceMemoryError as error:
@@ -152,9 +151,9 @@ def host_tier(task, z, repeat: int, runnable: list[dict]) -> dict:
         times = {name: median_seconds(lambda a=auto: compiled.metagradient(z, a), repeat)
                  for name, auto in (("device_only", roomy), ("host_tier", tight))}
         out[f"{n}_devices"] = {
-            "state_bytes_per_device": compiled._task_layout.state_bytes,
-            "to_host_s_per_state": costs["to_host"].seconds, "from_host_s_per_state": costs["from_host"].seconds,
-            "step_s": costs["step"].seconds, "step_vjp_s": costs["step_vjp"].seconds,
+            "state_bytes_per_device": costs.state_bytes,
+            "to_host_s_per_state": costs.to_host.seconds, "from_host_s_per_state": costs.from_host.seconds,
+            "step_s": costs.step.seconds, "step_vjp_s": costs.step_vjp.seconds,
             "device_budget": minimum - 1,
             "runs": {name: {**{k: getattr(r, k) for k in (
                 "schedule", "forward_steps", "peak_device_bytes", "peak_host_bytes", "host_saved_states",
@@ -173,12 +172,11 @@ def host_tier(task, z, repeat: int, runnable: list[dict]) -> dict:
     # The placement rule against its opposite, on one plan: the same number of host slots.
     steps = task.steps
     plan = metagrad.schedules.plan_revolve(steps, 12)
-    table = planner.cost_table(compiled._task_layout, dict(compiled._costs))
-    order = _runtime.host_slot_order(plan)
+    order = schedules.host_slot_order(plan)
     rule = []
     for k in (1, 3, 6):
-        cheap = _runtime.simulate_plan(plan, table, set(order[:k]))
-        dear = _runtime.simulate_plan(plan, table, set(order[-k:]))
+        cheap = schedules.simulate_plan(plan, costs, set(order[:k]))
+        dear = schedules.simulate_plan(plan, costs, set(order[-k:]))
         rule.append({"host_slots": k, "fewest_copies_first": {f: cheap[f] for f in ("bytes_to_host", "bytes_from_host",
                                                                                        "peak_bytes", "seconds")},
                      "most_copies_first": {f: dear[f] for f in ("bytes_to_host", "bytes_from_host", "peak_bytes",
@@ -198,7 +196,7 @@ def markdown(result: dict) -> list[str]:
              f"metagradient schedule "
              f"{result['schedule']}. Bytes are per device; CPU timings only indicative (the CPU plugin's devices "
              f"share the machine's cores; host copies are memcpys).", "",
-             "| variant | devices | state/device | data+z/device | peak/device | step args/device | step temp/device "
+             "| variant | devices | state/device | data+z/device | peak/device | bytes a step adds/device | a step "
              "| train | metagradient | max rel. error vs 1 device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["scaling"]:
         if "refused" in r:
@@ -206,7 +204,7 @@ def markdown(result: dict) -> list[str]:
             continue
         lines.append(f"| {r['variant']} | {r['devices']} | {r['state_bytes'] / 2**10:.1f} KiB | "
                      f"{r['data_bytes'] / 2**10:.1f} KiB | {r['peak_device_bytes'] / 2**20:.2f} MiB | "
-                     f"{r['step_argument_bytes'] / 2**10:.1f} KiB | {r['step_temp_bytes'] / 2**10:.1f} KiB | "
+                     f"{r['step_bytes'] / 2**10:.1f} KiB | {r['step_s'] * 1e6:.0f} us | "
                      f"{r['train_s']:.3f} s | {r['metagradient_s']:.3f} s | {r['grad_rel_error']:.1e} |")
     lines += ["", "Host tier (Auto(leaves=(1,)); `device_only`: a budget that holds every state; `host_tier`: one "
               "byte below the least any device-only plan needs):", "",

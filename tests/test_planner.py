@@ -35,6 +35,21 @@ def test_auto_fits_its_budget_and_predicts_the_peak_it_measures(compiled):
         assert report.schedule.startswith(f"Auto(memory={report.budget_bytes}) -> Budget(states=")
 
 
+def test_the_cost_table_is_what_auto_predicts_from(compiled):
+    _, z, c = compiled
+    auto = metagrad.Auto(memory=c.data_bytes + 12 * c.layout.state_bytes, leaves=(1,))
+    _, _, report = c.metagradient(z, auto, report=True)
+    table = c.cost_table(z, auto)
+    assert table.state_bytes == report.state_bytes and table.step.seconds > 0 and table.step_vjp.seconds > 0
+    plan = schedules.Budget(states=report.peak_saved_states).plan(STEPS)
+    predicted = schedules.simulate_plan(plan, table)
+    assert report.schedule.endswith(f"-> Budget(states={report.peak_saved_states}, leaf=1)")
+    assert predicted["peak_bytes"] == report.predicted_peak_device_bytes
+    assert predicted["seconds"] == pytest.approx(report.predicted_seconds)
+    with pytest.raises(TypeError, match="cost_table takes an Auto schedule"):
+        c.cost_table(z, metagrad.StoreAll())
+
+
 def test_more_memory_never_means_more_recomputation(compiled):
     _, z, c = compiled
     forward = []

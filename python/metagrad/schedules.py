@@ -17,6 +17,6 @@ from metagrad._src.schedules import (
 
 __all__ = [
     "Action", "Auto", "Budget", "Choice", "CostTable", "DeviceMemoryError", "Periodic", "Plan", "PlanError",
-    "ProgramCost", "Replay", "StoreAll", "choose", "host_slot_order", "plan_periodic", "plan_replay", "plan_revolve", "plan_store_all",
-    "revolve_forward_steps", "simulate_plan",
+    "ProgramCost", "Replay", "StoreAll", "choose", "host_slot_order", "plan_periodic", "plan_replay", "plan_revolve",
+    "plan_store_all", "revolve_forward_steps", "simulate_plan",
 ]

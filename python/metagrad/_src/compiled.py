@@ -267,6 +267,19 @@ class CompiledTask:
                            planned.peak_host_bytes)
         return planned
 
+    def cost_table(self, z, schedule: Auto | None = None) -> _runtime.CostTable:
+        """What ``Auto`` plans from: each program's seconds per execution (a calibration,
+        measured once per machine and kept in the disk cache) and device bytes, the
+        state's and the cotangents' bytes per device and, where ``schedule`` allows a
+        host tier, one state's copies to host memory and back. Pass it to
+        :func:`metagrad.schedules.simulate_plan` to predict any plan.
+        """
+        auto = Auto() if schedule is None else schedule
+        if not isinstance(auto, Auto):
+            raise TypeError(f"cost_table takes an Auto schedule (its budgets decide the host tier), got {auto!r}")
+        self._choose(auto, self._z_buffers(z))
+        return planner.cost_table(self._task_layout, dict(self._costs))
+
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused reverse programs ``schedule`` needs for this task.
 
