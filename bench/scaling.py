@@ -241,6 +241,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=512,
                         help="hidden width (on 2 cores, 4 devices with 512-wide dots can abort in XLA's collectives: "
                              "docs/scaling.md)")
+    parser.add_argument("--out", default="scaling", help="results/<out>.{md,json}")
     args = parser.parse_args()
     import metagrad
 
@@ -251,7 +252,7 @@ def main():
               "scaling": scaling_rows(task, z, args.repeat, schedule)}
     print("host tier:", flush=True)
     result["host_tier"] = host_tier(task, z, args.repeat, [r for r in result["scaling"] if "refused" not in r])
-    write_results("scaling", markdown(result), result)
+    write_results(args.out, markdown(result), result)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Fixtures shared by the test files."""
 
+import gc
+
 import jax
 import pytest
+
+import metagrad
 
 
 @pytest.fixture
@@ -11,3 +15,15 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop each test file's compiled programs when it ends. XLA's CPU JIT maps 3-4
+    memory regions per executable, and the whole suite in one process otherwise
+    passes Linux's 65530 mappings (vm.max_map_count): LLVM then crashes on a failed
+    mmap (a segfault inside jax's compile, seen in the last test file)."""
+    yield
+    jax.clear_caches()
+    metagrad.clear_cache()
+    gc.collect()

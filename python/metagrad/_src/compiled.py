@@ -134,6 +134,7 @@ class CompiledTask:
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
     _costs: dict = field(default_factory=dict, repr=False)  # calibrated ProgramCost by program name
+    _choices: dict = field(default_factory=dict, repr=False)  # Auto's choice by (leaves, budgets): 0.1-0.4 s each
 
     def __post_init__(self):
         self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
@@ -205,20 +206,22 @@ class CompiledTask:
         Whether any plan fits is settled from the programs' compiled memory alone;
         only then are they calibrated (once), which runs them."""
         leaves, fused = self._auto_leaves(auto)
-        runner = self._runner(fused)
-        sizes = runner.program_bytes()
         budget = auto.memory or planner.default_budget(self.client)
         host_kind = self._host_memory_kind()
         host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.client)
         host_budget = host_memory // self.num_devices if host_kind else 0
-        planner.choose(planner.cost_table(self._task_layout, sizes), self.steps, leaves, budget, self.data_bytes,
-                       host_budget)
-        wanted = set(sizes) | ({"to_host", "from_host"} if host_budget else set())
-        if not wanted <= set(self._costs):
-            self._costs.update(self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else ""))
-        table = planner.cost_table(self._task_layout, {name: self._costs[name] for name in wanted})
-        choice = planner.choose(table, self.steps, leaves, budget, self.data_bytes, host_budget)
-        return choice, budget, host_budget
+        key = (leaves, budget, host_budget)
+        if key not in self._choices:
+            runner = self._runner(fused)
+            sizes = runner.program_bytes()
+            wanted = set(sizes) | ({"to_host", "from_host"} if host_budget else set())
+            if not wanted <= set(self._costs):
+                planner.choose(planner.cost_table(self._task_layout, sizes), self.steps, leaves, budget,
+                               self.data_bytes, host_budget)
+                self._costs.update(self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else ""))
+            table = planner.cost_table(self._task_layout, {name: self._costs[name] for name in wanted})
+            self._choices[key] = planner.choose(table, self.steps, leaves, budget, self.data_bytes, host_budget)
+        return self._choices[key], budget, host_budget
 
     def _calibrate(self, runner, sizes: dict, z_buffers, host_kind: str) -> dict:
         """Each program's seconds per execution (and, with a host tier, one state's copies),
