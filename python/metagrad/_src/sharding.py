@@ -263,7 +263,7 @@ def check_cpu_cores(client, num_devices: int) -> None:
     one to get there; XLA then aborts the process after its 40 s rendezvous
     timeout (seen on 2 cores with 4 devices and 256-wide dots). That abort
     cannot be caught, so it is refused here; ``$METAGRAD_CPU_OVERSUBSCRIBE=1``
-    allows it for programs known to be small (the test suite's).
+    allows it, at that risk.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if client.platform_name != "cpu" or num_devices <= cores:
@@ -274,7 +274,7 @@ def check_cpu_cores(client, num_devices: int) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         return
     raise ValueError(f"{message}. Use a mesh of at most {cores} CPU devices, or set {OVERSUBSCRIBE_ENV}=1 "
-                     f"to run anyway (small programs only).")
+                     f"to run anyway (at the risk of that abort: docs/scaling.md).")
 
 
 def compile_options(client, sharding: TaskSharding | None, devices: Sequence[int]) -> bytes:
