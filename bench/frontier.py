@@ -457,7 +457,8 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    runs = list(results["runs"].values())
+    # runs with nothing but training cells (a run stopped early) have no frontier to draw
+    runs = [r for r in results["runs"].values() if any(c["method"] not in TRAINING and _ok(c) for c in r["cells"])]
     kinds = list(dict.fromkeys(r["kind"] for r in runs))
     steps = sorted({r["steps"] for r in runs})
     fig, axes = plt.subplots(len(steps), len(kinds), figsize=(5.5 * len(kinds), 4.5 * len(steps)), squeeze=False)
@@ -465,7 +466,7 @@ def plot(results: dict, path: str) -> None:
     colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
     for run in runs:
         ax = axes[steps.index(run["steps"])][kinds.index(run["kind"])]
-        ax.set(title=f"{run['kind']}, T = {run['steps']}", xscale="log",
+        ax.set(title=f"{run['kind']}, T = {run['steps']}", xscale="log", yscale="log",
                xlabel="peak device memory (MiB)", ylabel="time / training time (jax.jit scan, same process)")
         for fam in families:
             cells = [c for c in run["cells"] if family(c) == fam and _ok(c)]
@@ -481,7 +482,8 @@ def plot(results: dict, path: str) -> None:
         ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
         for formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
             formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_ylim(bottom=0)
+        for formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
