@@ -211,6 +211,7 @@ def _sharding(**overrides):
     return metagrad.Sharding(**{"mesh": {"batch": DEVICES}, "data": DATA_SPECS["mlp"], "z": Z_SPECS, **overrides})
 
 
+@pytest.mark.filterwarnings("ignore:.*CPU devices on .* cores:RuntimeWarning")
 @pytest.mark.parametrize("sharding, error, message", [
     (_sharding(state=P("batch")), ValueError,
      r"state\[0\]\['b2'\]: dimension 0 of size 10 is split 4 ways by P\('batch'\), which does not divide it"),
@@ -228,29 +229,49 @@ def test_wrong_shardings_fail_before_anything_compiles(client, monkeypatch, shar
     task, z = models.make_task("all", steps=STEPS, batched=True)
     monkeypatch.setattr(lowering, "lower", lambda *a, **k: pytest.fail("lowered"))
     monkeypatch.setattr(runtime_src, "compile_program", lambda *a, **k: pytest.fail("compiled"))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(DEVICES)))  # a mesh of 4 may be checked
+    monkeypatch.setenv(sharding_lib.OVERSUBSCRIBE_ENV, "1")  # a mesh of 4 on fewer cores: checked, not run
     with pytest.raises(error, match=message):
         task.compile(z, client=client, sharding=sharding)
 
 
-def test_more_cpu_devices_than_cores_are_refused_before_anything_compiles(client, monkeypatch):
+def test_more_cpu_devices_than_cores_are_refused_before_anything_compiles(monkeypatch):
     task, z = models.make_task("all", steps=STEPS, batched=True)
     monkeypatch.setattr(lowering, "lower", lambda *a, **k: pytest.fail("lowered"))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    cores = len(os.sched_getaffinity(0))
+    client = runtime.get_client(cpu_device_count=cores + 1)
+    mesh = {"mesh": {"batch": cores + 1}}
     monkeypatch.delenv(sharding_lib.OVERSUBSCRIBE_ENV, raising=False)
-    with pytest.raises(ValueError, match=r"4 CPU devices on 2 cores: XLA's CPU collectives can deadlock .* Use a mesh "
-                                         r"of at most 2 CPU devices, or set METAGRAD_CPU_OVERSUBSCRIBE=1"):
-        task.compile(z, client=client, sharding=_sharding())
-    bad = _sharding(state=P("batch"))  # fails after the check, before lowering
+    with pytest.raises(ValueError, match=rf"{cores + 1} CPU devices on {cores} cores: XLA's CPU collectives can "
+                                         rf"deadlock .* Use a mesh of at most {cores} CPU devices, or set "
+                                         rf"METAGRAD_CPU_OVERSUBSCRIBE=1"):
+        task.compile(z, client=client, sharding=_sharding(**mesh))
+    bad = _sharding(**mesh, data={"x": P("batch")})  # fails after the check, before lowering
     monkeypatch.setenv(sharding_lib.OVERSUBSCRIBE_ENV, "1")
-    with pytest.warns(RuntimeWarning, match=r"4 CPU devices on 2 cores"):
-        with pytest.raises(ValueError, match="does not divide"):
+    with pytest.warns(RuntimeWarning, match=rf"{cores + 1} CPU devices on {cores} cores"):
+        with pytest.raises(ValueError, match="not a PartitionSpec prefix"):
             task.compile(z, client=client, sharding=bad)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(DEVICES)))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # as many devices as cores: no warning
         warnings.simplefilter("error", RuntimeWarning)
-        with pytest.raises(ValueError, match="does not divide"):
-            task.compile(z, client=client, sharding=bad)
+        with pytest.raises(ValueError, match="not a PartitionSpec prefix"):
+            task.compile(z, client=client, sharding=_sharding(mesh={"batch": cores}, data={"x": P("batch")}))
+
+
+def test_a_saved_task_over_more_cpu_devices_than_cores_is_refused_on_load_and_in_the_harness(tmp_path, monkeypatch):
+    from test_harness import run_bench
+
+    task, z = models.make_task("all", steps=STEPS, batched=True)
+    more = len(os.sched_getaffinity(0)) + 1
+    monkeypatch.setenv(sharding_lib.OVERSUBSCRIBE_ENV, "1")  # compiled and saved only: nothing runs
+    with pytest.warns(RuntimeWarning, match="CPU devices on"):
+        compiled = task.compile(z, client=runtime.get_client(cpu_device_count=more),
+                                sharding=metagrad.Sharding({"batch": more}))
+    compiled.save(str(tmp_path / "task"))
+    monkeypatch.delenv(sharding_lib.OVERSUBSCRIBE_ENV)
+    with pytest.raises(ValueError, match=rf"{more} CPU devices on {more - 1} cores"):
+        metagrad.load(str(tmp_path / "task"))
+    done = run_bench(tmp_path / "task", "--schedule", "replay:2", "--repeat", "1", "--warmup", "0")
+    assert done.returncode != 0 and done.returncode > 0  # an error, not a signal
+    assert f"{more} CPU devices on {more - 1} cores" in done.stderr, done.stderr
 
 
 def test_sharding_rejects_bad_meshes():

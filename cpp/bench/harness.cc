@@ -480,6 +480,8 @@ CompiledPrograms CompileAll(Client& client, const TaskFiles& files, bool fused_f
   const Manifest& m = files.manifest;
   std::string options;  // empty: one device
   if (m.sharded) {
+    const std::string warning = CheckCpuCores(client.platform_name(), m.sharding.devices.size());
+    if (!warning.empty()) std::cerr << "warning: " << warning << "\n";
     std::vector<int> ids;
     for (int device : m.sharding.devices) ids.push_back(client.device(device).id);
     options = SerializeCompileOptions(ids, m.sharding.use_shardy_partitioner,

@@ -196,6 +196,8 @@ NB_MODULE(_runtime, m) {
     }
     return mesh;
   };
+  m.def("check_cpu_cores", &CheckCpuCores, nb::arg("platform"), nb::arg("num_devices"),
+        "ValueError for more CPU devices than cores (unless $METAGRAD_CPU_OVERSUBSCRIBE=1: then a warning text).");
   m.def("check_partition_spec",
         [mesh_of](const std::vector<int64_t>& shape, const PartitionSpec& spec,
                   const std::vector<std::pair<std::string, int64_t>>& mesh, const std::string& what) {

@@ -1,6 +1,9 @@
 #include "runtime/sharding.h"
 
+#include <sched.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 
@@ -187,6 +190,20 @@ std::string AssembleShards(const std::vector<BufferPtr>& shards, const ArraySpec
     }
   }
   return out;
+}
+
+std::string CheckCpuCores(const std::string& platform, size_t num_devices) {
+  cpu_set_t set;
+  const size_t cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? static_cast<size_t>(CPU_COUNT(&set)) : 1;
+  if (platform != "cpu" || num_devices <= cores) return "";
+  const std::string message = std::to_string(num_devices) + " CPU devices on " + std::to_string(cores) +
+                              " cores: XLA's CPU collectives can deadlock when the devices outnumber the cores, and "
+                              "XLA then aborts the process (a 40 s rendezvous timeout)";
+  const char* allow = std::getenv("METAGRAD_CPU_OVERSUBSCRIBE");
+  if (allow != nullptr && std::string(allow) == "1") return message;
+  throw InvalidArgument(message + ". Use a mesh of at most " + std::to_string(cores) +
+                        " CPU devices, or set METAGRAD_CPU_OVERSUBSCRIBE=1 to run anyway (at the risk of that "
+                        "abort: docs/scaling.md).");
 }
 
 }  // namespace metagrad

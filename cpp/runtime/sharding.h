@@ -39,6 +39,15 @@ std::string ToString(const PartitionSpec& spec);
 void CheckPartitionSpec(const std::vector<int64_t>& dims, const PartitionSpec& spec, const Mesh& mesh,
                         const std::string& what);
 
+// The CPU plugin's devices share one pool of compute threads, one per core, and
+// XLA runs collectives on pool threads: with more devices than cores, devices
+// waiting in an all-reduce can hold every thread while the others need one, and
+// XLA aborts the process after a 40 s rendezvous timeout (docs/scaling.md). That
+// abort cannot be caught, so a CPU task over more devices than schedulable cores
+// throws InvalidArgument unless $METAGRAD_CPU_OVERSUBSCRIBE=1; then the returned
+// warning is non-empty. Used by Python and by the harness.
+std::string CheckCpuCores(const std::string& platform, size_t num_devices);
+
 // The dimensions of every shard (the spec must pass CheckPartitionSpec).
 std::vector<int64_t> ShardDims(const std::vector<int64_t>& dims, const PartitionSpec& spec, const Mesh& mesh);
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -250,31 +249,16 @@ def resolve(sharding: Sharding, layout, client) -> tuple[TaskSharding, tuple[int
     return TaskSharding(mesh, sharding.partitioner, specs["state"], specs["z"], specs["data"]), devices
 
 
-OVERSUBSCRIBE_ENV = "METAGRAD_CPU_OVERSUBSCRIBE"
+OVERSUBSCRIBE_ENV = "METAGRAD_CPU_OVERSUBSCRIBE"  # read by CheckCpuCores (C++)
 
 
 def check_cpu_cores(client, num_devices: int) -> None:
-    """Refuse more CPU devices than cores, before anything runs.
-
-    The CPU plugin's devices share one pool of compute threads, one per core,
-    and XLA runs the continuation of a parallel dot, a collective included, on
-    the pool thread that finished it. With more devices than cores, devices
-    waiting in an all-reduce can hold every pool thread while the others need
-    one to get there; XLA then aborts the process after its 40 s rendezvous
-    timeout (seen on 2 cores with 4 devices and 256-wide dots). That abort
-    cannot be caught, so it is refused here; ``$METAGRAD_CPU_OVERSUBSCRIBE=1``
-    allows it, at that risk.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if client.platform_name != "cpu" or num_devices <= cores:
-        return
-    message = (f"{num_devices} CPU devices on {cores} cores: XLA's CPU collectives can deadlock when the devices "
-               f"outnumber the cores, and XLA then aborts the process (a 40 s rendezvous timeout)")
-    if os.environ.get(OVERSUBSCRIBE_ENV) == "1":
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-        return
-    raise ValueError(f"{message}. Use a mesh of at most {cores} CPU devices, or set {OVERSUBSCRIBE_ENV}=1 "
-                     f"to run anyway (at the risk of that abort: docs/scaling.md).")
+    """Refuse more CPU devices than cores before anything runs (the rule and why:
+    ``CheckCpuCores`` in cpp/runtime/sharding.h); with ``$METAGRAD_CPU_OVERSUBSCRIBE=1``
+    a warning instead."""
+    warning = _runtime.check_cpu_cores(client.platform_name, num_devices)
+    if warning:
+        warnings.warn(warning, RuntimeWarning, stacklevel=4)
 
 
 def compile_options(client, sharding: TaskSharding | None, devices: Sequence[int]) -> bytes:
