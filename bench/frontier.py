@@ -18,8 +18,8 @@ only that cell), for each task and T:
   (``Budget(states=s, leaf=l)``, ``Replay(k)``, ``StoreAll()``,
   ``Periodic(every, leaf)``), the default ``metagradient(z)``, and the planner
   ``Auto(memory=B)`` at budgets B taken from the peers' measured memory (each
-  peer's device bytes less the data and z, which the planner's budget does not
-  count) and below the smallest of them;
+  peer's device bytes; the planner's budget counts the data and z, as the
+  peers' do) and below the smallest of them;
 * peers: JAX store-all (``baselines.scan_metagradient``), JAX
   ``jax.checkpoint`` segments of s steps (``checkpoint_every=s``), Python-driven
   REPLAY (``baselines.replay_metagradient``, k in {4, 32}), and Equinox's
@@ -114,11 +114,11 @@ def peer_params(method: str, T: int) -> list:
 
 
 def auto_budgets(peer_cells: list[dict], base_bytes: int) -> list[int]:
-    """Planner budgets: each peer's device bytes less the data and z, and two below the smallest."""
-    budgets = sorted(c["device_bytes"] - base_bytes for c in peer_cells
+    """Planner budgets: each peer's device bytes, and two below the smallest (still above the data and z)."""
+    budgets = sorted(c["device_bytes"] for c in peer_cells
                      if c["status"] == "ok" and c.get("device_bytes") and c["device_bytes"] > base_bytes)
     if budgets:
-        budgets = [budgets[0] // 4, budgets[0] // 2] + budgets
+        budgets = [base_bytes + (budgets[0] - base_bytes) // 4, base_bytes + (budgets[0] - base_bytes) // 2] + budgets
     kept = []
     for b in budgets:  # budgets within 5% of one already kept add nothing
         if not kept or b > kept[-1] * 1.05:
@@ -341,9 +341,7 @@ def analyse(run: dict) -> dict:
         out["training"] = {"ratio": ratio, "verdict": "met" if ratio <= 1.0 else f"missed by {100 * (ratio - 1):.0f}%"}
     default = next((c for c in ours if c["method"] == "metagrad" and c["param"]["name"] == "default"), None)
     if default is not None:
-        # The default's budget is Auto()'s (2 GiB on the CPU plugin), which excludes the data and z.
-        budget = _auto_budget(default) + run.get("prepare", {}).get("data_bytes", 0) + run.get("prepare", {}).get(
-            "z_bytes", 0)
+        budget = _auto_budget(default)  # Auto()'s (2 GiB on the CPU plugin), data and z included
         best = _fastest([c for c in ours if c is not default], budget)
         if best is not None:
             ratio = default["x_train"] / best["x_train"]
@@ -440,7 +438,7 @@ def markdown(results: dict) -> str:
                 if r.get("predicted_peak_device_bytes"):
                     notes.append(f"predicted peak {fmt_bytes(r['predicted_peak_device_bytes'])}")
                 if c["method"] == "auto":
-                    fits = r["peak_device_bytes"] <= c["param"]
+                    fits = c["device_bytes"] <= c["param"]  # the budget counts the data and z
                     notes.append(f"peak {'within' if fits else 'OVER'} its budget")
             if "max_live_states" in c:
                 notes.append(f"{c['max_live_states']} live states")
