@@ -174,8 +174,9 @@ def run_limited(command: list[str], timeout: float, mem_limit: int) -> dict:
 
 
 def replay_device_bytes(stats: dict, step_vjp: dict) -> int:
-    """Python REPLAY's device memory: its peak live states (``stats`` of ``replay_metagradient``) plus its
-    step-vjp program's arguments, outputs and temporaries (``baselines.memory_stats(method="replay")``)."""
+    """Python REPLAY's device memory: its peak live states (``stats`` of ``replay_metagradient``) plus the
+    arguments, outputs and temporaries of its largest program (``baselines.memory_stats(method="replay")``:
+    the step's or the output's vjp)."""
     return stats["max_live_states"] * step_vjp["state_bytes"] + step_vjp["total_bytes"]
 
 

@@ -45,8 +45,9 @@ outputs (value and gradient) and everything in between:
 * jitted JAX and Equinox: XLA's compiled memory analysis, argument + output +
   temp - alias bytes (``baselines.memory_stats``; for Equinox the
   executable's ``memory_analysis()``);
-* Python REPLAY: its peak live states plus its step-vjp program's argument +
-  output + temp bytes.
+* Python REPLAY: its peak live states plus the argument + output + temp bytes
+  of its largest program (the step's vjp, or the output's over the
+  validation data).
 
 ``RSS`` is the cell's process peak resident set (compilation included).
 

@@ -145,6 +145,26 @@ def test_memory_stats_accounts_arguments_outputs_and_residuals():
     assert _about(replay["output_bytes"], _bytes(state) + _bytes(z))
 
 
+def test_replay_memory_is_its_largest_program():
+    """REPLAY's output vjp runs over the validation set: with a large one, that program is its peak."""
+    task, z = _task(3, np.float32)
+    rng = np.random.default_rng(1)
+    data = {**task.data, "xv": rng.normal(size=(4096, 5)).astype(np.float32), "yv": np.zeros(4096, np.int32)}
+    task = metagrad.Task(init=_init, step=_step, output=_output, steps=3, data=data)
+    state = task.init(z, data)
+
+    def output_vjp(state, z, data):  # written out here, independently of baselines._ReplayFns
+        value, vjp = jax.vjp(lambda s, zz: _output(s, zz, data), state, z)
+        return (value, *vjp(jnp.ones_like(value)))
+
+    analysis = jax.jit(output_vjp).lower(state, z, data).compile().memory_analysis()
+    replay = baselines.memory_stats(task, z, method="replay")
+    assert replay["argument_bytes"] == analysis.argument_size_in_bytes >= _bytes(data["xv"], data["yv"])
+    assert replay["temp_bytes"] == analysis.temp_size_in_bytes
+    # the step's vjp never reads the validation set: it would have missed these bytes
+    assert replay["total_bytes"] > _bytes(data["xv"]) + 2 * _bytes(state)
+
+
 def test_memory_stats_bad_arguments():
     task, z = _task(3, np.float32)
     with pytest.raises(ValueError, match="method must be one of"):

@@ -296,8 +296,10 @@ def memory_stats(task: Task, z: PyTree, *, method: str = "scan", checkpoint_ever
     Args:
       method: ``"train"`` (:func:`train`'s program), ``"scan"``
         (:func:`scan_metagradient`'s, with ``checkpoint_every``) or
-        ``"replay"`` (the step-vjp that :func:`replay_metagradient` runs, its
-        largest program; REPLAY holds ``stats["max_live_states"]`` states of
+        ``"replay"`` (the largest, by ``total_bytes``, of the programs
+        :func:`replay_metagradient` runs beside its saved states: the step's
+        vjp, the output's vjp, which reads the validation data, and init's
+        vjp; REPLAY holds ``stats["max_live_states"]`` states of
         ``state_bytes`` each on top of it).
       checkpoint_every: as in :func:`scan_metagradient`; only with ``"scan"``.
 
@@ -317,12 +319,19 @@ def memory_stats(task: Task, z: PyTree, *, method: str = "scan", checkpoint_ever
     data = task.data
     state = jax.eval_shape(task.init, z, data)
     if method == "train":
-        fn, args = _cached(_key(task, "train"), lambda: _build_train(task)), (z, data)
+        programs = [(_cached(_key(task, "train"), lambda: _build_train(task)), (z, data))]
     elif method == "scan":
-        fn, args = _scan_fn(task, checkpoint_every), (z, data)
+        programs = [(_scan_fn(task, checkpoint_every), (z, data))]
     else:
         fns = _cached(_key(task, "replay"), lambda: _ReplayFns(task))
-        fn, args = fns.step_vjp, (state, z, data, jnp.int32(0), state, z)
+        programs = [(fns.step_vjp, (state, z, data, jnp.int32(0), state, z)), (fns.output_vjp, (state, z, data)),
+                    (fns.init_vjp, (z, data, state, z))]
+    stats = max((_compiled_memory(fn, args) for fn, args in programs), key=lambda s: s["total_bytes"])
+    stats["state_bytes"] = _tree_bytes(state)
+    return stats
+
+
+def _compiled_memory(fn, args) -> dict:
     analysis = fn.lower(*args).compile().memory_analysis()
     if analysis is None:
         raise NotImplementedError(f"the {jax.default_backend()} backend reports no compiled memory statistics")
@@ -332,5 +341,4 @@ def memory_stats(task: Task, z: PyTree, *, method: str = "scan", checkpoint_ever
     stats = {name: int(value) for name, value in stats.items()}
     stats["total_bytes"] = (stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"]
                             - stats["alias_bytes"])
-    stats["state_bytes"] = _tree_bytes(state)
     return stats
