@@ -4,6 +4,7 @@
     python bench/frontier.py --kinds mlp_table,transformer --steps 10000 --out bench/results/frontier10k
     python bench/frontier.py --kinds mlp_table --steps 100 --repeat 1 --out /tmp/f   # a quick try
     python bench/frontier.py --render a.json b.json --out bench/results/frontier_all  # tables + plot again
+        # (cells b.json re-measured replace a.json's)
 
 Tasks (bench/tasks.py): ``mlp_table`` (the digits MLP, batches read from a
 ``(T, 128)`` index table in ``data``), ``cnn``, ``wide`` and ``transformer``
@@ -83,6 +84,22 @@ PEERS = ("jax_storeall", "jax_checkpoint", "python_replay", "equinox")
 TRAINING = ("train_runtime", "train_jax")
 LEAF = 10  # the fused reverse block length of the leaf > 1 schedules (saved with each task)
 TARGET_PEER, TARGET_BELOW_CHECKPOINT, TARGET_DEFAULT = 1.0, 0.8, 1.1
+
+
+def merge_runs(parts) -> dict:
+    """Runs of several result files by task and T; where two hold the same cell (method and parameter), the
+    later file's measurement replaces the earlier (a re-run of some cells)."""
+    runs = {}
+    for part in parts:
+        for key, run in part.items():
+            if key not in runs:
+                runs[key] = {**run, "cells": list(run["cells"])}
+                continue
+            newer = {(c["method"], json.dumps(c.get("param"), sort_keys=True)) for c in run["cells"]}
+            kept = [c for c in runs[key]["cells"] if (c["method"], json.dumps(c.get("param"), sort_keys=True))
+                    not in newer]
+            runs[key] = {**runs[key], "cells": kept + list(run["cells"])}
+    return runs
 
 
 # --------------------------------------------------------------------------- #
@@ -532,7 +549,7 @@ def main(argv=None):
                 parts.append(json.load(f))
         results = {"command": "`; `".join(p["command"] for p in parts), "repeat": parts[0]["repeat"],
                    "machine": parts[0]["machine"], "seconds_total": sum(p.get("seconds_total", 0) for p in parts),
-                   "runs": {k: v for p in parts for k, v in p["runs"].items()}}
+                   "runs": merge_runs(p["runs"] for p in parts)}
         print(write(results, args.out))
         return 0
 
