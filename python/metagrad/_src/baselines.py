@@ -179,9 +179,11 @@ class _ReplayFns:
             (zb,) = vjp(state_bar)
             return jax.tree_util.tree_map(jnp.add, z_bar, zb)
 
-        self.step_vjp = jax.jit(step_vjp)
-        self.output_vjp = jax.jit(output_vjp)
-        self.init_vjp = jax.jit(init_vjp)
+        # keep_unused: REPLAY holds all of the data on the device for the whole run, and
+        # memory_stats counts it through these programs' arguments, as it counts a scan's.
+        self.step_vjp = jax.jit(step_vjp, keep_unused=True)
+        self.output_vjp = jax.jit(output_vjp, keep_unused=True)
+        self.init_vjp = jax.jit(init_vjp, keep_unused=True)
 
 
 def _split(lo: int, hi: int, k: int) -> list[int]:
@@ -299,8 +301,10 @@ def memory_stats(task: Task, z: PyTree, *, method: str = "scan", checkpoint_ever
         ``"replay"`` (the largest, by ``total_bytes``, of the programs
         :func:`replay_metagradient` runs beside its saved states: the step's
         vjp, the output's vjp, which reads the validation data, and init's
-        vjp; REPLAY holds ``stats["max_live_states"]`` states of
-        ``state_bytes`` each on top of it).
+        vjp, each with all of z and the data as arguments, which REPLAY
+        holds on the device throughout; REPLAY holds
+        ``stats["max_live_states"]`` states of ``state_bytes`` each on top
+        of it).
       checkpoint_every: as in :func:`scan_metagradient`; only with ``"scan"``.
 
     Returns:
