@@ -504,7 +504,9 @@ PlanCost SimulatePlan(const Plan& plan, const CostTable& costs, const std::set<i
   for (const auto& [n, cost] : costs.advance) fused.push_back(n);
   int64_t saved = 0, host = 0, cotangent = 0;
   bool current_saved = false, have_current = false;
-  std::map<int, bool> slot_is_current;
+  // The device slot that shares its buffers with the current state, if any (-1): at most one
+  // does. One int, not a flag per slot, keeps the simulation linear in the plan's length.
+  int current_slot = -1;
   auto execute = [&](const ProgramCost& cost) {
     const int64_t live = saved + (have_current && !current_saved ? costs.state_bytes : 0) + cotangent;
     total.peak_bytes = std::max(total.peak_bytes, live + cost.bytes);
@@ -556,7 +558,7 @@ PlanCost SimulatePlan(const Plan& plan, const CostTable& costs, const std::set<i
         } else {
           saved -= costs.state_bytes;
           // The freed slot held the current state exactly when nothing ran since it was restored or saved.
-          if (current_saved && slot_is_current[a.slot]) current_saved = false;
+          if (current_saved && current_slot == a.slot) current_saved = false;
         }
         break;
       case ActionKind::kOutput:
@@ -567,14 +569,10 @@ PlanCost SimulatePlan(const Plan& plan, const CostTable& costs, const std::set<i
         execute(a.count == 1 ? costs.step_vjp : lookup(costs.segment_vjp, a.count, "fused reverse"));
         break;
     }
-    // Which device slot (if any) shares its buffers with the current state.
     if (a.kind == ActionKind::kSave || a.kind == ActionKind::kRestore) {
-      for (auto& [slot, is] : slot_is_current) is = false;
-      if (!on_host) slot_is_current[a.slot] = true;
-    } else if (a.kind == ActionKind::kAdvance) {
-      for (auto& [slot, is] : slot_is_current) is = false;
-    } else if (a.kind == ActionKind::kFree) {
-      slot_is_current.erase(a.slot);
+      current_slot = on_host ? -1 : a.slot;
+    } else if (a.kind == ActionKind::kAdvance || (a.kind == ActionKind::kFree && a.slot == current_slot)) {
+      current_slot = -1;
     }
   }
   execute(costs.init_vjp);
