@@ -15,6 +15,11 @@ only that cell), for each task and T:
 
 * training: the runtime's ``compiled.train(z)`` and ``jax.jit`` of one
   ``lax.scan`` (``baselines.train``, the unit of time: see below);
+* with ``--scan-form``, also the planner on the task compiled with
+  ``loop="scan"`` (``Auto(memory=B)`` at the same budgets, and ``Auto()``), where
+  it also considers fused reverses of 100 steps (a ``lax.scan`` over
+  Enzyme-reversed steps); ``--budgets-from`` takes those budgets from the peers
+  of an earlier result file, so these cells can run alone (``--skip`` the rest);
 * metagrad: ``compiled.metagradient(z, schedule=...)`` for fixed schedules
   (``Budget(states=s, leaf=l)``, ``Replay(k)``, ``StoreAll()``,
   ``Periodic(every, leaf)``), the default ``metagradient(z)``, and the planner
@@ -153,6 +158,8 @@ def label(cell: dict) -> str:
         return f"metagrad {p['name']}({args})"
     if method == "auto":
         return f"metagrad Auto(memory={fmt_bytes(p)})"
+    if method == "auto_scan":
+        return "metagrad Auto(), loop='scan'" if p is None else f"metagrad Auto(memory={fmt_bytes(p)}), loop='scan'"
     return {"train_runtime": "training, runtime compiled.train", "train_jax": "training, jax.jit(lax.scan)",
             "jax_storeall": "JAX scan store-all", "jax_checkpoint": f"JAX scan + checkpoint every {p}",
             "python_replay": f"Python REPLAY k={p}", "equinox": f"Equinox checkpointed scan, {p} checkpoints"}[method]
@@ -163,7 +170,7 @@ def family(cell: dict) -> str:
     method, p = cell["method"], cell.get("param")
     if method == "metagrad":
         return "metagrad default" if p["name"] == "default" else "metagrad fixed schedules"
-    return {"auto": "metagrad Auto", "jax_storeall": "JAX store-all", "jax_checkpoint": "JAX checkpoint",
+    return {"auto": "metagrad Auto", "auto_scan": "metagrad Auto, loop='scan'", "jax_storeall": "JAX store-all", "jax_checkpoint": "JAX checkpoint",
             "python_replay": "Python REPLAY", "equinox": "Equinox checkpointed"}.get(method, method)
 
 
@@ -179,14 +186,15 @@ def _tree_bytes(tree) -> int:
 
 
 def prepare(spec: dict) -> dict:
-    """Compile the task as a user would (``task.compile(z)``), with the fused LEAF-step reverse, and save it."""
+    """Compile the task as a user would (``task.compile(z)``), with the fused LEAF-step reverse, and save it;
+    with ``spec["loop"] == "scan"``: ``task.compile(z, loop="scan")`` with every reverse ``Auto()`` considers."""
     import metagrad
     from tasks import make_task
 
     task, z = make_task(spec["kind"], spec["steps"])
     t0 = time.perf_counter()
-    compiled = task.compile(z)
-    compiled.prepare(metagrad.Budget(states=2, leaf=LEAF))
+    compiled = task.compile(z, loop=spec.get("loop", "unroll"))
+    compiled.prepare(metagrad.Auto() if spec.get("loop") == "scan" else metagrad.Budget(states=2, leaf=LEAF))
     seconds = time.perf_counter() - t0
     compiled.save(spec["task_dir"])
     return {"compile_seconds": seconds, "state_bytes": int(compiled.layout.state_bytes),
@@ -229,13 +237,13 @@ def worker(spec: dict) -> dict:
     task, z = make_task(spec["kind"], T)
     out = {}
     device = None
-    if method in ("metagrad", "auto", "train_runtime"):
-        compiled = metagrad.load(spec["task_dir"])
+    if method in ("metagrad", "auto", "auto_scan", "train_runtime"):
+        compiled = metagrad.load(spec["task_dir"] + ("-scan" if method == "auto_scan" else ""))
         base = _tree_bytes(task.data) + _tree_bytes(z)
         if method == "train_runtime":
             run = lambda: compiled.train(z)  # noqa: E731
         else:
-            schedule = metagrad.Auto(memory=param) if method == "auto" else _schedule(param)
+            schedule = metagrad.Auto(memory=param) if method in ("auto", "auto_scan") else _schedule(param)
             kwargs = {} if schedule is None else {"schedule": schedule}
             run = lambda: compiled.metagradient(z, report=True, **kwargs)  # noqa: E731
     elif method == "train_jax":
@@ -268,7 +276,7 @@ def worker(spec: dict) -> dict:
         yardstick()
         samples.append(t1 - t0)
         ratios.append((t1 - t0) / (time.perf_counter() - t1))
-    if method in ("metagrad", "auto"):
+    if method in ("metagrad", "auto", "auto_scan"):
         value, grad, report = result
         device = int(report.peak_device_bytes) + base
         out["report"] = {name: getattr(report, name) for name in (
@@ -327,8 +335,8 @@ def analyse(run: dict) -> dict:
     """Per-budget rows and target checks of one (task, T)."""
     cells = run["cells"]
     peers = [c for c in cells if c["method"] in PEERS and _ok(c)]
-    ours = [c for c in cells if c["method"] in ("metagrad", "auto") and _ok(c)]
-    autos = [c for c in ours if c["method"] == "auto"]
+    ours = [c for c in cells if c["method"] in ("metagrad", "auto", "auto_scan") and _ok(c)]
+    autos = [c for c in ours if c["method"] in ("auto", "auto_scan")]
     checkpoint = [c["device_bytes"] for c in peers if c["method"] == "jax_checkpoint"]
     checkpoint_floor = min(checkpoint) if checkpoint else math.inf
     budgets = sorted({c["device_bytes"] for c in _pareto(peers) + _pareto(ours)})
@@ -535,6 +543,9 @@ def main(argv=None):
     add_cell_arguments(parser, kinds="mlp_table,cnn,wide,transformer", steps="1000,10000", repeat=3,
                        repeat_help="timed runs per cell (median), after one warm-up", out="frontier")
     parser.add_argument("--skip", default="", help="comma-separated methods not to run (e.g. python_replay,equinox)")
+    parser.add_argument("--scan-form", action="store_true",
+                        help="also run Auto on the task compiled with loop='scan' (fused reverses of 100 steps)")
+    parser.add_argument("--budgets-from", metavar="JSON", help="take Auto's budgets from this result file's peers")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite tables and plot from result files")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)
@@ -592,7 +603,8 @@ def main(argv=None):
                 for spec in specs:
                     run["cells"].append(cell(spec))
                     save_json(results, args.out)
-                if not compiled or "auto" in skip:
+                methods = ([] if "auto" in skip else ["auto"]) + (["auto_scan"] if args.scan_form else [])
+                if not compiled or not methods:
                     continue
                 if not results["auto_available"]:
                     run["cells"].append({"method": "auto", "param": None, "status": "n/a",
@@ -600,9 +612,23 @@ def main(argv=None):
                     continue
                 data_z = run["prepare"]["data_bytes"] + run["prepare"]["z_bytes"]
                 peers = [c for c in run["cells"] if c["method"] in PEERS]
-                for budget in auto_budgets(peers, data_z):
-                    run["cells"].append(cell({**base, "method": "auto", "param": budget}))
-                    save_json(results, args.out)
+                if args.budgets_from:
+                    with open(args.budgets_from) as f:
+                        peers += [c for c in json.load(f)["runs"].get(f"{kind}/{T}", {"cells": []})["cells"]
+                                  if c["method"] in PEERS]
+                budgets = auto_budgets(peers, data_z)
+                for method in methods:
+                    if method == "auto_scan":
+                        scan = {**base, "loop": "scan", "task_dir": base["task_dir"] + "-scan"}
+                        command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(scan)]
+                        run["prepare_scan"] = run_limited(command, 2 * args.timeout, mem_limit)
+                        print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled (loop='scan'): "
+                              f"{run['prepare_scan']}", file=sys.stderr)
+                        if run["prepare_scan"]["status"] != "ok":
+                            continue
+                    for budget in budgets + ([None] if method == "auto_scan" else []):
+                        run["cells"].append(cell({**base, "method": method, "param": budget}))
+                        save_json(results, args.out)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["seconds_total"] = time.perf_counter() - start
