@@ -457,13 +457,13 @@ def markdown(results: dict) -> str:
             if "report" in c:
                 r = c["report"]
                 notes.append(f"{r['peak_saved_states']} states, {r['forward_steps']} forward steps")
-                if c["method"] == "auto" or (c["param"] or {}).get("name") == "default":
+                if c["method"] != "metagrad" or c["param"]["name"] == "default":  # what Auto chose
                     notes.append(f"plan {r['schedule']}")
                 if r.get("predicted_seconds"):  # 0: a fixed schedule, whose time is not predicted
                     notes.append(f"predicted {r['predicted_seconds']:.3g} s")
                 if r.get("predicted_peak_device_bytes"):
                     notes.append(f"predicted peak {fmt_bytes(r['predicted_peak_device_bytes'])}")
-                if c["method"] == "auto":
+                if c["method"] != "metagrad" and c["param"] is not None:
                     fits = c["device_bytes"] <= c["param"]  # the budget counts the data and z
                     notes.append(f"peak {'within' if fits else 'OVER'} its budget")
             if "max_live_states" in c:

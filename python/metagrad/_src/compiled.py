@@ -134,7 +134,7 @@ class CompiledTask:
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
     _costs: dict = field(default_factory=dict, repr=False)  # calibrated ProgramCost by program name
-    _choices: dict = field(default_factory=dict, repr=False)  # Auto's choice by (leaves, budgets): 0.1-0.4 s each
+    _choices: dict = field(default_factory=dict, repr=False)  # Auto's choice by (leaves, budgets)
 
     def __post_init__(self):
         self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
