@@ -173,11 +173,11 @@ def run_limited(command: list[str], timeout: float, mem_limit: int) -> dict:
         return {"status": "error", "reason": "no JSON output"}
 
 
-def replay_device_bytes(stats: dict, step_vjp: dict) -> int:
+def replay_device_bytes(stats: dict, largest_program: dict) -> int:
     """Python REPLAY's device memory: its peak live states (``stats`` of ``replay_metagradient``) plus the
     arguments, outputs and temporaries of its largest program (``baselines.memory_stats(method="replay")``:
     the step's or the output's vjp)."""
-    return stats["max_live_states"] * step_vjp["state_bytes"] + step_vjp["total_bytes"]
+    return stats["max_live_states"] * largest_program["state_bytes"] + largest_program["total_bytes"]
 
 
 def fmt_bytes(b) -> str:

@@ -142,7 +142,8 @@ def auto_budgets(peer_cells: list[dict], base_bytes: int) -> list[int]:
     budgets = sorted(c["device_bytes"] for c in peer_cells
                      if c["status"] == "ok" and c.get("device_bytes") and c["device_bytes"] > base_bytes)
     if budgets:
-        budgets = [base_bytes + (budgets[0] - base_bytes) // 4, base_bytes + (budgets[0] - base_bytes) // 2] + budgets
+        room = budgets[0] - base_bytes
+        budgets = [base_bytes + room // 4, base_bytes + room // 2] + budgets
     kept = []
     for b in budgets:  # budgets within 5% of one already kept add nothing
         if not kept or b > kept[-1] * 1.05:
@@ -171,8 +172,8 @@ def family(cell: dict) -> str:
     method, p = cell["method"], cell.get("param")
     if method == "metagrad":
         return "metagrad default" if p["name"] == "default" else "metagrad fixed schedules"
-    return {"auto": "metagrad Auto", "auto_scan": "metagrad Auto, loop='scan'", "jax_storeall": "JAX store-all", "jax_checkpoint": "JAX checkpoint",
-            "python_replay": "Python REPLAY", "equinox": "Equinox checkpointed"}.get(method, method)
+    return {"auto": "metagrad Auto", "auto_scan": "metagrad Auto, loop='scan'", "jax_storeall": "JAX store-all",
+            "jax_checkpoint": "JAX checkpoint", "python_replay": "Python REPLAY", "equinox": "Equinox checkpointed"}.get(method, method)
 
 
 # --------------------------------------------------------------------------- #

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import metagrad
-from metagrad import baselines, runtime
+from metagrad import baselines
+from same_program import lowered_training, plugin_runner
 from tasks import make_task
 
 
@@ -98,17 +99,7 @@ def run_kind(kind: str, args) -> dict:
 
     # -- training ---------------------------------------------------------------
     entries = {"jax.jit(lax.scan)": lambda: jax.block_until_ready(baselines.train(task, z)) and None}
-    leaves = jax.tree_util.tree_leaves((z, task.data))
-    whole_fn = jax.jit(lambda z, data: _run_steps(task, task.init(z, data), z, data, jnp.int32(0), T),
-                       keep_unused=True)
-    artifact = runtime.portable_artifact(whole_fn.lower(z, task.data), runtime.stablehlo_target(c10.client))
-    whole = runtime.compile_module(artifact, c10.client)
-    on_device = [runtime.to_device(np.asarray(x), c10.client) for x in leaves]
-
-    def run_whole():
-        for out in whole.execute(on_device):
-            out.block_until_ready()
-    entries["runtime: same program"] = run_whole
+    entries["runtime: same program"] = plugin_runner(*lowered_training(task, z), c10.client)
     for n, c in compiled.items():
         entries[f"compiled.train, fuse_forward={n}"] = lambda c=c: c.train(z) and None
     for n, c in scanned.items():

@@ -32,22 +32,22 @@ import numpy as np
 from tasks import make_task
 
 
-def lowered_training(kind: str, steps: int):
-    task, z = make_task(kind, steps)
-
+def lowered_training(task, z):
+    """``jax.jit`` of init and a ``lax.scan`` over all of ``task``'s steps, lowered; and its arguments."""
     def train(z, data):
         def body(state, t):
             return task.step(state, z, data, t), None
-        return jax.lax.scan(body, task.init(z, data), jnp.arange(steps, dtype=jnp.int32))[0]
+        return jax.lax.scan(body, task.init(z, data), jnp.arange(task.steps, dtype=jnp.int32))[0]
 
     return jax.jit(train, keep_unused=True).lower(z, task.data), (z, task.data)
 
 
-def plugin_runner(lowered, arguments):
+def plugin_runner(lowered, arguments, client=None):
+    """That very program compiled by the runtime's plugin: a function that runs it once."""
     from metagrad import runtime
 
-    client = runtime.get_client()
-    executable = runtime.compile_module(runtime.portable_artifact(lowered, runtime.stablehlo_target(client)), client)
+    client = client or runtime.get_client()
+    executable = runtime.compile_module(runtime.portable_artifact(lowered, client=client), client)
     on_device = [runtime.to_device(np.asarray(x), client) for x in jax.tree_util.tree_leaves(arguments)]
 
     def run():
@@ -79,7 +79,7 @@ def main(argv=None):
     if args.loop is not None and args.client is None:
         parser.error("--loop needs --client jax or --client plugin")
 
-    lowered, arguments = lowered_training(args.kind, args.steps)
+    lowered, arguments = lowered_training(*make_task(args.kind, args.steps))
     if args.loop is not None:
         os.environ["XLA_FLAGS"] = args.xla_flags
         run = (jax_runner if args.client == "jax" else plugin_runner)(lowered, arguments)
