@@ -196,6 +196,7 @@ NB_MODULE(_runtime, m) {
     }
     return mesh;
   };
+  m.attr("CPU_OVERSUBSCRIBE_ENV") = kCpuOversubscribeEnv;
   m.def("check_cpu_cores", &CheckCpuCores, nb::arg("platform"), nb::arg("num_devices"),
         "ValueError for more CPU devices than cores (unless $METAGRAD_CPU_OVERSUBSCRIBE=1: then a warning text).");
   m.def("check_partition_spec",

@@ -199,10 +199,10 @@ std::string CheckCpuCores(const std::string& platform, size_t num_devices) {
   const std::string message = std::to_string(num_devices) + " CPU devices on " + std::to_string(cores) +
                               " cores: XLA's CPU collectives can deadlock when the devices outnumber the cores, and "
                               "XLA then aborts the process (a 40 s rendezvous timeout)";
-  const char* allow = std::getenv("METAGRAD_CPU_OVERSUBSCRIBE");
+  const char* allow = std::getenv(kCpuOversubscribeEnv);
   if (allow != nullptr && std::string(allow) == "1") return message;
   throw InvalidArgument(message + ". Use a mesh of at most " + std::to_string(cores) +
-                        " CPU devices, or set METAGRAD_CPU_OVERSUBSCRIBE=1 to run anyway (at the risk of that "
+                        " CPU devices, or set " + kCpuOversubscribeEnv + "=1 to run anyway (at the risk of that "
                         "abort: docs/scaling.md).");
 }
 

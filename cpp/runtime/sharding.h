@@ -47,6 +47,7 @@ void CheckPartitionSpec(const std::vector<int64_t>& dims, const PartitionSpec& s
 // throws InvalidArgument unless $METAGRAD_CPU_OVERSUBSCRIBE=1; then the returned
 // warning is non-empty. Used by Python and by the harness.
 std::string CheckCpuCores(const std::string& platform, size_t num_devices);
+inline constexpr char kCpuOversubscribeEnv[] = "METAGRAD_CPU_OVERSUBSCRIBE";
 
 // The dimensions of every shard (the spec must pass CheckPartitionSpec).
 std::vector<int64_t> ShardDims(const std::vector<int64_t>& dims, const PartitionSpec& spec, const Mesh& mesh);

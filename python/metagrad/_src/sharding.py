@@ -249,7 +249,7 @@ def resolve(sharding: Sharding, layout, client) -> tuple[TaskSharding, tuple[int
     return TaskSharding(mesh, sharding.partitioner, specs["state"], specs["z"], specs["data"]), devices
 
 
-OVERSUBSCRIBE_ENV = "METAGRAD_CPU_OVERSUBSCRIBE"  # read by CheckCpuCores (C++)
+OVERSUBSCRIBE_ENV = _runtime.CPU_OVERSUBSCRIBE_ENV  # read by CheckCpuCores (C++)
 
 
 def check_cpu_cores(client, num_devices: int) -> None:
