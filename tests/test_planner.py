@@ -107,6 +107,26 @@ def test_fused_blocks_are_chosen_only_where_their_memory_fits():
         assert schedules.simulate_plan(choice.plan, table)["peak_bytes"] == choice.peak_bytes
 
 
+def test_a_near_tie_goes_to_the_plan_with_fewer_executions():
+    def plans(fused_seconds):
+        table = _table(fused_bytes=500, fused_seconds=fused_seconds)
+        single, fused = (schedules.simulate_plan(metagrad.Budget(states=100, leaf=leaf).plan(100), table)
+                         for leaf in (1, 10))
+        return table, single, fused
+
+    # Fused blocks of 10 steps for 21.5 s against single-step reverses at 2 s each: predicted 5% slower.
+    table, single, fused = plans(21.5)
+    assert single["seconds"] < fused["seconds"] < (1 + schedules.NEAR_TIE) * single["seconds"]
+    assert fused["executions"] < single["executions"]
+    near = schedules.choose(table, 100, (1, 10), budget=20_000, data_bytes=0)
+    assert (near.schedule.leaf, near.seconds, near.executions) == (10, fused["seconds"], fused["executions"])
+    # 26 s per block: beyond the tie, so the faster prediction wins.
+    table, single, fused = plans(26.0)
+    assert fused["seconds"] > (1 + schedules.NEAR_TIE) * single["seconds"]
+    far = schedules.choose(table, 100, (1, 10), budget=20_000, data_bytes=0)
+    assert (far.schedule.leaf, far.seconds) == (1, single["seconds"])
+
+
 def test_simulated_cost_adds_up_the_executions():
     table = _table(fused_bytes=5000, fused_seconds=5.0)
     plan = metagrad.StoreAll().plan(3)

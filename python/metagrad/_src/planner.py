@@ -3,10 +3,11 @@
 ``Auto(memory=...)`` (the default schedule of ``CompiledTask.metagradient``)
 chooses, for each fused reverse length ``leaf`` it may use, the binomial
 (revolve) plan with the most saved states that fits the budget, predicts its
-time, and runs the fastest. Predictions come from a cost table of the task's
-programs: the device bytes of each execution (XLA's compiled memory
-statistics) and its seconds (a short calibration that runs each program a
-few times, once per compiled task). The plan is then simulated with the task
+time, and runs the fastest; plans predicted within ``NEAR_TIE`` of the fastest
+count as tied, and the tie goes to the fewest program executions. Predictions
+come from a cost table of the task's programs: the device bytes of each
+execution (XLA's compiled memory statistics) and its seconds (a short
+calibration that runs each program a few times, once per compiled task). The plan is then simulated with the task
 runner's own accounting (``simulate_plan``), so the predicted peak is what
 the run's ``Report.peak_device_bytes`` measures.
 
@@ -52,6 +53,13 @@ HOST_MEMORY_KIND = "pinned_host"
 # lax.scan programs in constant time, and long scans of dot-heavy steps run
 # fastest per step (docs/performance.md).
 DEFAULT_LEAVES = {"unroll": (1, 10), "scan": (1, 10, 100)}
+# Plans predicted within this share of the fastest are a tie, which goes to the
+# fewest executions. It is the calibration's own spread: four calibrations of the
+# digits MLP put step_vjp at 0.45-0.61 ms. Each execution wakes the plugin's
+# thread pool, so plans of many short executions lose most when the machine is
+# busy: Budget(states=1000, leaf=1) ran at 4.5x training alone and 7x beside
+# other work, Budget(states=10, leaf=100) at 4.2x in both (docs/performance.md).
+NEAR_TIE = 0.10
 
 
 class DeviceMemoryError(MemoryError):
@@ -172,6 +180,7 @@ class Choice:
     peak_bytes: int
     host_slots: frozenset = frozenset()  # slots whose states live in host memory
     peak_host_bytes: int = 0
+    executions: int = 0
 
 
 def _revolve(steps: int, states: int, leaf: int, table) -> tuple[object, dict]:
@@ -210,8 +219,9 @@ def _state_counts(blocks: int) -> list[int]:
 def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:
     """The fastest revolve plan over ``leaves`` whose device peak plus data fits
     ``budget`` (per device), with some of its slots in host memory where
-    ``host_budget`` (per device) allows."""
-    best, minimum = None, None
+    ``host_budget`` (per device) allows; of plans within ``NEAR_TIE`` of the
+    fastest prediction, the one with the fewest executions."""
+    candidates, minimum = [], None
     for leaf in sorted(set(min(n, steps) for n in leaves)):
         blocks = -(-steps // leaf)
         plan, cost = _revolve(steps, 1, leaf, table)
@@ -228,8 +238,8 @@ def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget:
                 else:
                     hi = mid - 1
             states, plan, cost = chosen
-            if best is None or cost["seconds"] < best.seconds:
-                best = Choice(Budget(states=states, leaf=leaf), plan, cost["seconds"], cost["peak_bytes"])
+            candidates.append(Choice(Budget(states=states, leaf=leaf), plan, cost["seconds"], cost["peak_bytes"],
+                                     executions=cost["executions"]))
         if host_budget <= 0:
             continue
         # More states than the device holds, some in host memory: fewer replays, more copies.
@@ -242,17 +252,18 @@ def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget:
             if fit is None or not fit[0] or fit[1]["peak_host_bytes"] > host_budget:
                 continue
             slots, cost = fit
-            if best is None or cost["seconds"] < best.seconds:
-                best = Choice(Budget(states=states, leaf=leaf), plan, cost["seconds"], cost["peak_bytes"], slots,
-                              cost["peak_host_bytes"])
-    if best is None:
+            candidates.append(Choice(Budget(states=states, leaf=leaf), plan, cost["seconds"], cost["peak_bytes"],
+                                     slots, cost["peak_host_bytes"], cost["executions"]))
+    if not candidates:
         where = ("one saved state, the current state" if host_budget <= 0 else
                  f"the current state (saved states in up to {_bytes(host_budget)} of host memory)")
         raise DeviceMemoryError(
             f"a device-memory budget of {_bytes(budget)} is below the minimum any plan needs here: "
             f"{_bytes(minimum)} ({_bytes(data_bytes)} of data and z, {where}, "
             f"cotangents and the reverse program's temporaries). Raise Auto(memory=...) to at least {minimum}.")
-    return best
+    fastest = min(choice.seconds for choice in candidates)
+    return min((choice for choice in candidates if choice.seconds <= (1 + NEAR_TIE) * fastest),
+               key=lambda choice: (choice.executions, choice.seconds))
 
 
 def check_fits(client, predicted_peak: int, data_bytes: int, what: str, suggestion: str, devices: int = 1,
