@@ -545,7 +545,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_arguments(parser, kinds="mlp_table,cnn,wide,transformer", steps="1000,10000", repeat=3,
                        repeat_help="timed runs per cell (median), after one warm-up", out="frontier")
-    parser.add_argument("--skip", default="", help="comma-separated methods not to run (e.g. python_replay,equinox)")
+    parser.add_argument("--skip", default="", help="comma-separated methods not to run: jax_storeall, jax_checkpoint, "
+                        "python_replay, equinox, metagrad (the fixed schedules), default, auto")
     parser.add_argument("--scan-form", action="store_true",
                         help="also run Auto on the task compiled with loop='scan' (fused reverses of 100 steps)")
     parser.add_argument("--budgets-from", metavar="JSON", help="take Auto's budgets from this result file's peers")
@@ -601,8 +602,9 @@ def main(argv=None):
                 specs = [{**base, "method": "train_jax"}]
                 specs += [{**base, "method": "train_runtime"}] if compiled else []
                 specs += [{**base, "method": m, "param": p} for m in PEERS if m not in skip for p in peer_params(m, T)]
-                if compiled and "metagrad" not in skip:
-                    specs += [{**base, "method": "metagrad", "param": p} for p in fixed_schedules(T)]
+                if compiled:  # --skip metagrad: the fixed schedules; --skip default: the default metagradient(z)
+                    specs += [{**base, "method": "metagrad", "param": p} for p in fixed_schedules(T)
+                              if ("default" if p["name"] == "default" else "metagrad") not in skip]
                 for spec in specs:
                     run["cells"].append(cell(spec))
                     save_json(results, args.out)
