@@ -54,11 +54,12 @@ HOST_MEMORY_KIND = "pinned_host"
 # fastest per step (docs/performance.md).
 DEFAULT_LEAVES = {"unroll": (1, 10), "scan": (1, 10, 100)}
 # Plans predicted within this share of the fastest are a tie, which goes to the
-# fewest executions. It is the calibration's own spread: four calibrations of the
-# digits MLP put step_vjp at 0.45-0.61 ms. Each execution wakes the plugin's
-# thread pool, so plans of many short executions lose most when the machine is
-# busy: Budget(states=1000, leaf=1) ran at 4.5x training alone and 7x beside
-# other work, Budget(states=10, leaf=100) at 4.2x in both (docs/performance.md).
+# fewest executions. It is below the calibration's own spread: two processes
+# timed the digits MLP's step at 0.35 and 0.55 ms (bench/calibration_drift.py).
+# Each execution wakes the plugin's thread pool, so plans of many short
+# executions lose most when the machine is busy: Budget(states=1000, leaf=1)
+# ran at 4.5x training alone and 7x beside other work, Budget(states=10,
+# leaf=100) at 4.2x in both (docs/performance.md).
 NEAR_TIE = 0.10
 
 
