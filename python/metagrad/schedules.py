@@ -4,9 +4,10 @@ Pass one as ``CompiledTask.metagradient(z, schedule=...)``; ``schedule.plan(T)``
 returns the plan (a C++ action list) for inspection. :class:`Auto` (the
 default) chooses the plan from the task's costs: :func:`choose` is that
 search (plans predicted within :data:`NEAR_TIE` of the fastest are a tie,
-which goes to the fewest executions), :func:`simulate_plan` the prediction of a plan's seconds and peak
-device (and host) bytes from a :class:`CostTable`, and :func:`host_slot_order`
-the order in which the planner moves a plan's slots to host memory.
+which goes to the fewest executions), :func:`simulate_plan` the prediction of
+a plan's seconds and peak device (and host) bytes from a :class:`CostTable`,
+and :func:`host_slot_order` the order in which the planner moves a plan's
+slots to host memory.
 """
 
 from metagrad._runtime import CostTable, ProgramCost, host_slot_order, simulate_plan

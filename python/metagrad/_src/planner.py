@@ -7,9 +7,10 @@ time, and runs the fastest; plans predicted within ``NEAR_TIE`` of the fastest
 count as tied, and the tie goes to the fewest program executions. Predictions
 come from a cost table of the task's programs: the device bytes of each
 execution (XLA's compiled memory statistics) and its seconds (a short
-calibration that runs each program a few times, once per compiled task). The plan is then simulated with the task
-runner's own accounting (``simulate_plan``), so the predicted peak is what
-the run's ``Report.peak_device_bytes`` measures.
+calibration that runs each program a few times, once per compiled task). The
+plan is then simulated with the task runner's own accounting
+(``simulate_plan``), so the predicted peak is what the run's
+``Report.peak_device_bytes`` measures.
 
 The budget covers everything the run holds on the device: data and z, saved
 states, the current state, cotangents and metagradient accumulators, and the
