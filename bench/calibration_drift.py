@@ -3,7 +3,7 @@
     python bench/calibration_drift.py [--kinds mlp_table,wide] [--steps 100,1000] [--loop scan] [--repeat 5]
 
 For each task and T: the calibration Auto plans from (``compiled.cost_table(z)``:
-each program timed in chains of 8 executions on one state) against
+each program timed in chains of at least 20 ms at the step positions of a run) against
 ``StoreAll()``, which runs every step once forward and once in reverse over T
 saved states. Per step: the forward pass (``Report.seconds_forward`` less
 ``init`` and ``output_vjp``) over T against the calibrated ``step``, and the

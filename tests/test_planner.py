@@ -50,6 +50,18 @@ def test_the_cost_table_is_what_auto_predicts_from(compiled):
         c.cost_table(z, metagrad.StoreAll())
 
 
+def test_the_calibration_times_every_program_the_runner_holds(compiled):
+    _, z, c = compiled
+    runner = c._runner((4,))
+    costs = runner.calibrate(c._z_buffers(z), repeats=2)
+    sizes = runner.program_bytes()
+    assert set(costs) == set(sizes) >= {"init", "step", "advance_4", "output_vjp", "step_vjp", "segment_vjp_4",
+                                        "init_vjp"}
+    assert all(costs[name].seconds > 0 and costs[name].bytes == sizes[name].bytes for name in sizes), costs
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        runner.calibrate(c._z_buffers(z), repeats=0)
+
+
 def test_more_memory_never_means_more_recomputation(compiled):
     _, z, c = compiled
     forward = []

@@ -46,6 +46,7 @@ nb::dict KindDict(const ProgramKind& kind) {
 
 void BindTaskRunner(nb::module_& m) {
   m.attr("MANIFEST_VERSION") = kManifestVersion;
+  m.attr("CALIBRATION_VERSION") = kCalibrationVersion;
   m.def("program_kinds", [] {
         nb::list kinds;
         for (const ProgramKind& kind : ProgramKinds()) kinds.append(KindDict(kind));

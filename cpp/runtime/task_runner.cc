@@ -500,22 +500,45 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
 
 namespace {
 
+// Calibration. A chain of a few executions of a short program (the digits
+// MLP's step: 0.4 ms) lasts less than the noise of a thread-pool wake-up, and
+// timing each program for all its repeats before the next lets the machine's
+// load drift between programs: both made the ratios between programs, which
+// decide the plan, vary 1.5x from one calibration to the next. So each sample
+// is a chain of at least kSampleSeconds, and the repeats run in rounds that
+// time every program once.
+constexpr double kSampleSeconds = 0.02;
+constexpr int kMinChain = 2;
+constexpr int kMaxChain = 256;
+
 // Seconds per execution of `run`, which enqueues one execution that feeds on
 // the previous one's outputs (as in a run: dispatch overlaps compute) and
-// returns its outputs: the median over `repeats` chains of kChain executions,
-// after one untimed chain.
-constexpr int kChain = 8;
+// returns its outputs. The first (warm-up) sample sets the chain's length.
+class ChainTimer {
+ public:
+  explicit ChainTimer(std::function<std::vector<BufferPtr>()> run) : run_(std::move(run)) {}
 
-template <typename Run>
-double Time(int repeats, Run&& run) {
-  std::vector<double> samples;
-  for (int r = 0; r <= repeats; ++r) {
+  double operator()() {
     const auto start = Clock::now();
     std::vector<BufferPtr> last;
-    for (int i = 0; i < kChain; ++i) last = run();
+    for (int i = 0; i < length_; ++i) last = run_();
     AwaitAll(last);
-    if (r > 0) samples.push_back(SecondsSince(start) / kChain);
+    const double seconds = SecondsSince(start) / length_;
+    if (!sized_) {
+      const double wanted = std::ceil(kSampleSeconds / std::max(seconds, 1e-9));
+      length_ = static_cast<int>(std::clamp(wanted, static_cast<double>(kMinChain), static_cast<double>(kMaxChain)));
+      sized_ = true;
+    }
+    return seconds;
   }
+
+ private:
+  std::function<std::vector<BufferPtr>()> run_;
+  int length_ = kMinChain;
+  bool sized_ = false;
+};
+
+double Median(std::vector<double> samples) {
   std::sort(samples.begin(), samples.end());
   return samples[samples.size() / 2];
 }
@@ -546,38 +569,44 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
   }
   std::map<std::string, ProgramCost> costs = ProgramBytes();
   RunReport report;
-  std::vector<BufferPtr> state;
-  costs["init"].seconds = Time(repeats, [&] { return state = Run(programs_.init, {&z, &data_}, report); });
-  const std::vector<BufferPtr>& index = StepIndex(0);
-  const std::vector<BufferPtr> state0 = state;
-  auto forward = [&](const ExecutablePtr& program) {
-    state = state0;
-    return [&, program] { return state = Run(program, {&state, &z, &data_, &index}, report); };
+  // Each sampler returns one sample of seconds per execution; states, cotangents
+  // and accumulators chain through them as in a run (their values do not change
+  // what a program costs).
+  std::vector<std::pair<std::string, std::function<double()>>> samplers;
+  std::vector<BufferPtr> state = Run(programs_.init, {&z, &data_}, report);
+  samplers.emplace_back("init", ChainTimer([&] { return state = Run(programs_.init, {&z, &data_}, report); }));
+  // Programs of n steps run at every step position a run uses, in turn: each
+  // position's index buffer and batch, as in a run.
+  auto cycle = [this](int64_t n) {
+    return [this, n, t = int64_t{0}]() mutable -> const std::vector<BufferPtr>& {
+      t = (t + n) % std::max<int64_t>(1, steps_ - n + 1);
+      return StepIndex(t);
+    };
   };
-  costs["step"].seconds = Time(repeats, forward(programs_.step));
+  auto forward = [&](const ExecutablePtr& program, int64_t n) {
+    return ChainTimer([&, program, position = cycle(n)]() mutable {
+      return state = Run(program, {&state, &z, &data_, &position()}, report);
+    });
+  };
+  samplers.emplace_back("step", forward(programs_.step, 1));
   for (const auto& [n, program] : programs_.advance) {
-    costs["advance_" + std::to_string(n)].seconds = Time(repeats, forward(program));
+    samplers.emplace_back("advance_" + std::to_string(n), forward(program, n));
   }
-  state = state0;
+  std::vector<BufferPtr> host;
   if (!host_memory_kind.empty()) {
-    // One state's round trip, each way timed alone (the copies are asynchronous).
-    std::vector<double> out_samples, in_samples;
-    for (int r = 0; r <= repeats; ++r) {
-      auto start = Clock::now();
-      std::vector<BufferPtr> host = CopyAll(state0, host_memory_kind);
-      AwaitAll(host);
-      const double out_seconds = SecondsSince(start);
-      start = Clock::now();
+    // One state's copy each way, timed alone (the copies are asynchronous).
+    host = CopyAll(state, host_memory_kind);
+    AwaitAll(host);
+    samplers.emplace_back("to_host", [&] {
+      const auto start = Clock::now();
+      AwaitAll(CopyAll(state, host_memory_kind));
+      return SecondsSince(start);
+    });
+    samplers.emplace_back("from_host", [&] {
+      const auto start = Clock::now();
       AwaitAll(CopyAll(host, "device"));
-      if (r > 0) {
-        out_samples.push_back(out_seconds);
-        in_samples.push_back(SecondsSince(start));
-      }
-    }
-    std::sort(out_samples.begin(), out_samples.end());
-    std::sort(in_samples.begin(), in_samples.end());
-    costs["to_host"].seconds = out_samples[out_samples.size() / 2];
-    costs["from_host"].seconds = in_samples[in_samples.size() / 2];
+      return SecondsSince(start);
+    });
   }
   std::vector<BufferPtr> cotangent, accumulators;
   const long num_z = static_cast<long>(layout_.z.size()) * layout_.devices;
@@ -588,30 +617,37 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
     accumulators.assign(out.end() - num_z, out.end());
     return out;
   };
-  costs["output_vjp"].seconds = Time(repeats, output);
+  AwaitAll(output());
+  samplers.emplace_back("output_vjp", ChainTimer(output));
   // Reverses donate their cotangents: chain them, as a traversal does.
-  auto reverse = [&](const ExecutablePtr& program) {
-    return [&, program] {
-      std::vector<BufferPtr> out = Run(program, {&state, &z, &data_, &index, &cotangent, &accumulators}, report);
+  auto reverse = [&](const ExecutablePtr& program, int64_t n) {
+    return ChainTimer([&, program, position = cycle(n)]() mutable {
+      std::vector<BufferPtr> out =
+          Run(program, {&state, &z, &data_, &position(), &cotangent, &accumulators}, report);
       cotangent.assign(out.begin(), out.begin() + static_cast<long>(cotangent.size()));
       accumulators.assign(out.begin() + static_cast<long>(cotangent.size()), out.end());
       return out;
-    };
+    });
   };
-  costs["step_vjp"].seconds = Time(repeats, reverse(programs_.step_vjp));
+  samplers.emplace_back("step_vjp", reverse(programs_.step_vjp, 1));
   for (const auto& [n, program] : programs_.segment_vjp) {
-    costs["segment_vjp_" + std::to_string(n)].seconds = Time(repeats, reverse(program));
+    samplers.emplace_back("segment_vjp_" + std::to_string(n), reverse(program, n));
   }
   // init_vjp consumes the cotangents output_vjp makes: time it alone.
-  std::vector<double> samples;
-  for (int i = 0; i <= repeats; ++i) {
+  samplers.emplace_back("init_vjp", [&] {
     AwaitAll(output());
     const auto start = Clock::now();
     AwaitAll(Run(programs_.init_vjp, {&z, &data_, &cotangent, &accumulators}, report));
-    if (i > 0) samples.push_back(SecondsSince(start));
+    return SecondsSince(start);
+  });
+  std::map<std::string, std::vector<double>> samples;
+  for (int round = 0; round <= repeats; ++round) {
+    for (auto& [name, sample] : samplers) {
+      const double seconds = sample();
+      if (round > 0) samples[name].push_back(seconds);
+    }
   }
-  std::sort(samples.begin(), samples.end());
-  costs["init_vjp"].seconds = samples[samples.size() / 2];
+  for (auto& [name, timed] : samples) costs[name].seconds = Median(std::move(timed));
   return costs;
 }
 

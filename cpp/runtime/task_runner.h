@@ -36,6 +36,11 @@ struct MetagradientOptions {
 // What one run did. Its fields are listed once, in VisitReportFields. Bytes
 // are per device: over several devices each holds one shard of every value
 // (a replicated leaf whole), and even shardings make every device equal.
+// How TaskRunner::Calibrate measures: part of the key of a calibration kept in
+// the disk cache, so that a changed method measures again. 2: chains of at
+// least 20 ms at every step position, in interleaved rounds.
+constexpr int64_t kCalibrationVersion = 2;
+
 struct RunReport {
   std::string schedule;
   int64_t devices = 1;
@@ -135,8 +140,10 @@ class TaskRunner {
   Result Metagradient(const std::vector<BufferPtr>& z, const Plan& plan, const MetagradientOptions& options);
 
   // The cost of each program (by its name in programs.h) on this task's
-  // inputs: seconds per execution (the median of `repeats` chained executions
-  // after one untimed) and the device bytes an execution adds; with a
+  // inputs: seconds per execution (the median of `repeats` samples, each a
+  // chain of executions lasting at least 20 ms, taken in rounds that time every
+  // program once, after one untimed round) and the device bytes an execution
+  // adds; with a
   // `host_memory_kind`, also "to_host" and "from_host": the seconds to copy
   // one state there and back.
   std::map<std::string, ProgramCost> Calibrate(const std::vector<BufferPtr>& z, int repeats,

@@ -229,14 +229,14 @@ class CompiledTask:
         the same choice (and the same bits)."""
         entry = runtime.cache_key_of(self.client, "calibration", sorted(
             (name, hashlib.sha256(self.programs[name].artifact).hexdigest()) for name in sizes
-            if name in self.programs), sorted(sizes), host_kind, self.num_devices)
+            if name in self.programs), sorted(sizes), host_kind, self.num_devices, _runtime.CALIBRATION_VERSION)
         stored = cache.get("calibration", entry)
         if stored is not None:
             try:
                 return {name: planner.program_cost(*values) for name, values in json.loads(stored).items()}
             except (ValueError, TypeError):
                 pass
-        # Calibration holds the first state, a chain of states and the cotangents.
+        # Calibration holds a state, the next one of a chain, and the cotangents.
         peak = 3 * self._task_layout.state_bytes + max(cost.bytes for cost in sizes.values())
         planner.check_fits(self.client, peak, self.data_bytes, "calibrating the task's programs",
                            "The task's state is too large for this device.", self.num_devices)
