@@ -513,12 +513,16 @@ constexpr int kMaxChain = 256;
 
 // Seconds per execution of `run`, which enqueues one execution that feeds on
 // the previous one's outputs (as in a run: dispatch overlaps compute) and
-// returns its outputs. The first (warm-up) sample sets the chain's length.
+// returns its outputs. The first execution of each sample, the first after
+// another program, is not timed: it cost the wide MLP's step up to 2x in
+// calibration, which the long chains of a run do not pay. The first (warm-up)
+// sample sets the chain's length.
 class ChainTimer {
  public:
   explicit ChainTimer(std::function<std::vector<BufferPtr>()> run) : run_(std::move(run)) {}
 
   double operator()() {
+    AwaitAll(run_());
     const auto start = Clock::now();
     std::vector<BufferPtr> last;
     for (int i = 0; i < length_; ++i) last = run_();

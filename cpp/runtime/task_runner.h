@@ -38,8 +38,9 @@ struct MetagradientOptions {
 // (a replicated leaf whole), and even shardings make every device equal.
 // How TaskRunner::Calibrate measures: part of the key of a calibration kept in
 // the disk cache, so that a changed method measures again. 2: chains of at
-// least 20 ms at every step position, in interleaved rounds.
-constexpr int64_t kCalibrationVersion = 2;
+// least 20 ms at every step position, in interleaved rounds; 3: each chain
+// after one untimed execution.
+constexpr int64_t kCalibrationVersion = 3;
 
 struct RunReport {
   std::string schedule;
