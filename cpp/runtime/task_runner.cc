@@ -514,9 +514,9 @@ constexpr int kMaxChain = 256;
 // Seconds per execution of `run`, which enqueues one execution that feeds on
 // the previous one's outputs (as in a run: dispatch overlaps compute) and
 // returns its outputs. The first execution of each sample, the first after
-// another program, is not timed: it cost the wide MLP's step up to 2x in
-// calibration, which the long chains of a run do not pay. The first (warm-up)
-// sample sets the chain's length.
+// another program, is not timed: with it the wide MLP's step calibrated 20-30%
+// above what the long chains of a run pay. The first (warm-up) sample sets the
+// chain's length.
 class ChainTimer {
  public:
   explicit ChainTimer(std::function<std::vector<BufferPtr>()> run) : run_(std::move(run)) {}

@@ -33,15 +33,15 @@ struct MetagradientOptions {
   std::string host_memory_kind = "pinned_host";
 };
 
-// What one run did. Its fields are listed once, in VisitReportFields. Bytes
-// are per device: over several devices each holds one shard of every value
-// (a replicated leaf whole), and even shardings make every device equal.
 // How TaskRunner::Calibrate measures: part of the key of a calibration kept in
 // the disk cache, so that a changed method measures again. 2: chains of at
 // least 20 ms at every step position, in interleaved rounds; 3: each chain
 // after one untimed execution.
 constexpr int64_t kCalibrationVersion = 3;
 
+// What one run did. Its fields are listed once, in VisitReportFields. Bytes
+// are per device: over several devices each holds one shard of every value
+// (a replicated leaf whole), and even shardings make every device equal.
 struct RunReport {
   std::string schedule;
   int64_t devices = 1;
@@ -142,11 +142,10 @@ class TaskRunner {
 
   // The cost of each program (by its name in programs.h) on this task's
   // inputs: seconds per execution (the median of `repeats` samples, each a
-  // chain of executions lasting at least 20 ms, taken in rounds that time every
-  // program once, after one untimed round) and the device bytes an execution
-  // adds; with a
-  // `host_memory_kind`, also "to_host" and "from_host": the seconds to copy
-  // one state there and back.
+  // chain of executions lasting at least 20 ms after one untimed execution,
+  // taken in rounds that time every program once, after one untimed round)
+  // and the device bytes an execution adds; with a `host_memory_kind`, also
+  // "to_host" and "from_host": the seconds to copy one state there and back.
   std::map<std::string, ProgramCost> Calibrate(const std::vector<BufferPtr>& z, int repeats,
                                                const std::string& host_memory_kind = "");
   // The device bytes of each program, without running anything.
