@@ -92,13 +92,15 @@ def test_a_budget_below_every_plan_names_the_minimum(compiled):
     assert report.peak_device_bytes + report.data_bytes <= minimum
 
 
+def _cost(seconds: float, nbytes: int) -> schedules.ProgramCost:
+    c = schedules.ProgramCost()
+    c.seconds, c.bytes = seconds, nbytes
+    return c
+
+
 def _table(fused_bytes: int, fused_seconds: float) -> schedules.CostTable:
     """A hand-made cost table: state 100 B, a fused 10-step reverse that is fast but holds ``fused_bytes``."""
-    def cost(seconds, nbytes):
-        c = schedules.ProgramCost()
-        c.seconds, c.bytes = seconds, nbytes
-        return c
-
+    cost = _cost
     table = schedules.CostTable()
     table.state_bytes, table.cotangent_bytes = 100, 100
     table.init, table.step, table.output_vjp, table.init_vjp = cost(1, 100), cost(1, 100), cost(2, 200), cost(2, 100)
@@ -117,6 +119,24 @@ def test_fused_blocks_are_chosen_only_where_their_memory_fits():
     assert tight.peak_bytes <= 4_000 and roomy.peak_bytes <= 20_000
     for choice in (roomy, tight):
         assert schedules.simulate_plan(choice.plan, table)["peak_bytes"] == choice.peak_bytes
+
+
+def test_with_host_memory_the_minimum_named_is_the_least_any_state_count_needs():
+    # A fused forward that holds 50 kB: one saved state replays through it, while saving every state (in
+    # host memory) replays nothing and needs a few hundred bytes. Seen on a GPU: the error named the
+    # one-state plan's minimum (2.97 MiB) where another state count ran in 2.0 MiB.
+    table = _table(fused_bytes=500, fused_seconds=5.0)
+    table.advance = {10: _cost(5.0, 50_000)}
+    table.to_host, table.from_host = _cost(0.1, 0), _cost(0.1, 0)
+    host = 10**6
+    with pytest.raises(metagrad.DeviceMemoryError, match=r"Raise Auto\(memory=\.\.\.\) to at least") as error:
+        schedules.choose(table, 100, (1, 10), budget=200, data_bytes=0, host_budget=host)
+    minimum = int(str(error.value).rsplit(" ", 1)[1].rstrip("."))
+    assert minimum < 50_000
+    choice = schedules.choose(table, 100, (1, 10), budget=minimum, data_bytes=0, host_budget=host)
+    assert choice.peak_bytes <= minimum and choice.host_slots
+    with pytest.raises(metagrad.DeviceMemoryError):
+        schedules.choose(table, 100, (1, 10), budget=minimum - 1, data_bytes=0, host_budget=host)
 
 
 def test_a_near_tie_goes_to_the_plan_with_fewer_executions():

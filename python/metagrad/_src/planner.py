@@ -247,10 +247,13 @@ def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget:
         # More states than the device holds, some in host memory: fewer replays, more copies.
         for states in _state_counts(blocks):
             plan = plan_revolve(steps, states, leaf)
+            # The least device memory this plan runs in: every slot in host memory. Any count of states
+            # can be the smallest (one state replays with the fused forward programs, whose temporaries
+            # can outweigh the reverse's), so the minimum is taken over all of them.
+            everything = _runtime.simulate_plan(plan, table, set(_runtime.host_slot_order(plan)))
+            if everything["peak_host_bytes"] <= host_budget:
+                minimum = min(minimum, everything["peak_bytes"] + data_bytes)
             fit = fewest_host_slots(plan, table, budget, data_bytes)
-            if states == 1:
-                everything = set(_runtime.host_slot_order(plan))
-                minimum = min(minimum, _runtime.simulate_plan(plan, table, everything)["peak_bytes"] + data_bytes)
             if fit is None or not fit[0] or fit[1]["peak_host_bytes"] > host_budget:
                 continue
             slots, cost = fit
