@@ -1,5 +1,6 @@
 """The C++ PJRT runtime: compile, execute, buffers, DLPack, errors."""
 
+import os
 import subprocess
 import sys
 
@@ -29,15 +30,19 @@ def test_plugin_reports_versions(client):
     assert len(version) == 3
     target = runtime.stablehlo_target(client)
     assert tuple(int(p) for p in target.split(".")) <= tuple(version)
-    assert client.platform_name == "cpu"
+    # The default plugin is the CPU one, or $METAGRAD_PJRT_PLUGIN's (a CUDA plugin on a GPU's machine).
+    assert client.platform_name == ("cuda" if "cuda" in os.path.basename(client.plugin_path) else "cpu")
     assert "device" in client.devices[0].memory_kinds
 
 
 def test_cpu_device_count_is_selectable():
-    client = runtime.get_client(cpu_device_count=3)
+    client = runtime.get_client(runtime.cpu_plugin_path(), cpu_device_count=3)
     assert [d.id for d in client.devices] == [0, 1, 2]
     with pytest.raises(ValueError, match="cpu_device_count"):
-        runtime.get_client(cpu_device_count=0)
+        runtime.get_client(runtime.cpu_plugin_path(), cpu_device_count=0)
+    # A CUDA plugin's devices are its GPUs: asking it for CPU devices is an error, not ignored.
+    with pytest.raises(ValueError, match="cpu_device_count applies to the CPU plugin only; xla_cuda_plugin.so"):
+        runtime.get_client("/any/xla_cuda_plugin.so", cpu_device_count=3)
 
 
 @pytest.mark.parametrize("as_text", [True, False])
@@ -100,8 +105,11 @@ def test_dlpack_exchange_with_jax(client):
     buffer = runtime.to_device(host, client)
     as_jax = jnp.from_dlpack(buffer)
     np.testing.assert_array_equal(np.asarray(as_jax), host)
-    from_jax = client.buffer_from_array(jnp.arange(5, dtype=jnp.int32) * 2)
-    np.testing.assert_array_equal(from_jax.to_numpy(), [0, 2, 4, 6, 8])
+    # buffer_from_array takes arrays in host memory; to_device takes one from any device (through the host).
+    on_host = jax.device_put(jnp.arange(5, dtype=jnp.int32) * 2, jax.devices("cpu")[0])
+    np.testing.assert_array_equal(client.buffer_from_array(on_host).to_numpy(), [0, 2, 4, 6, 8])
+    np.testing.assert_array_equal(runtime.to_device(jnp.arange(5, dtype=jnp.int32) * 3, client).to_numpy(),
+                                  [0, 3, 6, 9, 12])
 
 
 def test_buffers_from_strided_and_many_dtypes(client):

@@ -68,8 +68,9 @@ bool IsBfloat16(nb::handle array) {
 
 BufferPtr UploadBfloat16(Client& client, nb::object array, int device) {
   if (!IsBfloat16(array)) {
-    throw nb::type_error("buffer_from_array expects an array on the CPU (numpy, or anything exposing DLPack or the "
-                         "buffer protocol)");
+    throw nb::type_error("buffer_from_array expects an array in host memory (numpy, or anything exposing DLPack or "
+                         "the buffer protocol on the CPU); for an array on a GPU (a JAX array there), use "
+                         "metagrad.runtime.to_device(x, client), which copies it through the host");
   }
   nb::object bits = nb::module_::import_("numpy").attr("asarray")(array).attr("view")("uint16");
   return UploadAs(client, nb::cast<HostArray>(bits), device, PJRT_Buffer_Type_BF16);

@@ -58,6 +58,11 @@ def default_plugin_path() -> str:
     return os.environ.get(PLUGIN_ENV) or cpu_plugin_path()
 
 
+def is_cuda_plugin(path: str) -> bool:
+    """Whether the plugin at ``path`` is a CUDA one (jax-cuda*-pjrt's ``xla_cuda_plugin.so``)."""
+    return "cuda" in os.path.basename(path)
+
+
 def _preload_nvidia_libraries() -> None:
     # The CUDA plugin resolves cuDNN, cuBLAS, NCCL... by soname; like jax, load
     # the copies from the nvidia-* wheels globally first.
@@ -77,7 +82,7 @@ def load_plugin(path: str) -> Plugin:
     if not os.path.exists(path):
         raise FileNotFoundError(f"PJRT plugin not found at {path!r}: pass the path of a plugin shared library "
                                 f"or set ${PLUGIN_ENV}")
-    if "cuda" in os.path.basename(path):
+    if is_cuda_plugin(path):
         _preload_nvidia_libraries()
     return Plugin.load(path)
 
@@ -101,6 +106,9 @@ def get_client(plugin: str | None = None, *, cpu_device_count: int | None = None
     path = os.path.abspath(plugin or default_plugin_path())
     if cpu_device_count is not None and cpu_device_count < 1:
         raise ValueError(f"cpu_device_count must be >= 1, got {cpu_device_count}")
+    if cpu_device_count is not None and options is None and is_cuda_plugin(path):
+        raise ValueError(f"cpu_device_count applies to the CPU plugin only; {os.path.basename(path)} is a CUDA "
+                         f"plugin, whose devices are the machine's GPUs")
     chosen = options if options is not None else _runtime.default_client_options(path, int(cpu_device_count or 1))
     return _client(path, tuple(sorted(chosen.items())))
 

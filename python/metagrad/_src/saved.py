@@ -169,7 +169,8 @@ def read(path: str, client) -> dict:
         except (KeyError, TypeError, ValueError) as error:
             reader.fail(f"{reader.manifest_path}: sharding", f"malformed ({type(error).__name__}: {error})")
     if client is None:
-        client = runtime.get_client(cpu_device_count=max(devices) + 1 if sharding else None)
+        cpu = not runtime.is_cuda_plugin(runtime.default_plugin_path())  # a CUDA client has all the GPUs
+        client = runtime.get_client(cpu_device_count=max(devices) + 1 if sharding and cpu else None)
     if max(devices) >= len(client.devices):
         reader.fail(f"{reader.manifest_path}: sharding.devices",
                     f"the task runs on devices {list(devices)}, the client has {len(client.devices)} (for the CPU "
