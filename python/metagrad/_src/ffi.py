@@ -61,6 +61,8 @@ def jaxlib_handlers(platform: str) -> dict[str, Any]:
         raise ValueError(f"no jaxlib handlers for platform {platform!r}: use 'cpu' or 'cuda'")
     handlers = {}
     for module in modules:
+        if module is None:  # jax without the CUDA plugin that holds this module's kernels
+            continue
         for name, capsule, api_version in module.registrations().get(key, []):
             if api_version == 1:
                 handlers[name] = capsule
@@ -79,7 +81,12 @@ def register_jaxlib_handlers(client) -> Registration:
         if path in _registrations:
             return _registrations[path]
         platform = _platform(client)
-        handlers = jaxlib_handlers(platform)
+        try:
+            handlers = jaxlib_handlers(platform)
+        except ImportError as error:  # a jax whose layout of the kernels' modules differs
+            _registrations[path] = Registration(platform, frozenset(), False,
+                                                f"jaxlib's {platform} kernels could not be imported: {error}")
+            return _registrations[path]
         if platform == "cpu":
             from jaxlib.cpu import _lapack
 
