@@ -61,6 +61,9 @@ def machine_notes() -> dict:
     import jax
 
     info["jax"] = jax.__version__
+    # Where the runs ran: the runtime's plugin and the devices jax sees (the peers run there).
+    info["pjrt_plugin"] = os.path.basename(os.environ.get("METAGRAD_PJRT_PLUGIN") or "xla_cpu_pjrt.so")
+    info["devices"] = sorted({f"{d.platform} {d.device_kind}" for d in jax.devices()})
     return info
 
 

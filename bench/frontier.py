@@ -5,6 +5,9 @@
     python bench/frontier.py --kinds mlp_table --steps 100 --repeat 1 --out /tmp/f   # a quick try
     python bench/frontier.py --render a.json b.json --out bench/results/frontier_all  # tables + plot again
         # (cells b.json re-measured replace a.json's)
+    python bench/frontier.py --kinds mlp_table --steps 1000 --scan-form --save-tasks /tmp/tasks   # compile only
+    python bench/frontier.py --kinds mlp_table --steps 1000 --scan-form --tasks-from /tmp/tasks   # run them
+        # (compile where enzyme-ad installs, run on a machine where it does not, e.g. a GPU's)
 
 Tasks (bench/tasks.py): ``mlp_table`` (the digits MLP, batches read from a
 ``(T, 128)`` index table in ``data``), ``cnn``, ``wide`` and ``transformer``
@@ -410,7 +413,9 @@ def markdown(results: dict) -> str:
              f"{results['machine'].get('loadavg_end')} at the end. `x train`: median over {results['repeat']} "
              f"runs (after a warm-up) of the run's time / the time of `jax.jit(lax.scan)` training of the same "
              f"task and T timed right after it in the same process; every comparison uses it. Device memory "
-             f"counts arguments (z, data), outputs and everything between, for every method (see the docstring)."]
+             f"counts arguments (z, data), outputs and everything between, for every method (see the docstring). "
+             f"Devices: {', '.join(results['machine'].get('devices', ['cpu']))}; metagrad's PJRT plugin: "
+             f"{results['machine'].get('pjrt_plugin', 'xla_cpu_pjrt.so')}."]
     for key, run in results["runs"].items():
         analysis = analyse(run)
         info = run.get("prepare", {})
@@ -551,6 +556,9 @@ def main(argv=None):
                         help="also run Auto on the task compiled with loop='scan' (fused reverses of 100 steps)")
     parser.add_argument("--budgets-from", metavar="JSON", help="take Auto's budgets from this result file's peers")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite tables and plot from result files")
+    parser.add_argument("--save-tasks", metavar="DIR", help="only compile and save the tasks into DIR (no cells)")
+    parser.add_argument("--tasks-from", metavar="DIR", help="run the tasks saved by --save-tasks DIR "
+                        "instead of compiling them")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -576,7 +584,9 @@ def main(argv=None):
     results = {"machine": machine_notes(), "command": " ".join(["python bench/frontier.py"] + sys.argv[1:]),
                "repeat": args.repeat, "auto_available": hasattr(metagrad, "Auto"), "runs": {}}
     start = time.perf_counter()
-    workdir = tempfile.mkdtemp(prefix="metagrad-frontier-")  # the saved tasks, removed at the end
+    # The saved tasks: a temporary folder removed at the end, unless kept (--save-tasks) or given (--tasks-from).
+    workdir = args.save_tasks or args.tasks_from or tempfile.mkdtemp(prefix="metagrad-frontier-")
+    os.makedirs(workdir, exist_ok=True)
 
     def cell(spec: dict) -> dict:
         command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
@@ -588,16 +598,32 @@ def main(argv=None):
               file=sys.stderr)
         return out
 
+    def prepared(spec: dict) -> dict:
+        """Compile and save the task (its result kept beside it as JSON), or read what --save-tasks kept."""
+        record = spec["task_dir"] + ".prepare.json"
+        if args.tasks_from:
+            with open(record) as f:
+                return json.load(f)
+        command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(spec)]
+        out = run_limited(command, 2 * args.timeout, mem_limit)
+        if args.save_tasks:
+            with open(record, "w") as f:
+                json.dump(out, f)
+        return out
+
     try:
         for T in steps:
             for kind in args.kinds.split(","):
                 run = results["runs"][f"{kind}/{T}"] = {"kind": kind, "steps": T, "cells": []}
                 base = {"kind": kind, "steps": T, "repeat": args.repeat,
                         "task_dir": os.path.join(workdir, f"{kind}-{T}")}
-                command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(base)]
-                run["prepare"] = run_limited(command, 2 * args.timeout, mem_limit)
+                run["prepare"] = prepared(base)
                 print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled: {run['prepare']}",
                       file=sys.stderr)
+                if args.save_tasks:
+                    if args.scan_form:
+                        run["prepare_scan"] = prepared({**base, "loop": "scan", "task_dir": base["task_dir"] + "-scan"})
+                    continue
                 compiled = run["prepare"]["status"] == "ok"
                 specs = [{**base, "method": "train_jax"}]
                 specs += [{**base, "method": "train_runtime"}] if compiled else []
@@ -624,9 +650,7 @@ def main(argv=None):
                 budgets = auto_budgets(peers, data_z)
                 for method in methods:
                     if method == "auto_scan":
-                        scan = {**base, "loop": "scan", "task_dir": base["task_dir"] + "-scan"}
-                        command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(scan)]
-                        run["prepare_scan"] = run_limited(command, 2 * args.timeout, mem_limit)
+                        run["prepare_scan"] = prepared({**base, "loop": "scan", "task_dir": base["task_dir"] + "-scan"})
                         print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled (loop='scan'): "
                               f"{run['prepare_scan']}", file=sys.stderr)
                         if run["prepare_scan"]["status"] != "ok":
@@ -635,7 +659,11 @@ def main(argv=None):
                         run["cells"].append(cell({**base, "method": method, "param": budget}))
                         save_json(results, args.out)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not (args.save_tasks or args.tasks_from):
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.save_tasks:
+        print(f"saved tasks in {workdir}")
+        return 0
     results["seconds_total"] = time.perf_counter() - start
     results["machine"]["loadavg_end"] = os.getloadavg()
     print(write(results, args.out))
