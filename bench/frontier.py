@@ -602,6 +602,9 @@ def main(argv=None):
         """Compile and save the task (its result kept beside it as JSON), or read what --save-tasks kept."""
         record = spec["task_dir"] + ".prepare.json"
         if args.tasks_from:
+            if not os.path.exists(record):
+                sys.exit(f"no task saved at {spec['task_dir']}: run --save-tasks {workdir} with the same --kinds, "
+                         f"--steps (and --scan-form) first")
             with open(record) as f:
                 return json.load(f)
         command = [sys.executable, os.path.abspath(__file__), "--prepare", json.dumps(spec)]
@@ -617,12 +620,13 @@ def main(argv=None):
                 run = results["runs"][f"{kind}/{T}"] = {"kind": kind, "steps": T, "cells": []}
                 base = {"kind": kind, "steps": T, "repeat": args.repeat,
                         "task_dir": os.path.join(workdir, f"{kind}-{T}")}
+                scan = {**base, "loop": "scan", "task_dir": base["task_dir"] + "-scan"}
                 run["prepare"] = prepared(base)
                 print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled: {run['prepare']}",
                       file=sys.stderr)
                 if args.save_tasks:
                     if args.scan_form:
-                        run["prepare_scan"] = prepared({**base, "loop": "scan", "task_dir": base["task_dir"] + "-scan"})
+                        run["prepare_scan"] = prepared(scan)
                     continue
                 compiled = run["prepare"]["status"] == "ok"
                 specs = [{**base, "method": "train_jax"}]
@@ -650,7 +654,7 @@ def main(argv=None):
                 budgets = auto_budgets(peers, data_z)
                 for method in methods:
                     if method == "auto_scan":
-                        run["prepare_scan"] = prepared({**base, "loop": "scan", "task_dir": base["task_dir"] + "-scan"})
+                        run["prepare_scan"] = prepared(scan)
                         print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled (loop='scan'): "
                               f"{run['prepare_scan']}", file=sys.stderr)
                         if run["prepare_scan"]["status"] != "ok":
