@@ -22,8 +22,8 @@
 # runs metagrad-bench on each saved task; `tests` the runtime's tests on the
 # GPU; `frontier:KIND` that task's frontier row at T = 1000 without the fixed
 # schedules (but the default) and Python REPLAY, to fit a short lease. Each
-# stage has its own time limit and its log in OUT_DIR; only a failed check
-# stops the stages after it.
+# stage has its own time limit and its log in OUT_DIR (few files: the device
+# tool returns eight); only a failed check stops the stages after it.
 set -u
 out=${1:?usage: bench/cuda_rows.sh OUT_DIR STAGE...}
 shift
@@ -75,8 +75,8 @@ for what in "$@"; do
       for task in "$root"/.device/tasks/*-1000; do
         name=$(basename "$task")
         timeout 50 "$harness" "$task" --plugin "$plugin" --schedule none,storeall,replay:4,replay:16:10,replay:64:10 \
-          --repeat 5 --dispatch-iters 2000 --json > "$out/harness_$name.json" 2> "$out/harness_$name.err"
-        echo "$name rc=$?"; tail -c 600 "$out/harness_$name.err"
+          --repeat 5 --dispatch-iters 2000 --json > "$out/harness_$name.json" 2> /tmp/harness.err
+        echo "$name rc=$?"; grep -v -E "ptxas|^$" /tmp/harness.err | tail -c 600 | tee -a "$out/harness.err"
         "$py" -c "import json, sys; d = json.load(open(sys.argv[1])); print(d['info']['platform'], 'train', d['train']['us_per_step_median'], 'us/step; dispatch', d['dispatch']); [print(' ', m['schedule'], m['seconds']['median'], 's', m.get('ratio_to_train')) for m in d['metagradient']]" "$out/harness_$name.json"
       done
       ;;
@@ -99,7 +99,7 @@ for what in "$@"; do
       stage tests
       timeout 60 "$py" -m pytest -q -p no:cacheprovider tests/test_runtime.py \
         > "$out/tests.log" 2>&1
-      echo "tests rc=$?"; grep -E "passed|failed|error" "$out/tests.log" | tail -40
+      echo "tests rc=$?"; grep -E "^(FAILED|ERROR|E  )|passed|failed" "$out/tests.log" | cut -c1-300 | tail -40
       ;;
     frontier:*)
       kind=${what#frontier:}
