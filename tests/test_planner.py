@@ -100,13 +100,13 @@ def _cost(seconds: float, nbytes: int) -> schedules.ProgramCost:
 
 def _table(fused_bytes: int, fused_seconds: float) -> schedules.CostTable:
     """A hand-made cost table: state 100 B, a fused 10-step reverse that is fast but holds ``fused_bytes``."""
-    cost = _cost
     table = schedules.CostTable()
     table.state_bytes, table.cotangent_bytes = 100, 100
-    table.init, table.step, table.output_vjp, table.init_vjp = cost(1, 100), cost(1, 100), cost(2, 200), cost(2, 100)
-    table.step_vjp = cost(2, 100)
+    table.init, table.step = _cost(1, 100), _cost(1, 100)
+    table.output_vjp, table.init_vjp = _cost(2, 200), _cost(2, 100)
+    table.step_vjp = _cost(2, 100)
     table.advance = {}
-    table.segment_vjp = {10: cost(fused_seconds, fused_bytes)}
+    table.segment_vjp = {10: _cost(fused_seconds, fused_bytes)}
     return table
 
 
