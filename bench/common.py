@@ -183,6 +183,13 @@ def replay_device_bytes(stats: dict, largest_program: dict) -> int:
     return stats["max_live_states"] * largest_program["state_bytes"] + largest_program["total_bytes"]
 
 
+def flat_leaves(tree) -> np.ndarray:
+    """Every leaf of a pytree, raveled into one float64 vector (to compare or take the norm of a gradient)."""
+    import jax
+
+    return np.concatenate([np.ravel(np.asarray(leaf, dtype=np.float64)) for leaf in jax.tree_util.tree_leaves(tree)])
+
+
 def fmt_bytes(b) -> str:
     if b is None:
         return "-"

@@ -87,7 +87,7 @@ import sys
 import tempfile
 import time
 
-from common import add_cell_arguments, fmt_bytes, machine_notes, replay_device_bytes, run_limited
+from common import add_cell_arguments, flat_leaves, fmt_bytes, machine_notes, replay_device_bytes, run_limited
 
 PEERS = ("jax_storeall", "jax_checkpoint", "python_replay", "equinox")
 TRAINING = ("train_runtime", "train_jax")
@@ -296,8 +296,7 @@ def worker(spec: dict) -> dict:
         value, grad = result
     if method not in TRAINING:
         out["value"] = float(np.asarray(value))
-        out["grad_norm"] = float(np.linalg.norm(np.concatenate(
-            [np.ravel(np.asarray(g)) for g in jax.tree_util.tree_leaves(grad)])))
+        out["grad_norm"] = float(np.linalg.norm(flat_leaves(grad)))
     return {"seconds": statistics.median(samples), "samples": samples, "x_train": statistics.median(ratios),
             "x_train_samples": ratios, "device_bytes": device,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **out}

@@ -20,12 +20,9 @@ import jax
 import numpy as np
 
 import metagrad
+from common import flat_leaves
 from metagrad import baselines
 from tasks import KINDS, make_task
-
-
-def _flat(tree) -> np.ndarray:
-    return np.concatenate([np.ravel(np.asarray(leaf, dtype=np.float64)) for leaf in jax.tree_util.tree_leaves(tree)])
 
 
 def main(argv=None) -> int:
@@ -58,7 +55,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     jax_value, jax_grad = jax.block_until_ready(baselines.scan_metagradient(task, z))
     jax_seconds = time.perf_counter() - t0
-    ours, theirs = _flat(grad), _flat(jax_grad)
+    ours, theirs = flat_leaves(grad), flat_leaves(jax_grad)
     difference = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
     print(f"value: metagrad {float(np.asarray(value)):.6g}, JAX {float(np.asarray(jax_value)):.6g}; gradient "
           f"relative difference {difference:.2e} (norm {np.linalg.norm(theirs):.4g}); seconds: metagrad "
