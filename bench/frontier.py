@@ -395,6 +395,14 @@ def analyse(run: dict) -> dict:
                 mismatches.append(f"{label(c)}: value {c['value']:.6g} vs {reference['value']:.6g}, "
                                   f"|grad| {c['grad_norm']:.6g} vs {reference['grad_norm']:.6g}")
     out["mismatches"] = mismatches
+    # the planner's own accounting against what the same runs measured
+    reports = [c["report"] for c in ours if c["report"].get("predicted_peak_device_bytes")]
+    timed = [r["seconds_total"] / r["predicted_seconds"] for r in reports if r.get("predicted_seconds")]
+    if reports:
+        out["planner"] = {"cells": len(reports),
+                          "peak_as_predicted": sum(r["peak_device_bytes"] == r["predicted_peak_device_bytes"]
+                                                   for r in reports),
+                          "timed_cells": len(timed), "time_ratio": [min(timed), max(timed)] if timed else None}
     return out
 
 
@@ -449,6 +457,12 @@ def markdown(results: dict) -> str:
             lines.append(f"Default `metagradient(z)`: {_x(d['x_train'])} train at {fmt_bytes(d['device_bytes'])}; "
                          f"best plan within its budget ({fmt_bytes(d['budget'])} with data and z): {d['best']} "
                          f"{_x(d['best_x'])}; {d['ratio']:.2f}x (target <= 1.1x: {d['verdict']}); {same}.")
+        if "planner" in analysis:
+            p = analysis["planner"]
+            time = (f"; measured / predicted time {p['time_ratio'][0]:.2f}-{p['time_ratio'][1]:.2f} over the "
+                    f"{p['timed_cells']} cells whose time it predicts (Auto and the default)" if p["time_ratio"] else "")
+            lines.append(f"Planner: measured peak = predicted peak in {p['peak_as_predicted']} of {p['cells']} "
+                         f"metagrad cells{time}.")
         for m in analysis["mismatches"]:
             lines.append(f"**Value or gradient differs from JAX store-all**: {m}.")
         lines.append("\n| method | time (s) | x train | device memory | process peak RSS | notes |")
