@@ -459,10 +459,10 @@ def markdown(results: dict) -> str:
                          f"{_x(d['best_x'])}; {d['ratio']:.2f}x (target <= 1.1x: {d['verdict']}); {same}.")
         if "planner" in analysis:
             p = analysis["planner"]
-            time = (f"; measured / predicted time {p['time_ratio'][0]:.2f}-{p['time_ratio'][1]:.2f} over the "
+            timing = (f"; measured / predicted time {p['time_ratio'][0]:.2f}-{p['time_ratio'][1]:.2f} over the "
                     f"{p['timed_cells']} cells whose time it predicts (Auto and the default)" if p["time_ratio"] else "")
             lines.append(f"Planner: measured peak = predicted peak in {p['peak_as_predicted']} of {p['cells']} "
-                         f"metagrad cells{time}.")
+                         f"metagrad cells{timing}.")
         for m in analysis["mismatches"]:
             lines.append(f"**Value or gradient differs from JAX store-all**: {m}.")
         lines.append("\n| method | time (s) | x train | device memory | process peak RSS | notes |")
