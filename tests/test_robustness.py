@@ -127,6 +127,9 @@ def test_planner_integers_are_range_checked_and_never_crash():
 INTERRUPT = """
 import os, signal, threading, time, numpy as np, metagrad
 from models import make_task
+# A child of a background job (`cmd &` in a script) starts with SIGINT ignored, and Python then installs
+# no KeyboardInterrupt handler: put back the one an interactive user has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 task, z = make_task("weights", "sgdm", steps=20000, hidden=256)
 compiled = task.compile(z, backend="jax")
 compiled.metagradient(np.ones_like(z), metagrad.Replay(k=4))  # warm
