@@ -460,7 +460,7 @@ def markdown(results: dict) -> str:
         if "planner" in analysis:
             p = analysis["planner"]
             timing = (f"; measured / predicted time {p['time_ratio'][0]:.2f}-{p['time_ratio'][1]:.2f} over the "
-                    f"{p['timed_cells']} cells whose time it predicts (Auto and the default)" if p["time_ratio"] else "")
+                      f"{p['timed_cells']} cells whose time it predicts (Auto and the default)" if p["time_ratio"] else "")
             lines.append(f"Planner: measured peak = predicted peak in {p['peak_as_predicted']} of {p['cells']} "
                          f"metagrad cells{timing}.")
         for m in analysis["mismatches"]:
