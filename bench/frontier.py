@@ -22,7 +22,8 @@ only that cell), for each task and T:
   ``loop="scan"`` (``Auto(memory=B)`` at the same budgets, and ``Auto()``), where
   it also considers fused reverses of 100 steps (a ``lax.scan`` over
   Enzyme-reversed steps); ``--budgets-from`` takes those budgets from the peers
-  of an earlier result file, so these cells can run alone (``--skip`` the rest);
+  of an earlier result file, or ``--budgets`` names them, so these cells can run
+  alone (``--skip`` the rest);
 * metagrad: ``compiled.metagradient(z, schedule=...)`` for fixed schedules
   (``Budget(states=s, leaf=l)``, ``Replay(k)``, ``StoreAll()``,
   ``Periodic(every, leaf)``), the default ``metagradient(z)``, and the planner
@@ -568,6 +569,8 @@ def main(argv=None):
     parser.add_argument("--scan-form", action="store_true",
                         help="also run Auto on the task compiled with loop='scan' (fused reverses of 100 steps)")
     parser.add_argument("--budgets-from", metavar="JSON", help="take Auto's budgets from this result file's peers")
+    parser.add_argument("--budgets", metavar="BYTES", help="comma-separated: run Auto at these budgets (device "
+                        "bytes, data and z included) instead of the peers' memory, e.g. a peer's cell of an earlier run")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite tables and plot from result files")
     parser.add_argument("--save-tasks", metavar="DIR", help="only compile and save the tasks into DIR (no cells)")
     parser.add_argument("--tasks-from", metavar="DIR", help="run the tasks saved by --save-tasks DIR "
@@ -664,7 +667,8 @@ def main(argv=None):
                     with open(args.budgets_from) as f:
                         peers += [c for c in json.load(f)["runs"].get(f"{kind}/{T}", {"cells": []})["cells"]
                                   if c["method"] in PEERS]
-                budgets = auto_budgets(peers, data_z)
+                budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
+                           else auto_budgets(peers, data_z))
                 for method in methods:
                     if method == "auto_scan":
                         run["prepare_scan"] = prepared(scan)
