@@ -12,6 +12,7 @@ import pytest
 
 import metagrad
 from metagrad import schedules
+from metagrad._src import lowering, planner
 from models import make_task
 
 STEPS = 40
@@ -157,6 +158,66 @@ def test_a_near_tie_goes_to_the_plan_with_fewer_executions():
     assert fused["seconds"] > (1 + schedules.NEAR_TIE) * single["seconds"]
     far = schedules.choose(table, 100, (1, 10), budget=20_000, data_bytes=0)
     assert (far.schedule.leaf, far.seconds) == (1, single["seconds"])
+
+
+def test_the_lengths_between_are_tried_only_below_the_longest_and_within_t():
+    assert planner.gap_leaves("unroll", 1, (1, 10), 1000) == (3,)
+    assert planner.gap_leaves("unroll", 10, (1, 10), 1000) == ()
+    assert planner.gap_leaves("scan", 1, (1, 10, 100), 1000) == (3, 30)
+    assert planner.gap_leaves("scan", 10, (1, 10, 100), 1000) == (30,)
+    assert planner.gap_leaves("scan", 1, (1, 10, 100), 20) == (3,)  # 100 is capped at T = 20
+    assert planner.gap_leaves("unroll", 1, (1, 10), 3) == ()
+
+
+def test_a_length_between_replaces_the_choice_only_where_predicted_faster():
+    def table(gap_seconds):
+        t = _table(fused_bytes=5000, fused_seconds=5.0)  # the 10-step reverse does not fit 4 kB
+        t.segment_vjp = {**t.segment_vjp, 3: _cost(gap_seconds, 100)}  # 3 steps in a single step's bytes
+        return t
+
+    # 3 steps reversed in 4 s instead of 6: faster, and it fits where 10 steps do not.
+    faster = schedules.choose_with_gaps(table(4.0), 100, (1, 10), (3,), budget=4_000, data_bytes=0)
+    assert faster.schedule.leaf == 3 and faster.peak_bytes <= 4_000
+    # In 8 s: its plan is predicted slower, though within the near tie and with fewer executions,
+    # which choose() over all the lengths would take; the lengths between do not get that tie.
+    slower = table(8.0)
+    first = schedules.choose(slower, 100, (1, 10), budget=4_000, data_bytes=0)
+    gap = schedules.choose(slower, 100, (3,), budget=4_000, data_bytes=0)
+    assert first.seconds < gap.seconds < (1 + schedules.NEAR_TIE) * first.seconds
+    assert gap.executions < first.executions
+    assert schedules.choose(slower, 100, (1, 3, 10), budget=4_000, data_bytes=0).schedule.leaf == 3
+    kept = schedules.choose_with_gaps(slower, 100, (1, 10), (3,), budget=4_000, data_bytes=0)
+    assert (kept.schedule, kept.seconds) == (first.schedule, first.seconds) and kept.schedule.leaf == 1
+
+
+def test_a_tight_budget_builds_the_lengths_between_and_gives_the_same_metagradient(monkeypatch):
+    task, z = make_task("weights", "adam", steps=STEPS)
+    c = task.compile(z, backend="jax", fuse_forward=4)
+    with pytest.raises(metagrad.DeviceMemoryError) as error:
+        c.metagradient(z, metagrad.Auto(memory=c.data_bytes + c.layout.state_bytes))
+    minimum = int(str(error.value).rsplit(" ", 1)[1].rstrip("."))
+    value, grad = c.metagradient(z, metagrad.StoreAll())
+
+    def no_enzyme(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'enzyme_ad'")
+
+    with monkeypatch.context() as patch:  # a loaded task where enzyme-ad is not installed
+        patch.setattr(lowering, "lower", no_enzyme)
+        with pytest.warns(UserWarning, match=r"Auto: the fused reverses of 3 steps, which may run faster within "
+                                             r"this budget, cannot be built here \(No module named 'enzyme_ad'\)"):
+            v, g, report = c.metagradient(z, metagrad.Auto(memory=minimum), report=True)
+    assert report.schedule.endswith("leaf=1)") and "segment_vjp_3" not in c.programs
+    results = [(v, g)]
+    for budget in (minimum + 1, c.data_bytes + 8 * c.layout.state_bytes):
+        auto = metagrad.Auto(memory=budget)
+        v, g, report = c.metagradient(z, auto, report=True)
+        assert report.peak_device_bytes + report.data_bytes <= budget
+        assert set(c.cost_table(z, auto).segment_vjp) == {3, 10}  # what it chose from
+        results.append((v, g))
+    assert "segment_vjp_3" in c.programs
+    for v, g in results:
+        np.testing.assert_allclose(v, value, rtol=1e-6)
+        np.testing.assert_allclose(g, grad, rtol=1e-4, atol=1e-6 * np.abs(grad).max())
 
 
 def test_simulated_cost_adds_up_the_executions():

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,8 +134,9 @@ class CompiledTask:
     _executables: dict = field(default_factory=dict, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
-    _costs: dict = field(default_factory=dict, repr=False)  # calibrated ProgramCost by program name
-    _choices: dict = field(default_factory=dict, repr=False)  # Auto's choice by (leaves, budgets)
+    # calibrated ProgramCost by program name, per set of programs calibrated together
+    _calibrations: dict = field(default_factory=dict, repr=False)
+    _choices: dict = field(default_factory=dict, repr=False)  # Auto's (choice, costs) by (leaves, budgets)
 
     def __post_init__(self):
         self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
@@ -196,32 +198,56 @@ class CompiledTask:
         kinds = self.client.devices[self.devices[0]].memory_kinds
         return planner.HOST_MEMORY_KIND if planner.HOST_MEMORY_KIND in kinds else None
 
-    def _auto_leaves(self, auto: Auto) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The fused reverse lengths Auto considers, and the segment programs they need."""
-        leaves = tuple(auto.leaves or planner.DEFAULT_LEAVES[self.loop])
-        return leaves, tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
+    def _auto_leaves(self, auto: Auto) -> tuple[int, ...]:
+        """The fused reverse lengths Auto considers first."""
+        return tuple(auto.leaves or planner.DEFAULT_LEAVES[self.loop])
 
-    def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
-        """The plan Auto picks, its device budget and its host budget per device.
-        Whether any plan fits is settled from the programs' compiled memory alone;
-        only then are they calibrated (once), which runs them."""
-        leaves, fused = self._auto_leaves(auto)
+    def _fused(self, leaves) -> tuple[int, ...]:
+        """The segment programs plans over blocks of ``leaves`` need."""
+        return tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
+
+    def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int, dict]:
+        """The plan Auto picks, its device budget, its host budget per device, and the
+        program costs it was chosen from."""
+        leaves = self._auto_leaves(auto)
         budget = auto.memory or planner.default_budget(self.client)
         host_kind = self._host_memory_kind()
         host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.client)
         host_budget = host_memory // self.num_devices if host_kind else 0
         key = (leaves, budget, host_budget)
         if key not in self._choices:
-            runner = self._runner(fused)
-            sizes = runner.program_bytes()
-            wanted = set(sizes) | ({"to_host", "from_host"} if host_budget else set())
-            if not wanted <= set(self._costs):
-                planner.choose(planner.cost_table(self._task_layout, sizes), self.steps, leaves, budget,
-                               self.data_bytes, host_budget)
-                self._costs.update(self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else ""))
-            table = planner.cost_table(self._task_layout, {name: self._costs[name] for name in wanted})
-            self._choices[key] = planner.choose(table, self.steps, leaves, budget, self.data_bytes, host_budget)
-        return self._choices[key], budget, host_budget
+            costs = self._costs(leaves, leaves, budget, host_budget, host_kind, z_buffers)
+            table = planner.cost_table(self._task_layout, costs)
+            choice = planner.choose(table, self.steps, leaves, budget, self.data_bytes, host_budget)
+            gaps = () if auto.leaves else planner.gap_leaves(self.loop, choice.schedule.leaf, leaves, self.steps)
+            if gaps:
+                try:
+                    with_gaps = self._costs(leaves + gaps, leaves, budget, host_budget, host_kind, z_buffers)
+                except ImportError as error:  # a loaded task builds no program where enzyme-ad is not installed
+                    warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, gaps))} steps, which may run "
+                                  f"faster within this budget, cannot be built here ({error}); planning without "
+                                  "them. Call prepare(metagrad.Auto()) before save() to keep them in the saved task.",
+                                  stacklevel=4)
+                else:
+                    costs = with_gaps
+                    choice = planner.choose_with_gaps(planner.cost_table(self._task_layout, costs), self.steps,
+                                                      leaves, gaps, budget, self.data_bytes, host_budget)
+            self._choices[key] = choice, costs
+        choice, costs = self._choices[key]
+        return choice, budget, host_budget, costs
+
+    def _costs(self, leaves, first_leaves, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
+        """The cost of each program plans over ``leaves`` run (and, with a host budget, of one state's
+        copies). Whether any plan over ``first_leaves`` fits is settled from the programs' compiled
+        memory alone; only then are they calibrated (once per set of programs), which runs them."""
+        runner = self._runner(self._fused(leaves))
+        sizes = runner.program_bytes()
+        wanted = tuple(sorted(set(sizes) | ({"to_host", "from_host"} if host_budget else set())))
+        if wanted not in self._calibrations:
+            planner.choose(planner.cost_table(self._task_layout, sizes), self.steps, first_leaves, budget,
+                           self.data_bytes, host_budget)
+            self._calibrations[wanted] = self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else "")
+        return {name: self._calibrations[wanted][name] for name in wanted}
 
     def _calibrate(self, runner, sizes: dict, z_buffers, host_kind: str) -> dict:
         """Each program's seconds per execution (and, with a host tier, one state's copies),
@@ -248,7 +274,7 @@ class CompiledTask:
         """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
         schedule = _check_schedule(schedule if schedule is not None else Auto())
         if isinstance(schedule, Auto):
-            choice, budget, host_budget = self._choose(schedule, z_buffers)
+            choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
             described = f"Auto(memory={budget}) -> {choice.schedule!r}"
             if choice.host_slots:
                 described += (f" with {len(choice.host_slots)} of its slots in host memory "
@@ -280,8 +306,7 @@ class CompiledTask:
         auto = Auto() if schedule is None else schedule
         if not isinstance(auto, Auto):
             raise TypeError(f"cost_table takes an Auto schedule (its budgets decide the host tier), got {auto!r}")
-        self._choose(auto, self._z_buffers(z))
-        return planner.cost_table(self._task_layout, dict(self._costs))
+        return planner.cost_table(self._task_layout, self._choose(auto, self._z_buffers(z))[3])
 
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused reverse programs ``schedule`` needs for this task.
@@ -291,7 +316,10 @@ class CompiledTask:
         keeps the forward functions, but that needs jax and enzyme-ad).
         """
         if isinstance(schedule, Auto):
-            self._runner(self._auto_leaves(schedule)[1])
+            leaves = self._auto_leaves(schedule)
+            if schedule.leaves is None:  # and the lengths between, which a tight budget may use
+                leaves += planner.gap_leaves(self.loop, 1, leaves, self.steps)
+            self._runner(self._fused(leaves))
         else:
             self._runner(self._plan(schedule, None).fused)
         return self

@@ -54,6 +54,9 @@ HOST_MEMORY_KIND = "pinned_host"
 # lax.scan programs in constant time, and long scans of dot-heavy steps run
 # fastest per step (docs/performance.md).
 DEFAULT_LEAVES = {"unroll": (1, 10), "scan": (1, 10, 100)}
+# Lengths between those, compiled only where the budget rules out the longest: the CNN's 3-step reverse
+# holds no more than its single step, and ran 9-10% faster at 2.6-3.8 MiB (bench/fused_lengths.py).
+GAP_LEAVES = {"unroll": (3,), "scan": (3, 30)}
 # Plans predicted within this share of the fastest are a tie, which goes to the
 # fewest executions. It is below the calibration's own spread: two processes
 # timed the digits MLP's step at 0.35 and 0.55 ms (bench/calibration_drift.py).
@@ -84,7 +87,11 @@ class Auto:
         (default: 2 GiB on the CPU plugin, half the free memory of a GPU).
       leaves: fused reverse block lengths to consider (default ``(1, 10)``, or
         ``(1, 10, 100)`` for a task compiled with ``loop="scan"``; capped at T);
-        each length > 1 compiles one more reverse program.
+        each length > 1 compiles one more reverse program. With the default,
+        where the plan chosen has shorter blocks than the longest (a tight
+        budget), Auto also tries the lengths between (``GAP_LEAVES``: 3, and 30
+        for ``loop="scan"``), compiled then, and runs one only if its plan is
+        predicted faster.
       host_memory: bytes of host memory for saved states, all devices together
         (default: none on the CPU plugin, half the host's available RAM
         elsewhere); 0 keeps every state on the device.
@@ -269,6 +276,25 @@ def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget:
     fastest = min(choice.seconds for choice in candidates)
     return min((choice for choice in candidates if choice.seconds <= (1 + NEAR_TIE) * fastest),
                key=lambda choice: (choice.executions, choice.seconds))
+
+
+def gap_leaves(loop: str, chosen: int, leaves, steps: int) -> tuple[int, ...]:
+    """The lengths of ``GAP_LEAVES`` worth a try after ``choose`` over ``leaves`` chose blocks of
+    ``chosen`` steps: those between it and the longest of ``leaves`` (capped at T)."""
+    longest = min(max(leaves), steps)
+    return tuple(n for n in GAP_LEAVES[loop] if chosen < n < longest)
+
+
+def choose_with_gaps(table, steps: int, leaves, gaps, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:
+    """``choose`` over ``leaves``, unless the best plan over the ``gaps`` lengths is predicted faster.
+    The near tie, which goes to fewer executions, does not carry a gap length in: with it, the wide MLP's
+    planner took 30-step blocks with 6 states over 10-step ones with 16, and ran 7% slower."""
+    choice = choose(table, steps, leaves, budget, data_bytes, host_budget)
+    try:
+        gap = choose(table, steps, gaps, budget, data_bytes, host_budget)
+    except DeviceMemoryError:
+        return choice
+    return gap if gap.seconds < choice.seconds else choice
 
 
 def check_fits(client, predicted_peak: int, data_bytes: int, what: str, suggestion: str, devices: int = 1,
