@@ -209,6 +209,9 @@ def test_a_tight_budget_builds_the_lengths_between_and_gives_the_same_metagradie
     assert report.schedule.endswith("leaf=1)") and "segment_vjp_3" not in c.programs
     results = [(v, g)]
     for budget in (minimum + 1, c.data_bytes + 8 * c.layout.state_bytes):
+        given = metagrad.Auto(memory=budget, leaves=(1, 10))  # the default lengths, named: no others tried
+        c.metagradient(z, given)
+        assert set(c.cost_table(z, given).segment_vjp) == {10}
         auto = metagrad.Auto(memory=budget)
         v, g, report = c.metagradient(z, auto, report=True)
         assert report.peak_device_bytes + report.data_bytes <= budget

@@ -136,7 +136,7 @@ class CompiledTask:
     _data: list = field(default_factory=list, repr=False)
     # calibrated ProgramCost by program name, per set of programs calibrated together
     _calibrations: dict = field(default_factory=dict, repr=False)
-    _choices: dict = field(default_factory=dict, repr=False)  # Auto's (choice, costs) by (leaves, budgets)
+    _choices: dict = field(default_factory=dict, repr=False)  # Auto's (choice, costs) by (Auto.leaves, budgets)
 
     def __post_init__(self):
         self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
@@ -214,7 +214,7 @@ class CompiledTask:
         host_kind = self._host_memory_kind()
         host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.client)
         host_budget = host_memory // self.num_devices if host_kind else 0
-        key = (leaves, budget, host_budget)
+        key = (auto.leaves, budget, host_budget)  # leaves=None also tries GAP_LEAVES: not the same as the defaults
         if key not in self._choices:
             costs = self._costs(leaves, leaves, budget, host_budget, host_kind, z_buffers)
             table = planner.cost_table(self._task_layout, costs)
