@@ -55,7 +55,7 @@ HOST_MEMORY_KIND = "pinned_host"
 # fastest per step (docs/performance.md).
 DEFAULT_LEAVES = {"unroll": (1, 10), "scan": (1, 10, 100)}
 # Lengths between those, compiled only where the budget rules out the longest: the CNN's 3-step reverse
-# holds no more than its single step, and ran 9-10% faster at 2.6-3.8 MiB (bench/fused_lengths.py).
+# holds no more than its single step, and the default ran 6-10% faster at 2.6-3.8 MiB (bench/fused_lengths.py).
 GAP_LEAVES = {"unroll": (3,), "scan": (3, 30)}
 # Plans predicted within this share of the fastest are a tie, which goes to the
 # fewest executions. It is below the calibration's own spread: two processes
@@ -287,8 +287,9 @@ def gap_leaves(loop: str, chosen: int, leaves, steps: int) -> tuple[int, ...]:
 
 def choose_with_gaps(table, steps: int, leaves, gaps, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:
     """``choose`` over ``leaves``, unless the best plan over the ``gaps`` lengths is predicted faster.
-    The near tie, which goes to fewer executions, does not carry a gap length in: with it, the wide MLP's
-    planner took 30-step blocks with 6 states over 10-step ones with 16, and ran 7% slower."""
+    The near tie, which goes to fewer executions, does not carry a gap length in (longer blocks mostly
+    have fewer): searched with the others, the wide MLP's 30-step blocks with 6 states were taken over
+    10-step ones with 16, and ran 7% slower (bench/fused_lengths.py)."""
     choice = choose(table, steps, leaves, budget, data_bytes, host_budget)
     try:
         gap = choose(table, steps, gaps, budget, data_bytes, host_budget)
