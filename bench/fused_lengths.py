@@ -35,7 +35,7 @@ def _leaves(text: str) -> tuple[int, ...] | None:
     return None if text == "default" else tuple(int(n) for n in text.split("-"))
 
 
-def measure(kind: str, steps: int, loop: str, budgets_mib: list[float], leaf_sets: list[tuple[int, ...]],
+def measure(kind: str, steps: int, loop: str, budgets_mib: list[float], leaf_sets: list[tuple[int, ...] | None],
             repeat: int) -> list[dict]:
     task, z = make_task(kind, steps)
     compiled = task.compile(z, loop=loop)
@@ -83,8 +83,8 @@ def main():
              "| budget | leaves | plan | predicted (s) | peak | x train | samples |",
              "|---:|---|---|---:|---:|---:|---|"]
     lines += [f"| {r['budget_mib']:.1f} MiB | {', '.join(map(str, r['leaves']))} | {r['plan']} | "
-              f"{r['predicted_seconds']:.3f} | {r['peak_mib']:.2f} MiB | {r['x_train']:.2f}x | {', '.join(f'{x:.2f}' for x in r['x_train_samples'])} |"
-              for r in rows]
+              f"{r['predicted_seconds']:.3f} | {r['peak_mib']:.2f} MiB | {r['x_train']:.2f}x | "
+              f"{', '.join(f'{x:.2f}' for x in r['x_train_samples'])} |" for r in rows]
     write_results(args.out, lines, {"kind": args.kind, "steps": args.steps, "loop": args.loop,
                                     "repeat": args.repeat, "rows": rows})
 
