@@ -375,7 +375,7 @@ def analyse(run: dict) -> dict:
         budget = _auto_budget(default)  # Auto()'s (2 GiB on the CPU plugin), data and z included
         # the plans the default's own compiled task can run (loop='scan' cells are another compile)
         others = [c for c in ours if c is not default and c["method"] != "auto_scan" and c["device_bytes"] <= budget]
-        best = _fastest(others, budget)
+        best = min(others, key=lambda c: c["x_train"], default=None)
         if best is not None:
             ratio = default["x_train"] / best["x_train"]
             same = _plan_of(best) == _plan_of(default)
