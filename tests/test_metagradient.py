@@ -186,8 +186,9 @@ def test_fused_forward_programs_give_the_same_metagradient(compiled_tasks):
     assert relative_error(grad, want_grad) < 1e-5
     assert report.forward_steps == single_report.forward_steps
     assert report.executions < single_report.executions  # several steps per forward execution
-    with pytest.raises(ValueError, match="fuse_forward must be an integer >= 1"):
-        task.compile(z0, fuse_forward=0)
+    for bad in (0, True, (10, 0), (), "10", 2.5):
+        with pytest.raises(ValueError, match="fuse_forward must be an integer >= 1 or a non-empty sequence"):
+            task.compile(z0, fuse_forward=bad)
 
 
 def test_scan_form_of_fused_programs_gives_the_same_metagradient(compiled_tasks):
@@ -203,3 +204,24 @@ def test_scan_form_of_fused_programs_gives_the_same_metagradient(compiled_tasks)
     assert report.reversed_steps == STEPS and report.executions < STEPS
     with pytest.raises(ValueError, match="loop must be one of"):
         task.compile(z0, loop="while")
+
+
+def test_scan_form_runs_100_step_forward_programs_by_default(compiled_tasks):
+    task, z0, single = compiled_tasks("lr", "sgdm")
+    scanned = task.compile(z0, backend="enzyme", loop="scan")
+    only_10 = task.compile(z0, backend="enzyme", loop="scan", fuse_forward=10)
+    assert sorted(n for n in scanned.programs if n.startswith("advance_")) == ["advance_10", "advance_100"]
+    z = perturbed(z0, seed=6)
+    for got, want in zip(jax.tree_util.tree_leaves(scanned.train(z)), jax.tree_util.tree_leaves(single.train(z))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    schedule = metagrad.Periodic(every=100, leaf=10)
+    value, grad, report = scanned.metagradient(z, schedule, report=True)
+    _, _, report_10 = only_10.metagradient(z, schedule, report=True)
+    want_value, want_grad = single.metagradient(z, metagrad.Replay(k=4))
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    assert relative_error(grad, want_grad) < 1e-5
+    # The first pass saves no state inside steps 0-100: one 100-step execution there, not ten of 10 steps.
+    # It saves every 10th state from step 100 on, and replays of 0-100 save every 10th: those stay 10-step.
+    assert report.forward_steps == report_10.forward_steps
+    assert report_10.executions - report.executions == 9
+    scanned.metagradient(z, schedule, check_determinism=True)  # the 100-step program against single steps

@@ -419,7 +419,22 @@ def forget_compiled() -> None:
     _MEMORY.clear()
 
 
-def compile_task(task, z_example, *, backend: str, fuse_forward: int, loop: str, client=None,
+def _fuse_lengths(fuse_forward, loop: str) -> tuple[int, ...]:
+    """``fuse_forward`` as a tuple of lengths (None: the loop's default), each checked."""
+    if fuse_forward is None:
+        return programs.DEFAULT_FUSE_FORWARD[loop]
+    lengths = (fuse_forward,) if isinstance(fuse_forward, (int, np.integer)) else fuse_forward
+    try:
+        lengths = tuple(lengths)
+    except TypeError:
+        lengths = ()
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in lengths):
+        raise ValueError("fuse_forward must be an integer >= 1 or a non-empty sequence of them (steps per forward "
+                         f"execution), or None for the loop's default, got {fuse_forward!r}")
+    return tuple(int(n) for n in lengths)
+
+
+def compile_task(task, z_example, *, backend: str, fuse_forward, loop: str, client=None,
                  sharding: sharding_lib.Sharding | None = None) -> CompiledTask:
     """Validate, lower, differentiate and compile ``task`` for metaparameters like ``z_example``
     (over the devices of ``sharding``, when given)."""
@@ -427,19 +442,18 @@ def compile_task(task, z_example, *, backend: str, fuse_forward: int, loop: str,
         raise ValueError(f"backend must be one of {lowering.BACKENDS}, got {backend!r}")
     if loop not in programs.LOOPS:
         raise ValueError(f"loop must be one of {programs.LOOPS}, got {loop!r}")
-    if isinstance(fuse_forward, bool) or not isinstance(fuse_forward, (int, np.integer)) or fuse_forward < 1:
-        raise ValueError(f"fuse_forward must be an integer >= 1 (steps per forward execution), got {fuse_forward!r}")
+    fuse_lengths = _fuse_lengths(fuse_forward, loop)
     client = client or runtime.get_client()
     layout = describe(task, z_example)
     resolved, devices = sharding_lib.resolve(sharding, layout, client) if sharding is not None else (None, (0,))
     steps = int(task.steps)
-    fuse = int(min(fuse_forward, steps))
+    fuse = tuple(sorted({min(n, steps) for n in fuse_lengths} - {1}))
     key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, fuse, loop,
            id(client), bool(jax.config.jax_enable_x64), resolved and resolved.key(), devices)
     if key not in _MEMORY:
         forward = programs.forward_of_task(task, layout)
         exports = programs.export_forward(forward, layout, module_checks.check_lowered, _handled_calls())
-        names = BASE_PROGRAMS + ((f"advance_{fuse}",) if fuse > 1 else ())
+        names = BASE_PROGRAMS + tuple(f"advance_{n}" for n in fuse)
         built = lowering.lower(exports, layout, names, backend=backend, target=runtime.stablehlo_target(client),
                                loop=loop, forward=forward, sharding=resolved)
         options = sharding_lib.compile_options(client, resolved, devices)

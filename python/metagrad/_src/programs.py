@@ -173,6 +173,10 @@ def _split(args, *sizes):
 
 
 LOOPS = ("unroll", "scan")  # how programs of n > 1 steps are written (see _Builder.steps)
+# Steps per execution of the fused forward programs (advance_n) when compile() is not told, by loop.
+# A scan compiles in constant time, so scan-form tasks also get 100-step advances: ten times fewer
+# executions, each paying the plugin's per-execution cost (docs/performance.md, "Fewer executions").
+DEFAULT_FUSE_FORWARD = {"unroll": (10,), "scan": (10, 100)}
 
 
 def _reversible(forward: Forward, layout: Layout, backend: str) -> Forward:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from metagrad._src.compiled import compile_task
 from metagrad._src.lowering import DEFAULT_BACKEND
@@ -32,8 +32,8 @@ class Task:
     steps: int
     data: PyTree = None
 
-    def compile(self, z_example, *, backend: str = DEFAULT_BACKEND, fuse_forward: int = 10, loop: str = "unroll",
-                client=None, sharding=None):
+    def compile(self, z_example, *, backend: str = DEFAULT_BACKEND, fuse_forward: int | Sequence[int] | None = None,
+                loop: str = "unroll", client=None, sharding=None):
         """Lower, differentiate and compile this task for metaparameters shaped like ``z_example``.
 
         ``backend``: ``"auto"`` (the default: Enzyme, falling back to JAX's
@@ -41,9 +41,11 @@ class Task:
         differentiate), ``"enzyme"`` (Enzyme or an EnzymeUnsupportedError),
         or ``"jax"`` (JAX's autodiff). Enzyme runs in a separate process, so a
         crash inside it cannot end this one.
-        ``fuse_forward``: steps per forward execution (``n > 1``, the default
-        10, compiles an ``n``-step program used by training and replays; 1:
-        one execution per step, the shortest compile). ``loop``: programs of
+        ``fuse_forward``: steps per forward execution: each ``n > 1`` compiles
+        an ``n``-step program that training and replays run from every step
+        index that is a multiple of ``n`` with ``n`` steps left (an int or a sequence of them; 1: one execution per step, the
+        shortest compile). None, the default: 10, and for ``loop="scan"`` also
+        100 (``programs.DEFAULT_FUSE_FORWARD``). ``loop``: programs of
         several steps as straight-line code (``"unroll"``) or a ``lax.scan``
         (``"scan"``: compiles in constant time; faster for long fused reverses
         of dot-heavy steps, slower for convolutions).
