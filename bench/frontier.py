@@ -18,10 +18,11 @@ only that cell), for each task and T:
 
 * training: the runtime's ``compiled.train(z)`` and ``jax.jit`` of one
   ``lax.scan`` (``baselines.train``, the unit of time: see below);
-* with ``--scan-form``, also the planner on the task compiled with
-  ``loop="scan"`` (``Auto(memory=B)`` at the same budgets, and ``Auto()``), where
-  it also considers fused reverses of 100 steps (a ``lax.scan`` over
-  Enzyme-reversed steps); ``--budgets-from`` takes those budgets from the peers
+* with ``--scan-form``, also the task compiled with ``loop="scan"``: its
+  training (100-step forward programs) and the planner on it
+  (``Auto(memory=B)`` at the same budgets, and ``Auto()``), where it also
+  considers fused reverses of 100 steps (a ``lax.scan`` over Enzyme-reversed
+  steps); ``--budgets-from`` takes those budgets from the peers
   of an earlier result file, or ``--budgets`` names them, so these cells can run
   alone (``--skip`` the rest);
 * metagrad: ``compiled.metagradient(z, schedule=...)`` for fixed schedules
@@ -91,7 +92,7 @@ import time
 from common import add_cell_arguments, flat_leaves, fmt_bytes, machine_notes, replay_device_bytes, run_limited
 
 PEERS = ("jax_storeall", "jax_checkpoint", "python_replay", "equinox")
-TRAINING = ("train_runtime", "train_jax")
+TRAINING = ("train_runtime", "train_runtime_scan", "train_jax")
 LEAF = 10  # the fused reverse block length of the leaf > 1 schedules (saved with each task)
 TARGET_PEER, TARGET_BELOW_CHECKPOINT, TARGET_DEFAULT = 1.0, 0.8, 1.1
 
@@ -167,6 +168,7 @@ def label(cell: dict) -> str:
     if method == "auto_scan":
         return "metagrad Auto(), loop='scan'" if p is None else f"metagrad Auto(memory={fmt_bytes(p)}), loop='scan'"
     return {"train_runtime": "training, runtime compiled.train", "train_jax": "training, jax.jit(lax.scan)",
+            "train_runtime_scan": "training, runtime compiled.train, loop='scan'",
             "jax_storeall": "JAX scan store-all", "jax_checkpoint": f"JAX scan + checkpoint every {p}",
             "python_replay": f"Python REPLAY k={p}", "equinox": f"Equinox checkpointed scan, {p} checkpoints"}[method]
 
@@ -243,10 +245,10 @@ def worker(spec: dict) -> dict:
     task, z = make_task(spec["kind"], T)
     out = {}
     device = None
-    if method in ("metagrad", "auto", "auto_scan", "train_runtime"):
-        compiled = metagrad.load(spec["task_dir"] + ("-scan" if method == "auto_scan" else ""))
+    if method in ("metagrad", "auto", "auto_scan", "train_runtime", "train_runtime_scan"):
+        compiled = metagrad.load(spec["task_dir"] + ("-scan" if method in ("auto_scan", "train_runtime_scan") else ""))
         base = _tree_bytes(task.data) + _tree_bytes(z)
-        if method == "train_runtime":
+        if method in ("train_runtime", "train_runtime_scan"):
             run = lambda: compiled.train(z)  # noqa: E731
         else:
             schedule = metagrad.Auto(memory=param) if method in ("auto", "auto_scan") else _schedule(param)
@@ -366,10 +368,14 @@ def analyse(run: dict) -> dict:
         rows.append(row)
     out = {"rows": rows, "checkpoint_floor": None if math.isinf(checkpoint_floor)
            else checkpoint_floor}
-    runtime = next((c for c in cells if c["method"] == "train_runtime" and c["status"] == "ok"), None)
-    if runtime is not None:
-        ratio = runtime["x_train"]
-        out["training"] = {"ratio": ratio, "verdict": "met" if ratio <= 1.0 else f"missed by {100 * (ratio - 1):.0f}%"}
+    # Training in each compile the row has; the target is judged on the faster, which a user can choose.
+    forms = {form: c["x_train"] for c in cells if c["status"] == "ok"
+             for form, method in (("default compile", "train_runtime"), ("loop='scan'", "train_runtime_scan"))
+             if c["method"] == method}
+    if forms:
+        ratio = min(forms.values())
+        out["training"] = {"ratio": ratio, "forms": forms,
+                           "verdict": "met" if ratio <= 1.0 else f"missed by {100 * (ratio - 1):.0f}%"}
     default = next((c for c in ours if c["method"] == "metagrad" and c["param"]["name"] == "default"), None)
     if default is not None:
         budget = _auto_budget(default)  # Auto()'s (2 GiB on the CPU plugin), data and z included
@@ -450,8 +456,10 @@ def markdown(results: dict) -> str:
                      f"(budgets below it: target 0.8x).")
         if "training" in analysis:
             t = analysis["training"]
-            lines.append(f"Training through the runtime: {t['ratio']:.2f}x `jax.jit(lax.scan)` (target <= 1.0x: "
-                         f"{t['verdict']}).")
+            forms = t.get("forms", {"default compile": t["ratio"]})
+            lines.append(f"Training through the runtime: "
+                         f"{', '.join(f'{x:.2f}x ({form})' for form, x in forms.items())} `jax.jit(lax.scan)` "
+                         f"(target <= 1.0x: {t['verdict']}).")
         if "default" in analysis:
             d = analysis["default"]
             same = (f"the same plan ({d['plan']}): the cells differ by noise only; that plan measured "
@@ -569,9 +577,10 @@ def main(argv=None):
     add_cell_arguments(parser, kinds="mlp_table,cnn,wide,transformer", steps="1000,10000", repeat=3,
                        repeat_help="timed runs per cell (median), after one warm-up", out="frontier")
     parser.add_argument("--skip", default="", help="comma-separated methods not to run: jax_storeall, jax_checkpoint, "
-                        "python_replay, equinox, metagrad (the fixed schedules), default, auto")
+                        "python_replay, equinox, metagrad (the fixed schedules), default, auto, auto_scan")
     parser.add_argument("--scan-form", action="store_true",
-                        help="also run Auto on the task compiled with loop='scan' (fused reverses of 100 steps)")
+                        help="also the task compiled with loop='scan': its training, and Auto on it (fused "
+                        "reverses of 100 steps)")
     parser.add_argument("--budgets-from", metavar="JSON", help="take Auto's budgets from this result file's peers")
     parser.add_argument("--budgets", metavar="BYTES", help="comma-separated: run Auto at these budgets (device "
                         "bytes, data and z included) instead of the peers' memory, e.g. a peer's cell of an earlier run")
@@ -644,13 +653,17 @@ def main(argv=None):
                 run["prepare"] = prepared(base)
                 print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled: {run['prepare']}",
                       file=sys.stderr)
+                if args.scan_form:
+                    run["prepare_scan"] = prepared(scan)
+                    print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled (loop='scan'): "
+                          f"{run['prepare_scan']}", file=sys.stderr)
                 if args.save_tasks:
-                    if args.scan_form:
-                        run["prepare_scan"] = prepared(scan)
                     continue
                 compiled = run["prepare"]["status"] == "ok"
+                scan_compiled = args.scan_form and run["prepare_scan"]["status"] == "ok"
                 specs = [{**base, "method": "train_jax"}]
                 specs += [{**base, "method": "train_runtime"}] if compiled else []
+                specs += [{**base, "method": "train_runtime_scan"}] if scan_compiled else []
                 specs += [{**base, "method": m, "param": p} for m in PEERS if m not in skip for p in peer_params(m, T)]
                 if compiled:  # --skip metagrad: the fixed schedules; --skip default: the default metagradient(z)
                     specs += [{**base, "method": "metagrad", "param": p} for p in fixed_schedules(T)
@@ -658,7 +671,7 @@ def main(argv=None):
                 for spec in specs:
                     run["cells"].append(cell(spec))
                     save_json(results, args.out)
-                methods = ([] if "auto" in skip else ["auto"]) + (["auto_scan"] if args.scan_form else [])
+                methods = [m for m in ("auto", "auto_scan") if m not in skip and (m == "auto" or args.scan_form)]
                 if not compiled or not methods:
                     continue
                 if not results["auto_available"]:
@@ -674,12 +687,8 @@ def main(argv=None):
                 budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
                            else auto_budgets(peers, data_z))
                 for method in methods:
-                    if method == "auto_scan":
-                        run["prepare_scan"] = prepared(scan)
-                        print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T} compiled (loop='scan'): "
-                              f"{run['prepare_scan']}", file=sys.stderr)
-                        if run["prepare_scan"]["status"] != "ok":
-                            continue
+                    if method == "auto_scan" and not scan_compiled:
+                        continue
                     for budget in budgets + ([None] if method == "auto_scan" else []):
                         run["cells"].append(cell({**base, "method": method, "param": budget}))
                         save_json(results, args.out)
