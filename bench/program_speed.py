@@ -1,7 +1,7 @@
 """Programs at jax.jit speed? The runtime against jax.jit(lax.scan) on the same training step.
 
     python bench/program_speed.py [--kinds mlp_table,cnn,wide,transformer] [--steps 1000] [--repeat 5]
-        [--fuse 1,10,100] [--segments 10,25] [--forms]
+        [--fuse 1,10,100] [--segments 10,25] [--forms [--scan-fuse 10,100,1000]] [--training-only]
 
 Everything is measured in this one process, the variants of a task alternating
 ``--repeat`` times (medians; wall time and the process's CPU time, which counts
@@ -17,7 +17,7 @@ Training (T steps from init):
 * ``compiled.train, fuse_forward=n``: the runtime as users run it, one
   execution per ``n`` steps (unrolled ``advance_n`` programs);
 * with ``--forms``: ``advance_n`` as a ``lax.scan`` of n steps
-  (``task.compile(z, loop="scan")``).
+  (``task.compile(z, fuse_forward=n, loop="scan")``, n from ``--scan-fuse``).
 
 Reverse, per step (one forward recomputation and one reverse each, as both
 sides do them):
@@ -93,7 +93,8 @@ def run_kind(kind: str, args) -> dict:
     fuse = [n for n in args.fuse if n <= T]
     segments = [n for n in args.segments if n <= T and T % n == 0]
     compiled = {n: task.compile(z, fuse_forward=n) for n in fuse}
-    scanned = {n: task.compile(z, fuse_forward=n, loop="scan") for n in fuse if n > 1 and args.forms}
+    scan_fuse = [n for n in (args.scan_fuse or fuse) if n <= T]
+    scanned = {n: task.compile(z, fuse_forward=n, loop="scan") for n in scan_fuse if n > 1 and args.forms}
     c10 = compiled.get(10) or compiled[fuse[-1]]
     s10 = scanned.get(10) or (scanned[max(scanned)] if scanned else None)
 
@@ -105,6 +106,8 @@ def run_kind(kind: str, args) -> dict:
     for n, c in scanned.items():
         entries[f"compiled.train, fuse_forward={n}, loop='scan'"] = lambda c=c: c.train(z) and None
     training = measure(entries, args.repeat)
+    if args.training_only:
+        return {"steps": T, "training": training}
 
     # -- reverse, per step ------------------------------------------------------
     state0 = jax.jit(task.init)(z, task.data)
@@ -132,13 +135,15 @@ def run_kind(kind: str, args) -> dict:
 
 def report(kind: str, result: dict) -> str:
     T = result["steps"]
-    tr, rv = result["training"], result["reverse"]
+    tr, rv = result["training"], result.get("reverse")
     base = tr["jax.jit(lax.scan)"]
     lines = [f"\n### {kind} (T = {T}; medians of the repeats)\n",
              "| training | wall ms | / jax.jit | CPU ms | / jax.jit |", "|---|---|---|---|---|"]
     for name, m in tr.items():
         lines.append(f"| {name} | {m['wall_s'] * 1e3:.1f} | {m['wall_s'] / base['wall_s']:.2f}x | "
                      f"{m['cpu_s'] * 1e3:.1f} | {m['cpu_s'] / base['cpu_s']:.2f}x |")
+    if rv is None:
+        return "\n".join(lines)
     per = {k: v["wall_s"] / T * 1e6 for k, v in rv.items()}
     fj, fr = per["jax forward"], per["runtime forward"]
     lines += ["", f"forward per step: runtime {fr:.0f} us (fuse_forward=10), jax.jit(lax.scan) {fj:.0f} us", "",
@@ -163,6 +168,9 @@ def main(argv=None):
     parser.add_argument("--segments", type=lambda s: [int(x) for x in s.split(",")], default=[10, 25],
                         help="fused reverse lengths (an unrolled segment_vjp_100 compiles for minutes)")
     parser.add_argument("--forms", action="store_true", help="also lax.scan forms of advance_n and segment_vjp_n")
+    parser.add_argument("--scan-fuse", type=lambda s: [int(x) for x in s.split(",")],
+                        help="with --forms: the forward lengths of the scan-form training (default: --fuse)")
+    parser.add_argument("--training-only", action="store_true", help="skip the reverse per step")
     parser.add_argument("--out", default="program_speed", help="results/<out>.{md,json}")
     args = parser.parse_args(argv)
     results, markdown = {"args": vars(args), "tasks": {}}, ["# Programs at jax.jit speed"]
