@@ -93,6 +93,7 @@ from common import add_cell_arguments, flat_leaves, fmt_bytes, machine_notes, re
 
 PEERS = ("jax_storeall", "jax_checkpoint", "python_replay", "equinox")
 TRAINING = ("train_runtime", "train_runtime_scan", "train_jax")
+RUNTIME_TRAINING = {"train_runtime": "default compile", "train_runtime_scan": "loop='scan'"}  # method: its compile
 LEAF = 10  # the fused reverse block length of the leaf > 1 schedules (saved with each task)
 TARGET_PEER, TARGET_BELOW_CHECKPOINT, TARGET_DEFAULT = 1.0, 0.8, 1.1
 
@@ -369,9 +370,8 @@ def analyse(run: dict) -> dict:
     out = {"rows": rows, "checkpoint_floor": None if math.isinf(checkpoint_floor)
            else checkpoint_floor}
     # Training in each compile the row has; the target is judged on the faster, which a user can choose.
-    forms = {form: c["x_train"] for c in cells if c["status"] == "ok"
-             for form, method in (("default compile", "train_runtime"), ("loop='scan'", "train_runtime_scan"))
-             if c["method"] == method}
+    forms = {RUNTIME_TRAINING[c["method"]]: c["x_train"] for c in cells
+             if c["method"] in RUNTIME_TRAINING and c["status"] == "ok"}
     if forms:
         ratio = min(forms.values())
         out["training"] = {"ratio": ratio, "forms": forms,
@@ -671,7 +671,7 @@ def main(argv=None):
                 for spec in specs:
                     run["cells"].append(cell(spec))
                     save_json(results, args.out)
-                methods = [m for m in ("auto", "auto_scan") if m not in skip and (m == "auto" or args.scan_form)]
+                methods = [m for m, built in (("auto", True), ("auto_scan", scan_compiled)) if built and m not in skip]
                 if not compiled or not methods:
                     continue
                 if not results["auto_available"]:
@@ -687,8 +687,6 @@ def main(argv=None):
                 budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
                            else auto_budgets(peers, data_z))
                 for method in methods:
-                    if method == "auto_scan" and not scan_compiled:
-                        continue
                     for budget in budgets + ([None] if method == "auto_scan" else []):
                         run["cells"].append(cell({**base, "method": method, "param": budget}))
                         save_json(results, args.out)

@@ -41,11 +41,12 @@ class Task:
         differentiate), ``"enzyme"`` (Enzyme or an EnzymeUnsupportedError),
         or ``"jax"`` (JAX's autodiff). Enzyme runs in a separate process, so a
         crash inside it cannot end this one.
-        ``fuse_forward``: steps per forward execution: each ``n > 1`` compiles
-        an ``n``-step program that training and replays run from every step
-        index that is a multiple of ``n`` with ``n`` steps left (an int or a sequence of them; 1: one execution per step, the
-        shortest compile). None, the default: 10, and for ``loop="scan"`` also
-        100 (``programs.DEFAULT_FUSE_FORWARD``). ``loop``: programs of
+        ``fuse_forward``: steps per forward execution, an int or a sequence
+        of them: each ``n > 1`` compiles an ``n``-step program that training
+        and replays run from every step index that is a multiple of ``n``
+        with ``n`` steps left (1: one execution per step, the shortest
+        compile). None, the default: 10, and for ``loop="scan"`` also 100
+        (``programs.DEFAULT_FUSE_FORWARD``). ``loop``: programs of
         several steps as straight-line code (``"unroll"``) or a ``lax.scan``
         (``"scan"``: compiles in constant time; faster for long fused reverses
         of dot-heavy steps, slower for convolutions).
