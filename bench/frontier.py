@@ -246,10 +246,10 @@ def worker(spec: dict) -> dict:
     task, z = make_task(spec["kind"], T)
     out = {}
     device = None
-    if method in ("metagrad", "auto", "auto_scan", "train_runtime", "train_runtime_scan"):
+    if method in ("metagrad", "auto", "auto_scan", *RUNTIME_TRAINING):
         compiled = metagrad.load(spec["task_dir"] + ("-scan" if method in ("auto_scan", "train_runtime_scan") else ""))
         base = _tree_bytes(task.data) + _tree_bytes(z)
-        if method in ("train_runtime", "train_runtime_scan"):
+        if method in RUNTIME_TRAINING:
             run = lambda: compiled.train(z)  # noqa: E731
         else:
             schedule = metagrad.Auto(memory=param) if method in ("auto", "auto_scan") else _schedule(param)

@@ -423,11 +423,8 @@ def _fuse_lengths(fuse_forward, loop: str) -> tuple[int, ...]:
     """``fuse_forward`` as a tuple of lengths (None: the loop's default), each checked."""
     if fuse_forward is None:
         return programs.DEFAULT_FUSE_FORWARD[loop]
-    lengths = (fuse_forward,) if isinstance(fuse_forward, (int, np.integer)) else fuse_forward
-    try:
-        lengths = tuple(lengths)
-    except TypeError:
-        lengths = ()
+    lengths = ((fuse_forward,) if isinstance(fuse_forward, (int, np.integer))
+               else tuple(fuse_forward) if isinstance(fuse_forward, (tuple, list)) else ())
     if not lengths or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in lengths):
         raise ValueError("fuse_forward must be an integer >= 1 or a non-empty sequence of them (steps per forward "
                          f"execution), or None for the loop's default, got {fuse_forward!r}")
