@@ -201,6 +201,7 @@ def test_a_tight_budget_builds_the_lengths_between_and_gives_the_same_metagradie
     def no_enzyme(*args, **kwargs):
         raise ModuleNotFoundError("No module named 'enzyme_ad'")
 
+    c.prepare(metagrad.Auto(leaves=(1, 10)))  # the default lengths built, not those between
     with monkeypatch.context() as patch:  # a loaded task where enzyme-ad is not installed
         patch.setattr(lowering, "lower", no_enzyme)
         with pytest.warns(UserWarning, match=r"Auto: the fused reverses of 3 steps, which may run faster within "
@@ -285,7 +286,9 @@ import hashlib, sys, numpy as np, metagrad
 sys.path.insert(0, sys.argv[1])
 from models import make_task
 task, z = make_task("weights", "sgdm", steps=40)
-value, grad, report = task.compile(z, backend="jax").metagradient(z, report=True)
+compiled = task.compile(z, backend="jax")
+compiled.metagradient(z)  # Auto's first call: single-step reverses, no calibration
+value, grad, report = compiled.metagradient(z, report=True)
 print(report.schedule, hashlib.sha256(np.asarray(grad).tobytes()).hexdigest())
 """
 

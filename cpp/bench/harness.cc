@@ -618,6 +618,10 @@ Obj ReportJson(const RunReport& report) {
       o.Str(name, report.*member);
     } else if constexpr (std::is_same_v<T, double>) {
       o.Double(name, report.*member);
+    } else if constexpr (std::is_same_v<T, std::map<std::string, double>>) {
+      Obj seconds;
+      for (const auto& [key, value] : report.*member) seconds.Double(key, value);
+      o.Child(name, seconds);
     } else {
       o.Int(name, report.*member);
     }

@@ -67,6 +67,10 @@ struct RunReport {
   double seconds_forward = 0;  // init, first pass to T, output_vjp
   double seconds_reverse = 0;  // reverse traversal with its replays, init_vjp
   double seconds_total = 0;
+  // Set up by the caller before the run, not by the runner: seconds the call
+  // spent building what the run needed (by phase, and XLA's compile per program).
+  std::map<std::string, double> setup_seconds;
+  std::map<std::string, double> compile_seconds;
 };
 
 // Calls visit(name, member pointer, doc) for each field of RunReport: the
@@ -104,6 +108,11 @@ void VisitReportFields(Visit&& visit) {
   visit("seconds_forward", &RunReport::seconds_forward, "init, the first forward pass and the output");
   visit("seconds_reverse", &RunReport::seconds_reverse, "the reverse traversal with its replays");
   visit("seconds_total", &RunReport::seconds_total, "the whole run");
+  visit("setup_seconds", &RunReport::setup_seconds,
+        "seconds this call spent before the run, by phase: 'trace' (JAX tracing and lowering), 'enzyme' (waiting "
+        "for Enzyme's reverses), 'compile' (XLA), 'calibrate' (timing programs for the planner); empty when "
+        "everything was built and calibrated already");
+  visit("compile_seconds", &RunReport::compile_seconds, "XLA's compile of each program this call built, in seconds");
 }
 
 // A non-deterministic step, or a non-finite state or cotangent, found during a run.

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import cache, ffi, lowering, module_checks, planner, programs, runtime, saved, trees
+from metagrad._src import cache, ffi, lowering, module_checks, planner, programs, runtime, saved, setup_time, trees
 from metagrad._src import sharding as sharding_lib
 from metagrad._src.layout import Layout, describe
 from metagrad._src.planner import Auto
@@ -25,7 +25,13 @@ from metagrad._src.sharding import TaskSharding
 # The report of a run: bound from C++ (cpp/runtime/task_runner.h lists its fields).
 Report = _runtime.Report
 
-BASE_PROGRAMS = ("init", "step", "output", "output_vjp", "step_vjp", "init_vjp", "all_finite", "state_finite")
+# What a first metagradient runs, built by Task.compile. The other programs are built on first
+# use: the finiteness checks by check_finite, the fused forward programs (advance_n) by train() and
+# by the metagradients after the first, the fused reverses by the plans that run them, and all of
+# them by save().
+FIRST_PROGRAMS = ("init", "step", "output_vjp", "step_vjp", "init_vjp")
+CHECK_PROGRAMS = ("all_finite", "state_finite")
+BASE_PROGRAMS = (*FIRST_PROGRAMS, "output", *CHECK_PROGRAMS)
 
 
 def _task_layout(layout: Layout, sharding: TaskSharding | None) -> _runtime.TaskLayout:
@@ -104,6 +110,7 @@ class _Planned:
     described: str  # the schedule, and what Auto chose
     plan: Any
     fused: tuple[int, ...]  # fused reverse lengths the plan runs
+    forward: tuple[int, ...] | None  # fused forward lengths it runs (None: the task's fuse_forward)
     seconds: float  # predicted (0 for fixed schedules: no calibration)
     peak_bytes: int | None  # predicted peak device bytes (per device)
     budget: int  # Auto's budget (0 for fixed schedules)
@@ -131,15 +138,21 @@ class CompiledTask:
     forward: programs.Forward | None = field(default=None, repr=False)  # the task's own functions, if known
     sharding: TaskSharding | None = None  # None: one device
     devices: tuple[int, ...] = (0,)  # the client's devices of the partitions
+    fuse_forward: tuple[int, ...] = ()  # lengths of the fused forward programs (advance_n), built on first use
+    setup: setup_time.SetupTime = field(default_factory=setup_time.SetupTime, repr=False)  # seconds spent so far
     _executables: dict = field(default_factory=dict, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
     # calibrated ProgramCost by program name, per set of programs calibrated together
     _calibrations: dict = field(default_factory=dict, repr=False)
     _choices: dict = field(default_factory=dict, repr=False)  # Auto's (choice, costs) by (Auto.leaves, budgets)
+    _metagradients: int = field(default=0, repr=False)  # calls of metagradient with Auto that ran
 
     def __post_init__(self):
         self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
+        if not self.fuse_forward:  # a loaded task: the fused forward programs it holds
+            self.fuse_forward = tuple(sorted(n for kind, n in map(programs.kind_of, self.programs)
+                                             if kind == "advance"))
         for name, program in self.programs.items():
             if name not in self._executables:
                 self._executables[name] = runtime.compile_program(program, self.client, self._options)
@@ -169,21 +182,32 @@ class CompiledTask:
         missing = [name for name in names if name not in self.programs]
         if not missing:
             return
-        built = lowering.lower(self.exports, self.layout, missing, backend=self.backend,
-                               target=runtime.stablehlo_target(self.client), loop=self.loop, forward=self.forward,
-                               sharding=self.sharding)
-        for name, program in built.items():
-            self.programs[name] = program
+        def compile_now(name: str, program: Program) -> None:
             self._executables[name] = runtime.compile_program(program, self.client, self._options)
+            self.programs[name] = program
 
-    def _runner(self, fused_lengths: tuple[int, ...] = ()):
-        """The runner with the fused reverse programs of these lengths (built on first use)."""
-        if fused_lengths not in self._runners:
-            self._ensure([f"segment_vjp_{n}" for n in fused_lengths])
-            chosen = {name: exe for name, exe in self._executables.items()
-                      if not name.startswith("segment_vjp_") or int(name.rsplit("_", 1)[1]) in fused_lengths}
-            self._runners[fused_lengths] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data)
-        return self._runners[fused_lengths]
+        lowering.lower(self.exports, self.layout, missing, backend=self.backend,
+                       target=runtime.stablehlo_target(self.client), loop=self.loop, forward=self.forward,
+                       sharding=self.sharding, ready=compile_now)
+
+    def _runner(self, fused_lengths: tuple[int, ...] = (), forward_lengths: tuple[int, ...] | None = None,
+                checks: bool = False):
+        """The runner with the fused reverse programs of ``fused_lengths``, the fused forward
+        programs of ``forward_lengths`` (None: the task's ``fuse_forward``) and, with ``checks``,
+        the finiteness checks: each built on first use."""
+        forward_lengths = self.fuse_forward if forward_lengths is None else forward_lengths
+        names = (*FIRST_PROGRAMS, *(f"segment_vjp_{n}" for n in fused_lengths),
+                 *(f"advance_{n}" for n in forward_lengths), *(CHECK_PROGRAMS if checks else ()))
+        key = tuple(sorted(names))
+        if key not in self._runners:
+            self._ensure(names)
+            chosen = {name: self._executables[name] for name in names}
+            self._runners[key] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data)
+        return self._runners[key]
+
+    def _built_forward(self) -> tuple[int, ...]:
+        """The lengths of the fused forward programs built so far."""
+        return tuple(n for n in self.fuse_forward if f"advance_{n}" in self.programs)
 
     @property
     def data_bytes(self) -> int:
@@ -206,41 +230,66 @@ class CompiledTask:
         """The segment programs plans over blocks of ``leaves`` need."""
         return tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
 
+    def _budgets(self, auto: Auto) -> tuple[int, int, str | None]:
+        """Auto's device budget, its host budget per device, and the host memory kind (None: none)."""
+        budget = auto.memory or planner.default_budget(self.client)
+        host_kind = self._host_memory_kind()
+        host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.client)
+        return budget, (host_memory // self.num_devices if host_kind else 0), host_kind
+
+    def _first_plan_is_single_step(self, auto: Auto) -> bool:
+        """Whether this call plans over single-step reverses alone: the first metagradient with
+        Auto's default lengths, while their fused reverses are not built. It runs without
+        compiling them (on a transformer step they took most of the time to a first result);
+        the calls after it build them and choose among all."""
+        default = self._fused(self._auto_leaves(auto))
+        return (auto.leaves is None and self._metagradients == 0
+                and not all(f"segment_vjp_{n}" in self.programs for n in default))
+
+    def _choose_single_step(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
+        """The plan over single-step reverses that fits Auto's budgets, with the programs built
+        so far. One block length leaves nothing to compare on one memory tier: the most states
+        that fit is the fastest plan, so no calibration runs there (the prediction is 0)."""
+        budget, host_budget, host_kind = self._budgets(auto)
+        runner = self._runner((), self._built_forward())
+        costs = runner.program_bytes()
+        if host_budget:
+            costs = self._costs(runner, (1,), budget, host_budget, host_kind, z_buffers)
+        choice = planner.choose(planner.cost_table(self._task_layout, costs), self.steps, (1,), budget,
+                                self.data_bytes, host_budget)
+        return choice, budget, host_budget
+
     def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int, dict]:
         """The plan Auto picks, its device budget, its host budget per device, and the
         program costs it was chosen from."""
         leaves = self._auto_leaves(auto)
-        budget = auto.memory or planner.default_budget(self.client)
-        host_kind = self._host_memory_kind()
-        host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.client)
-        host_budget = host_memory // self.num_devices if host_kind else 0
+        budget, host_budget, host_kind = self._budgets(auto)
         key = (auto.leaves, budget, host_budget)  # leaves=None also tries GAP_LEAVES: not the same as the defaults
         if key not in self._choices:
-            costs = self._costs(leaves, leaves, budget, host_budget, host_kind, z_buffers)
+            costs = self._costs(self._runner(self._fused(leaves)), leaves, budget, host_budget, host_kind, z_buffers)
             table = planner.cost_table(self._task_layout, costs)
             choice = planner.choose(table, self.steps, leaves, budget, self.data_bytes, host_budget)
             gaps = () if auto.leaves else planner.gap_leaves(self.loop, choice.schedule.leaf, leaves, self.steps)
             if gaps:
                 try:
-                    with_gaps = self._costs(leaves + gaps, leaves, budget, host_budget, host_kind, z_buffers)
+                    runner = self._runner(self._fused(leaves + gaps))
                 except ImportError as error:  # a loaded task builds no program where enzyme-ad is not installed
                     warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, gaps))} steps, which may run "
                                   f"faster within this budget, cannot be built here ({error}); planning without "
                                   "them. Call prepare(metagrad.Auto()) before save() to keep them in the saved task.",
                                   stacklevel=4)
                 else:
-                    costs = with_gaps
+                    costs = self._costs(runner, leaves, budget, host_budget, host_kind, z_buffers)
                     choice = planner.choose_with_gaps(planner.cost_table(self._task_layout, costs), self.steps,
                                                       leaves, gaps, budget, self.data_bytes, host_budget)
             self._choices[key] = choice, costs
         choice, costs = self._choices[key]
         return choice, budget, host_budget, costs
 
-    def _costs(self, leaves, first_leaves, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
-        """The cost of each program plans over ``leaves`` run (and, with a host budget, of one state's
-        copies). Whether any plan over ``first_leaves`` fits is settled from the programs' compiled
-        memory alone; only then are they calibrated (once per set of programs), which runs them."""
-        runner = self._runner(self._fused(leaves))
+    def _costs(self, runner, first_leaves, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
+        """The cost of each program of ``runner`` (and, with a host budget, of one state's copies).
+        Whether any plan over ``first_leaves`` fits is settled from the programs' compiled memory
+        alone; only then are they calibrated (once per set of programs), which runs them."""
         sizes = runner.program_bytes()
         wanted = tuple(sorted(set(sizes) | ({"to_host", "from_host"} if host_budget else set())))
         if wanted not in self._calibrations:
@@ -266,7 +315,8 @@ class CompiledTask:
         peak = 3 * self._task_layout.state_bytes + max(cost.bytes for cost in sizes.values())
         planner.check_fits(self.client, peak, self.data_bytes, "calibrating the task's programs",
                            "The task's state is too large for this device.", self.num_devices)
-        costs = runner.calibrate(z_buffers, host_memory_kind=host_kind)
+        with setup_time.phase("calibrate"):
+            costs = runner.calibrate(z_buffers, host_memory_kind=host_kind)
         cache.put("calibration", entry, json.dumps({n: [c.seconds, c.bytes] for n, c in costs.items()}).encode())
         return costs
 
@@ -274,20 +324,27 @@ class CompiledTask:
         """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
         schedule = _check_schedule(schedule if schedule is not None else Auto())
         if isinstance(schedule, Auto):
-            choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
+            forward = None
+            if self._first_plan_is_single_step(schedule):
+                choice, budget, host_budget = self._choose_single_step(schedule, z_buffers)
+                forward = self._built_forward()
+            else:
+                choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
             described = f"Auto(memory={budget}) -> {choice.schedule!r}"
             if choice.host_slots:
                 described += (f" with {len(choice.host_slots)} of its slots in host memory "
                               f"(host_memory={host_budget * self.num_devices})")
-            planned = _Planned(described, choice.plan, (), choice.seconds, choice.peak_bytes, budget,
+            if forward is not None:
+                described += " (first call: single-step reverses; the fused ones are built by the next call)"
+            planned = _Planned(described, choice.plan, (), forward, choice.seconds, choice.peak_bytes, budget,
                                choice.host_slots, choice.peak_host_bytes, host_budget)
         else:
             plan = schedule.plan(self.steps, state_bytes=self._task_layout.state_bytes)
-            planned = _Planned(repr(schedule), plan, (), 0.0, None, 0)
+            planned = _Planned(repr(schedule), plan, (), None, 0.0, None, 0)
         fused = tuple(n for n in planned.plan.stats(self.steps)["fused_lengths"] if n > 1)
         planned = dataclasses.replace(planned, fused=fused)
         if planned.peak_bytes is None:
-            table = planner.cost_table(self._task_layout, self._runner(fused).program_bytes())
+            table = planner.cost_table(self._task_layout, self._runner(fused, planned.forward).program_bytes())
             planned = dataclasses.replace(planned,
                                           peak_bytes=_runtime.simulate_plan(planned.plan, table)["peak_bytes"])
         planner.check_fits(self.client, planned.peak_bytes, self.data_bytes, planned.described,
@@ -373,11 +430,16 @@ class CompiledTask:
         check_finite = _check_flag("check_finite", check_finite)
         report = _check_flag("report", report)
         z_buffers = self._z_buffers(z)
-        planned = self._plan(schedule, z_buffers)
+        with setup_time.record() as setup:
+            planned = self._plan(schedule, z_buffers)
+            runner = self._runner(planned.fused, planned.forward, checks=check_finite)
+        self.setup.add(setup)
+        if isinstance(schedule, (Auto, type(None))):
+            self._metagradients += 1
         with steps_bar("metagradient", progress) as bar:
-            value, grad, stats = self._runner(planned.fused).metagradient(
-                z_buffers, planned.plan, stride, check_finite, bar, set(planned.host_slots),
-                self._host_memory_kind() or planner.HOST_MEMORY_KIND)
+            value, grad, stats = runner.metagradient(z_buffers, planned.plan, stride, check_finite, bar,
+                                                     set(planned.host_slots),
+                                                     self._host_memory_kind() or planner.HOST_MEMORY_KIND)
         value = value.to_numpy()  # phi is replicated: partition 0's copy
         value = value[()] if value.ndim == 0 else value
         grad = self._download(grad, self.layout.z, self.sharding and self.sharding.z)
@@ -390,6 +452,7 @@ class CompiledTask:
             stats.predicted_peak_host_bytes = planned.peak_host_bytes
             stats.budget_bytes = planned.budget
             stats.host_budget_bytes = planned.host_budget
+            stats.setup_seconds, stats.compile_seconds = setup.seconds, setup.compile_seconds
             return value, grad, stats
         return value, grad
 
@@ -399,6 +462,7 @@ class CompiledTask:
         The C++ harness (``metagrad-bench``) and :func:`metagrad.load` run it
         without the user's code.
         """
+        self._ensure([*BASE_PROGRAMS, *(f"advance_{n}" for n in self.fuse_forward)])
         exports = self.exports
         if self.forward is not None:  # saved exports carry their VJPs (see programs.export_forward)
             exports = programs.export_forward(self.forward, self.layout, custom_calls=_handled_calls(), vjp=True)
@@ -445,22 +509,26 @@ def compile_task(task, z_example, *, backend: str, fuse_forward, loop: str, clie
     resolved, devices = sharding_lib.resolve(sharding, layout, client) if sharding is not None else (None, (0,))
     steps = int(task.steps)
     fuse = tuple(sorted({min(n, steps) for n in fuse_lengths} - {1}))
-    key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, fuse, loop,
+    key = (task.init, task.step, task.output, json.dumps(layout.to_json(), sort_keys=True), backend, loop,
            id(client), bool(jax.config.jax_enable_x64), resolved and resolved.key(), devices)
-    if key not in _MEMORY:
-        forward = programs.forward_of_task(task, layout)
-        exports = programs.export_forward(forward, layout, module_checks.check_lowered, _handled_calls())
-        names = BASE_PROGRAMS + tuple(f"advance_{n}" for n in fuse)
-        built = lowering.lower(exports, layout, names, backend=backend, target=runtime.stablehlo_target(client),
-                               loop=loop, forward=forward, sharding=resolved)
-        options = sharding_lib.compile_options(client, resolved, devices)
-        _MEMORY[key] = (forward, exports, built,
-                        {name: runtime.compile_program(p, client, options) for name, p in built.items()})
-    forward, exports, built, executables = _MEMORY[key]
+    with setup_time.record() as setup:
+        if key not in _MEMORY:
+            forward = programs.forward_of_task(task, layout)
+            with setup_time.phase("trace"):
+                exports = programs.export_forward(forward, layout, module_checks.check_lowered, _handled_calls())
+            options = sharding_lib.compile_options(client, resolved, devices)
+            executables = {}
+            built = lowering.lower(exports, layout, FIRST_PROGRAMS, backend=backend,
+                                   target=runtime.stablehlo_target(client), loop=loop, forward=forward,
+                                   sharding=resolved, ready=lambda name, program: executables.__setitem__(
+                                       name, runtime.compile_program(program, client, options)))
+            _MEMORY[key] = (forward, exports, built, executables)
+        forward, exports, built, executables = _MEMORY[key]
     return CompiledTask(layout, steps, backend, loop, exports, built, client,
                         data=_host_leaves(task.data, layout.data, "data"),
                         z_example=jax.tree_util.tree_map(np.asarray, z_example), forward=forward,
-                        sharding=resolved, devices=devices, _executables=executables)
+                        sharding=resolved, devices=devices, fuse_forward=fuse, setup=setup,
+                        _executables=executables)
 
 
 def load(path: str, *, client=None) -> CompiledTask:

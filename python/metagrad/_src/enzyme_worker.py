@@ -62,9 +62,39 @@ def _read(stream):
     return pickle.loads(data)
 
 
+def kept_arguments(lowered) -> set[int]:
+    """The arguments of a lowered jitted function that its jaxpr uses (JAX's dead-argument
+    elimination), read from the lowering: ``lowered.compile()`` reports the same set."""
+    return set(lowered._lowering.compile_args["kept_var_idx"])
+
+
+def _skip_dead_argument_compiles() -> None:
+    """enzyme-ad 0.0.16 has XLA compile every function it differentiates only to ask
+    which arguments survive dead-argument elimination (``compile()._executable.
+    _kept_var_idx``), then discards the executable: on a transformer step those
+    compiles were most of an Enzyme build. The lowering already holds the answer, so
+    in the child ``compile()`` of enzyme-ad's lowerings answers that question alone;
+    the reverse Enzyme emits is unchanged (the same bytes)."""
+    import types
+
+    from enzyme_ad.jax import primitives
+
+    lower = primitives.lower
+
+    def lower_without_compiling(fn, vals, parameters=None, kwargs={}):  # noqa: B006 (enzyme-ad's signature)
+        lowered = lower(fn, vals, parameters, kwargs=kwargs)
+        executable = types.SimpleNamespace(_executable=types.SimpleNamespace(_kept_var_idx=kept_arguments(lowered)))
+        lowered.compile = lambda: executable
+        return lowered
+
+    primitives.lower = lower_without_compiling
+
+
 def _serve() -> None:
     """The child: answer build requests until stdin closes."""
     import jax
+
+    _skip_dead_argument_compiles()
 
     from metagrad._src import programs
     from metagrad._src.layout import Layout

@@ -13,14 +13,16 @@ Built programs are cached on disk (``cache``), keyed by content.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import struct
 import warnings
+from typing import Callable
 
 import jax
 
-from metagrad._src import cache, enzyme_worker, module_checks, programs
+from metagrad._src import cache, enzyme_worker, module_checks, programs, setup_time
 from metagrad._src.layout import Layout
 from metagrad._src.programs import Program
 
@@ -90,15 +92,19 @@ def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
     return next((op for op in _CRASHES_ENZYME if f"{op}" in text), None)
 
 
+def _asks_enzyme(name: str, backend: str, layout: Layout) -> bool:
+    """Whether program ``name`` goes to Enzyme. With m outputs at once, backend="auto" takes
+    JAX's reverse, batched over the m cotangents (vmap): Enzyme's primitive has no batching
+    rule, and its m reverses in a loop ran slower than m separate metagradients, where JAX's
+    batch runs in about half their time."""
+    return backend != "jax" and programs.is_reverse(name) and not (backend == "auto" and layout.outputs > 0)
+
+
 def _build(exports, forward, layout: Layout, name: str, backend: str, target: str, loop: str, sharding) -> Program:
     # Programs built here are checked for ops the runtime cannot run (host
     # callbacks, custom calls without a handler); Enzyme's reverses hold the
     # same ops as the forward programs, which are checked before them.
-    # With m outputs at once, backend="auto" takes JAX's reverse, batched over
-    # the m cotangents (vmap): Enzyme's primitive has no batching rule, and its
-    # m reverses in a loop ran slower than m separate metagradients
-    # (bench/batched_outputs.py), where JAX's batch runs in about half their time.
-    if backend == "jax" or not programs.is_reverse(name) or (backend == "auto" and layout.outputs > 0):
+    if not _asks_enzyme(name, backend, layout):
         return programs.build(name, forward, layout, "jax", target, loop, module_checks.check_lowered, sharding)
     known = _known_crash(exports, name)
     odd = next((s for s in (*layout.state, *layout.z, *layout.data) if s.dtype not in _ENZYME_DTYPES), None)
@@ -121,7 +127,8 @@ def _build(exports, forward, layout: Layout, name: str, backend: str, target: st
 
 
 def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, target: str, loop: str = "unroll",
-          forward: programs.Forward | None = None, sharding=None) -> dict[str, Program]:
+          forward: programs.Forward | None = None, sharding=None,
+          ready: Callable[[str, Program], None] | None = None) -> dict[str, Program]:
     """Programs ``names`` of the task with these exported forward functions.
 
     Each comes from the disk cache when an identical build was cached, else is
@@ -129,25 +136,53 @@ def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, tar
     process has them (JAX's programs are built from them; Enzyme's always
     from the exports, in its own process). ``sharding``: a
     ``sharding.TaskSharding`` to lower every program for its mesh.
+    ``ready(name, program)`` is called as each program is built, on this
+    thread: the programs Enzyme builds are built meanwhile, in its process,
+    so that whatever ``ready`` does (XLA's compile) overlaps with them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if loop not in programs.LOOPS:
         raise ValueError(f"loop must be one of {programs.LOOPS}, got {loop!r}")
-    built = {}
-    for name in names:
+    if forward is None:
+        forward = programs.forward_of_exports(exports)
+
+    def one(name: str) -> Program:
         entry = program_key(exports, layout, name, backend, target, loop, sharding)
         program = _decode(name, cache.get("programs", entry))
         if program is None:
-            if forward is None:
-                forward = programs.forward_of_exports(exports)
             program = _build(exports, forward, layout, name, backend, target, loop, sharding)
             cache.put("programs", entry, _encode(program))
+        return program
+
+    built = {}
+
+    def done(name: str, program: Program) -> None:
         if program.fallback:  # also when the program came from the cache
             warnings.warn(f"backend='auto': Enzyme cannot differentiate {name} ({program.fallback}); using JAX's "
-                          f"autodiff for {name}", stacklevel=4)
+                          f"autodiff for {name}", stacklevel=5)
         built[name] = program
-    return built
+        if ready is not None:
+            ready(name, program)
+
+    asked = [name for name in names if _asks_enzyme(name, backend, layout)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metagrad-enzyme") as pool:
+        pending = {name: pool.submit(one, name) for name in asked}
+        try:
+            for name in names:
+                if name not in pending:
+                    with setup_time.phase("trace"):
+                        program = one(name)
+                    done(name, program)
+            for name in asked:
+                with setup_time.phase("enzyme"):
+                    program = pending[name].result()
+                done(name, program)
+        except BaseException:
+            for future in pending.values():
+                future.cancel()
+            raise
+    return {name: built[name] for name in names}
 
 
 def _encode(program: Program) -> bytes:

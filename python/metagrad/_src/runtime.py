@@ -249,9 +249,13 @@ def compile_program(program, client: Client | None = None, options: bytes = b"")
     with the same options by the same plugin before (see ``cache``); a
     cached executable the plugin refuses is recompiled.
     """
-    from metagrad._src import cache
+    from metagrad._src import cache, setup_time
 
-    client = client or get_client()
+    with setup_time.phase("compile", program.name):
+        return _compile_program(program, client or get_client(), options, cache)
+
+
+def _compile_program(program, client: Client, options: bytes, cache) -> Executable:
     inputs = [ArraySpec(list(shape), dtype) for shape, dtype in program.inputs]
     entry = cache_key_of(client, "executable", bytes(options), program.artifact)
     serialized = cache.get("executables", entry)

@@ -1,0 +1,183 @@
+"""Time to the first metagradient, as a new user meets it: a fresh process, an empty cache.
+
+For each model of a ladder (the digits MLP and CNN of ``tasks.py``, the
+transformer LM of ``tasks.py`` at 1, 2, 4 and 8 layers, and the Flax
+transformer of ``compile_cache.py``), three fresh processes run one after
+another, never beside other work:
+
+- JAX: ``jax.jit(jax.value_and_grad(objective))`` compiled and called once,
+  where ``objective(z)`` runs ``init``, a ``lax.scan`` of the ``step`` under
+  ``jax.checkpoint`` and ``output``: the five lines a user would write instead;
+- metagrad, cold: ``task.compile(z)`` and the first ``metagradient(z)`` (the
+  default schedule), with an empty compile-cache directory; the set-up
+  phases of both (``CompiledTask.setup`` and ``Report.setup_seconds``);
+- metagrad, warm: the same in another fresh process with that cache.
+
+The target: metagrad cold at most 1.5x JAX on every rung, its growth from 1 to
+8 layers no steeper than JAX's, and the warm process at most 10% of the cold one.
+
+    python bench/time_to_first.py [--rungs mlp,cnn,lm1,lm2,lm4,lm8,flax] [--steps 200]
+
+Writes bench/results/time_to_first.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import BENCH_DIR, RESULTS_DIR, write_results
+
+RUNGS = ("mlp", "cnn", "lm1", "lm2", "lm4", "lm8", "flax")
+TARGET = 1.5  # metagrad's cold time to a first metagradient / JAX's compile and first call
+WARM_TARGET = 0.10  # a second process with the cache / the first
+
+
+def make(rung: str, steps: int):
+    """``(task, z)`` of a rung of the ladder."""
+    import tasks
+
+    if rung.startswith("lm"):
+        tasks.LM["blocks"] = int(rung[2:])
+        return tasks.make_task("transformer", steps)
+    if rung == "flax":
+        from compile_cache import make as make_cached
+
+        return make_cached("transformer")  # its own T (50): the Flax model is the slowest to compile
+    return tasks.make_task(rung, steps)
+
+
+def parameters(task, z) -> int:
+    import jax
+    import numpy as np
+
+    params = jax.eval_shape(lambda: task.init(z, task.data))[0]
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def jax_first(rung: str, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    task, z = make(rung, steps)
+    data = jax.tree_util.tree_map(jnp.asarray, task.data)
+
+    def objective(z):
+        state = task.init(z, data)
+        body = jax.checkpoint(lambda s, t: (task.step(s, z, data, t), None))
+        state, _ = jax.lax.scan(body, state, jnp.arange(task.steps, dtype=jnp.int32))
+        return task.output(state, z, data)
+
+    start = time.perf_counter()
+    value, grad = jax.jit(jax.value_and_grad(objective))(jnp.asarray(z))
+    jax.block_until_ready(grad)
+    return {"seconds": time.perf_counter() - start, "value": float(value), "steps": task.steps,
+            "parameters": parameters(task, z), "grad_norm": float(np.linalg.norm(np.asarray(grad)))}
+
+
+def metagrad_first(rung: str, steps: int) -> dict:
+    import numpy as np
+
+    task, z = make(rung, steps)
+    start = time.perf_counter()
+    compiled = task.compile(z)
+    compile_seconds = time.perf_counter() - start
+    value, grad, report = compiled.metagradient(z, report=True)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "compile_seconds": compile_seconds, "call_seconds": seconds - compile_seconds,
+            "compile_setup": compiled.setup.seconds, "call_setup": dict(report.setup_seconds),
+            "xla_per_program": {**compiled.setup.compile_seconds, **report.compile_seconds},
+            "run_seconds": report.seconds_total, "schedule": report.schedule, "value": float(value),
+            "grad_norm": float(np.linalg.norm(np.asarray(grad)))}
+
+
+def child(method: str, rung: str, steps: int, cache_dir: str | None) -> dict:
+    """One fresh process: ``method`` on ``rung``."""
+    env = dict(os.environ)
+    if cache_dir:
+        env["METAGRAD_CACHE_DIR"] = cache_dir
+    code = (f"import json, sys; sys.path.insert(0, {BENCH_DIR!r}); import time_to_first as m; "
+            f"print('RESULT ' + json.dumps(m.{method}({rung!r}, {steps})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{method} on {rung} failed:\n{done.stderr[-3000:]}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["rung"] for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.27
+    ax.bar([i - width for i in x], [r["jax"]["seconds"] for r in rows], width, label="JAX: compile + first call")
+    ax.bar(list(x), [r["metagrad"]["seconds"] for r in rows], width, label="metagrad: compile + first metagradient")
+    ax.bar([i + width for i in x], [r["warm"]["seconds"] for r in rows], width, label="metagrad, warm cache")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("seconds (fresh process)")
+    ax.set_title("Time to the first metagradient")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rungs", default=",".join(RUNGS))
+    parser.add_argument("--steps", type=int, default=200, help="training steps T (the Flax model has its own, 50)")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    rows = []
+    for rung in args.rungs.split(","):
+        with tempfile.TemporaryDirectory() as cache_dir:
+            row = {"rung": rung, "jax": child("jax_first", rung, args.steps, None),
+                   "metagrad": child("metagrad_first", rung, args.steps, cache_dir),
+                   "warm": child("metagrad_first", rung, args.steps, cache_dir)}
+        row["ratio"] = row["metagrad"]["seconds"] / row["jax"]["seconds"]
+        row["warm_share"] = row["warm"]["seconds"] / row["metagrad"]["seconds"]
+        rows.append(row)
+        print(f"{rung}: JAX {row['jax']['seconds']:.1f} s, metagrad {row['metagrad']['seconds']:.1f} s "
+              f"({row['ratio']:.2f}x), warm {row['warm']['seconds']:.1f} s", file=sys.stderr)
+
+    def phases(setup: dict) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in setup.items() if v >= 0.05) or "-"
+
+    md = [f"# Time to the first metagradient (fresh processes, empty cache; T = {args.steps}, the Flax model 50)", "",
+          f"Command: `python bench/time_to_first.py --rungs {args.rungs} --steps {args.steps}`. "
+          f"Load average before: {load[0]:.2f}; every process ran alone.", "",
+          "| model | parameters | JAX: compile + first call | metagrad: `compile` | + first `metagradient` "
+          "| total | / JAX | warm cache (share) | compile phases (s) | first call's phases (s) | its plan |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        m = r["metagrad"]
+        met = "met" if r["ratio"] <= TARGET else "missed"
+        md.append(f"| {r['rung']} | {r['jax']['parameters']:,} | {r['jax']['seconds']:.1f} s | "
+                  f"{m['compile_seconds']:.1f} s | {m['call_seconds']:.1f} s (run {m['run_seconds']:.2f}) | "
+                  f"{m['seconds']:.1f} s | **{r['ratio']:.2f}x** ({met}) | {r['warm']['seconds']:.1f} s "
+                  f"({100 * r['warm_share']:.0f}%) | {phases(m['compile_setup'])} | {phases(m['call_setup'])} | "
+                  f"{m['schedule'].split(' -> ')[-1].split(' (')[0]} |")
+    by = {r["rung"]: r for r in rows}
+    if "lm1" in by and "lm8" in by:
+        growth = {k: by["lm8"][k]["seconds"] / by["lm1"][k]["seconds"] for k in ("jax", "metagrad")}
+        md += ["", f"Growth from 1 to 8 layers: JAX {growth['jax']:.2f}x, metagrad {growth['metagrad']:.2f}x "
+                   f"({'no steeper' if growth['metagrad'] <= growth['jax'] else 'steeper'})."]
+    md += ["", f"Target: total / JAX <= {TARGET}x; warm cache <= {WARM_TARGET:.0%} of the cold process. The first "
+               "call plans over single-step reverses (`Auto`'s first call); the fused reverses are built by the "
+               "second call, whose time is not in this table."]
+    write_results("time_to_first", md, {"steps": args.steps, "load_before": load, "rows": rows})
+    plot(rows, os.path.join(RESULTS_DIR, "time_to_first.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The way to a first metagradient: what compile builds, Auto's first call, and where the time goes."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metagrad
+from metagrad import baselines
+from metagrad._src import compiled as compiled_lib, enzyme_worker, setup_time
+from models import make_task
+
+STEPS = 40
+
+
+def relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.fixture
+def cold_cache(tmp_path, monkeypatch):
+    """An empty disk cache and no task compiled in this process: everything is built."""
+    monkeypatch.setenv("METAGRAD_CACHE_DIR", str(tmp_path / "cache"))
+    compiled_lib.forget_compiled()
+    yield
+    compiled_lib.forget_compiled()
+
+
+def test_auto_first_call_runs_single_step_reverses_and_the_second_builds_the_fused_ones(cold_cache):
+    task, z = make_task("weights", "adam", steps=STEPS)
+    compiled = task.compile(z)
+    assert set(compiled.programs) == set(compiled_lib.FIRST_PROGRAMS)
+
+    value, grad, first = compiled.metagradient(z, report=True)
+    assert "Budget(states=40, leaf=1)" in first.schedule and "first call" in first.schedule
+    assert first.predicted_seconds == 0  # one block length on one tier: nothing to calibrate
+    assert first.executions == 1 + STEPS + 1 + STEPS + 1  # init, steps, output_vjp, step_vjps, init_vjp
+    assert set(compiled.programs) == set(compiled_lib.FIRST_PROGRAMS)  # nothing more was built
+
+    value2, grad2, second = compiled.metagradient(z, report=True)
+    assert "leaf=10" in second.schedule and "first call" not in second.schedule
+    assert {"segment_vjp_10", "advance_10"} <= set(compiled.programs)
+    assert second.setup_seconds["compile"] > 0 and second.compile_seconds["segment_vjp_10"] > 0
+    assert second.executions < first.executions
+
+    want_value, want_grad = baselines.scan_metagradient(task, z)
+    for v, g in ((value, grad), (value2, grad2)):
+        np.testing.assert_allclose(v, float(want_value), rtol=1e-5)
+        assert relative_error(g, want_grad) < 1e-3  # Adam, float32: as in test_metagradient
+
+    _, _, third = compiled.metagradient(z, report=True)  # everything built and calibrated: no set-up
+    assert third.schedule == second.schedule and third.setup_seconds == {} and third.compile_seconds == {}
+
+
+def test_auto_with_explicit_leaves_and_prepared_tasks_plan_over_fused_reverses_at_once(cold_cache):
+    task, z = make_task("weights", "sgdm", steps=STEPS)
+    compiled = task.compile(z)
+    _, _, report = compiled.metagradient(z, metagrad.Auto(leaves=(1, 10)), report=True)
+    assert "leaf=10" in report.schedule and "first call" not in report.schedule
+
+    other = make_task("weights", "sgdm", steps=STEPS)[0].compile(z).prepare(metagrad.Auto())
+    _, _, report = other.metagradient(z, report=True)
+    assert "leaf=10" in report.schedule and "first call" not in report.schedule
+
+
+def test_lazy_programs_are_built_where_they_are_needed(cold_cache, tmp_path):
+    task, z = make_task("weights", "sgdm", steps=STEPS)
+    compiled = task.compile(z)
+    with pytest.raises(metagrad.CheckFailed, match="step 0"):
+        compiled.metagradient(np.full_like(z, np.nan), metagrad.StoreAll(), check_finite=True)
+    assert set(compiled_lib.CHECK_PROGRAMS) <= set(compiled.programs)
+    np.testing.assert_allclose(compiled.train(z)[0]["w1"], task.compile(z, fuse_forward=1).train(z)[0]["w1"],
+                               rtol=1e-6)
+    assert "advance_10" in compiled.programs
+    compiled.save(str(tmp_path / "saved"))
+    loaded = metagrad.load(str(tmp_path / "saved"))
+    assert set(compiled_lib.BASE_PROGRAMS) | {"advance_10"} <= set(loaded.programs)
+    assert loaded.fuse_forward == (10,)
+
+
+def test_setup_phases_add_up_to_the_measured_setup_time(cold_cache):
+    task, z = make_task("poison", "adam", steps=STEPS)
+    start = time.perf_counter()
+    compiled = task.compile(z)
+    compile_wall = time.perf_counter() - start
+    assert set(compiled.setup.seconds) <= set(setup_time.PHASES)
+    assert set(compiled.setup.compile_seconds) == set(compiled_lib.FIRST_PROGRAMS)
+    assert abs(compiled.setup.total - compile_wall) <= 0.1 * compile_wall
+
+    compiled.metagradient(z)
+    start = time.perf_counter()
+    _, _, report = compiled.metagradient(z, report=True)  # builds and calibrates the fused programs
+    call_setup = time.perf_counter() - start - report.seconds_total
+    assert report.setup_seconds["calibrate"] > 0
+    assert abs(sum(report.setup_seconds.values()) - call_setup) <= 0.1 * call_setup
+    assert compiled.setup.total > compile_wall  # the task's record gathers every call's set-up
+
+
+def test_phases_nest_without_counting_twice():
+    with setup_time.record() as outer:
+        with setup_time.phase("trace"):
+            time.sleep(0.05)
+            with setup_time.phase("compile", "step"):
+                time.sleep(0.1)
+    assert outer.seconds["compile"] == pytest.approx(0.1, abs=0.03)
+    assert outer.seconds["trace"] == pytest.approx(0.05, abs=0.03)
+    assert outer.compile_seconds == {"step": outer.seconds["compile"]}
+    with pytest.raises(ValueError, match="unknown set-up phase 'lowering'"):
+        with setup_time.phase("lowering"):
+            pass
+
+
+def test_kept_arguments_read_from_the_lowering_match_the_compiled_executable():
+    def f(a, unused, b, also_unused):
+        return a * 2 + b
+
+    args = [jnp.ones(3), jnp.ones(2), jnp.ones(3), jnp.ones(())]
+    lowered = jax.jit(f).lower(*args)
+    assert enzyme_worker.kept_arguments(lowered) == {0, 2} == set(lowered.compile()._executable._kept_var_idx)
