@@ -120,3 +120,23 @@ def test_kept_arguments_read_from_the_lowering_match_the_compiled_executable():
     args = [jnp.ones(3), jnp.ones(2), jnp.ones(3), jnp.ones(())]
     lowered = jax.jit(f).lower(*args)
     assert enzyme_worker.kept_arguments(lowered) == {0, 2} == set(lowered.compile()._executable._kept_var_idx)
+
+
+def test_a_loaded_task_without_enzyme_plans_over_single_step_reverses(cold_cache, tmp_path, monkeypatch):
+    task, z = make_task("weights", "sgdm", steps=STEPS)
+    task.compile(z).save(str(tmp_path / "saved"))  # no fused reverse in it
+    loaded = metagrad.load(str(tmp_path / "saved"))
+    loaded.metagradient(z)  # the first call needs none
+
+    def no_enzyme(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'enzyme_ad'")
+
+    monkeypatch.setattr(compiled_lib.lowering, "lower", no_enzyme)
+    with pytest.warns(UserWarning, match=r"Auto: the fused reverse programs cannot be built here \(No module named "
+                                         r"'enzyme_ad'\); planning over single-step reverses"):
+        value, grad, report = loaded.metagradient(z, report=True)
+    assert report.schedule.endswith("(single-step reverses: no fused ones could be built)")
+    want_value, want_grad = loaded.metagradient(z, metagrad.StoreAll())
+    assert value == want_value and relative_error(grad, want_grad) == 0
+    with pytest.raises(ModuleNotFoundError):  # lengths the user named are built or the call fails
+        loaded.metagradient(z, metagrad.Auto(leaves=(1, 10)))

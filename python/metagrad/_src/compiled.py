@@ -324,18 +324,27 @@ class CompiledTask:
         """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
         schedule = _check_schedule(schedule if schedule is not None else Auto())
         if isinstance(schedule, Auto):
-            forward = None
+            forward, single_step = None, ""
             if self._first_plan_is_single_step(schedule):
+                single_step = " (first call: single-step reverses; the fused ones are built by the next call)"
+            else:
+                try:
+                    choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
+                except ImportError as error:  # a loaded task, where enzyme-ad is not installed
+                    if schedule.leaves is not None:
+                        raise
+                    warnings.warn(f"Auto: the fused reverse programs cannot be built here ({error}); planning over "
+                                  "single-step reverses. Call prepare(metagrad.Auto()) before save() to keep them "
+                                  "in the saved task.", stacklevel=4)
+                    single_step = " (single-step reverses: no fused ones could be built)"
+            if single_step:
                 choice, budget, host_budget = self._choose_single_step(schedule, z_buffers)
                 forward = self._built_forward()
-            else:
-                choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
             described = f"Auto(memory={budget}) -> {choice.schedule!r}"
             if choice.host_slots:
                 described += (f" with {len(choice.host_slots)} of its slots in host memory "
                               f"(host_memory={host_budget * self.num_devices})")
-            if forward is not None:
-                described += " (first call: single-step reverses; the fused ones are built by the next call)"
+            described += single_step
             planned = _Planned(described, choice.plan, (), forward, choice.seconds, choice.peak_bytes, budget,
                                choice.host_slots, choice.peak_host_bytes, host_budget)
         else:
