@@ -95,7 +95,17 @@ def test_auto_falls_back_to_jax_with_one_line_of_warning():
         compiled = task.compile(z, backend="auto")
     assert all("\n" not in str(w.message) for w in caught)
     assert compiled.programs["step_vjp"].backend == "jax"
-    assert compiled.programs["output_vjp"].backend == "enzyme"  # the output has no max-pool gradient
+    assert compiled.programs["output_vjp"].backend == "jax"  # once per run: JAX's under "auto"
+
+
+def test_auto_asks_enzyme_for_the_reverses_of_the_step_alone():
+    task, z = make_task("weights", "sgdm", steps=6)
+    compiled = task.compile(z, backend="auto").prepare(metagrad.Budget(states=2, leaf=3))
+    assert {name: compiled.programs[name].backend for name in ("step_vjp", "segment_vjp_3", "output_vjp",
+                                                                "init_vjp")} == {
+        "step_vjp": "enzyme", "segment_vjp_3": "enzyme", "output_vjp": "jax", "init_vjp": "jax"}
+    enzyme = task.compile(z, backend="enzyme")
+    assert enzyme.programs["output_vjp"].backend == enzyme.programs["init_vjp"].backend == "enzyme"
 
 
 # -- validation: before anything compiles, naming the leaf --------------------

@@ -3,10 +3,11 @@
 Forward programs are built in this process. Reverse programs are built by
 Enzyme in a separate process (``enzyme_worker``: a crash there cannot end
 this one) or by JAX's autodiff here. ``backend="auto"`` (the default) tries
-Enzyme for each reverse program and falls back to JAX, with one line of
-warning, wherever Enzyme fails (and takes JAX's batched reverse for m
-outputs at once); ``"enzyme"`` raises
-:class:`EnzymeUnsupportedError` instead; ``"jax"`` never uses Enzyme.
+Enzyme for the reverses of the step (``PER_STEP_REVERSES``) and falls back to
+JAX, with one line of warning, wherever Enzyme fails (and takes JAX's
+batched reverse for m outputs at once); the reverses of init and output are
+JAX's. ``"enzyme"`` builds every reverse with Enzyme and raises
+:class:`EnzymeUnsupportedError` where it cannot; ``"jax"`` never uses Enzyme.
 
 Built programs are cached on disk (``cache``), keyed by content.
 """
@@ -92,12 +93,21 @@ def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
     return next((op for op in _CRASHES_ENZYME if f"{op}" in text), None)
 
 
+# The reverses a traversal runs once per training step: where backend="auto" asks Enzyme. The
+# reverses of init and output run once per metagradient, so their speed hardly counts, while an
+# Enzyme build costs its child process's start and competes with XLA's compiles for the cores:
+# JAX builds them, in this process, while Enzyme builds the step's.
+PER_STEP_REVERSES = ("step_vjp", "segment_vjp")
+
+
 def _asks_enzyme(name: str, backend: str, layout: Layout) -> bool:
     """Whether program ``name`` goes to Enzyme. With m outputs at once, backend="auto" takes
     JAX's reverse, batched over the m cotangents (vmap): Enzyme's primitive has no batching
     rule, and its m reverses in a loop ran slower than m separate metagradients, where JAX's
     batch runs in about half their time."""
-    return backend != "jax" and programs.is_reverse(name) and not (backend == "auto" and layout.outputs > 0)
+    if backend == "auto":
+        return programs.kind_of(name)[0] in PER_STEP_REVERSES and layout.outputs == 0
+    return backend == "enzyme" and programs.is_reverse(name)
 
 
 def _build(exports, forward, layout: Layout, name: str, backend: str, target: str, loop: str, sharding) -> Program:
