@@ -132,11 +132,52 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(rows: list[dict], steps: int, rungs: str, load) -> list[str]:
+    def phases(setup: dict) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in setup.items() if v >= 0.05) or "-"
+
+    md = [f"# Time to the first metagradient (fresh processes, empty cache; T = {steps}, the Flax model 50)", "",
+          f"Command: `python bench/time_to_first.py --rungs {rungs} --steps {steps}`. "
+          f"Load average before: {load[0]:.2f}; every process ran alone.", "",
+          "| model | parameters | JAX: compile + first call | metagrad: `compile` | + first `metagradient` "
+          "| total | / JAX | warm cache: total (share) | warm `compile` / cold | compile phases (s) "
+          "| first call's phases (s) | its plan |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        m, w = r["metagrad"], r["warm"]
+        met = "met" if r["ratio"] <= TARGET else "missed"
+        md.append(f"| {r['rung']} | {r['jax']['parameters']:,} | {r['jax']['seconds']:.1f} s | "
+                  f"{m['compile_seconds']:.1f} s | {m['call_seconds']:.1f} s (run {m['run_seconds']:.2f}) | "
+                  f"{m['seconds']:.1f} s | **{r['ratio']:.2f}x** ({met}) | {w['seconds']:.1f} s "
+                  f"({100 * r['warm_share']:.0f}%) | {100 * w['compile_seconds'] / m['compile_seconds']:.0f}% | "
+                  f"{phases(m['compile_setup'])} | {phases(m['call_setup'])} | "
+                  f"{m['schedule'].split(' -> ')[-1].split(' (')[0]} |")
+    by = {r["rung"]: r for r in rows}
+    if "lm1" in by and "lm8" in by:
+        growth = {k: by["lm8"][k]["seconds"] / by["lm1"][k]["seconds"] for k in ("jax", "metagrad")}
+        md += ["", f"Growth from 1 to 8 layers: JAX {growth['jax']:.2f}x, metagrad {growth['metagrad']:.2f}x "
+                   f"({'no steeper' if growth['metagrad'] <= growth['jax'] else 'steeper'})."]
+    md += ["", f"Target: total / JAX <= {TARGET}x; warm cache <= {WARM_TARGET:.0%} of the cold process. The first "
+               "call plans over single-step reverses (`Auto`'s first call); the fused reverses are built by the "
+               "second call, whose time is not in this table. The warm total includes the first call's run, which "
+               "no cache shortens; `warm compile / cold` compares `task.compile` alone."]
+    return md
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rungs", default=",".join(RUNGS))
     parser.add_argument("--steps", type=int, default=200, help="training steps T (the Flax model has its own, 50)")
+    parser.add_argument("--render", help="rewrite the table and plot from this results JSON, running nothing")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        rows, load = saved["rows"], saved["load_before"]
+        write_results("time_to_first", markdown(rows, saved["steps"], ",".join(r["rung"] for r in rows), load),
+                      {"steps": saved["steps"], "load_before": load, "rows": rows})
+        plot(rows, os.path.join(RESULTS_DIR, "time_to_first.png"))
+        return
     load = os.getloadavg()
     rows = []
     for rung in args.rungs.split(","):
@@ -150,31 +191,7 @@ def main() -> None:
         print(f"{rung}: JAX {row['jax']['seconds']:.1f} s, metagrad {row['metagrad']['seconds']:.1f} s "
               f"({row['ratio']:.2f}x), warm {row['warm']['seconds']:.1f} s", file=sys.stderr)
 
-    def phases(setup: dict) -> str:
-        return ", ".join(f"{k} {v:.1f}" for k, v in setup.items() if v >= 0.05) or "-"
-
-    md = [f"# Time to the first metagradient (fresh processes, empty cache; T = {args.steps}, the Flax model 50)", "",
-          f"Command: `python bench/time_to_first.py --rungs {args.rungs} --steps {args.steps}`. "
-          f"Load average before: {load[0]:.2f}; every process ran alone.", "",
-          "| model | parameters | JAX: compile + first call | metagrad: `compile` | + first `metagradient` "
-          "| total | / JAX | warm cache (share) | compile phases (s) | first call's phases (s) | its plan |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
-    for r in rows:
-        m = r["metagrad"]
-        met = "met" if r["ratio"] <= TARGET else "missed"
-        md.append(f"| {r['rung']} | {r['jax']['parameters']:,} | {r['jax']['seconds']:.1f} s | "
-                  f"{m['compile_seconds']:.1f} s | {m['call_seconds']:.1f} s (run {m['run_seconds']:.2f}) | "
-                  f"{m['seconds']:.1f} s | **{r['ratio']:.2f}x** ({met}) | {r['warm']['seconds']:.1f} s "
-                  f"({100 * r['warm_share']:.0f}%) | {phases(m['compile_setup'])} | {phases(m['call_setup'])} | "
-                  f"{m['schedule'].split(' -> ')[-1].split(' (')[0]} |")
-    by = {r["rung"]: r for r in rows}
-    if "lm1" in by and "lm8" in by:
-        growth = {k: by["lm8"][k]["seconds"] / by["lm1"][k]["seconds"] for k in ("jax", "metagrad")}
-        md += ["", f"Growth from 1 to 8 layers: JAX {growth['jax']:.2f}x, metagrad {growth['metagrad']:.2f}x "
-                   f"({'no steeper' if growth['metagrad'] <= growth['jax'] else 'steeper'})."]
-    md += ["", f"Target: total / JAX <= {TARGET}x; warm cache <= {WARM_TARGET:.0%} of the cold process. The first "
-               "call plans over single-step reverses (`Auto`'s first call); the fused reverses are built by the "
-               "second call, whose time is not in this table."]
+    md = markdown(rows, args.steps, args.rungs, load)
     write_results("time_to_first", md, {"steps": args.steps, "load_before": load, "rows": rows})
     plot(rows, os.path.join(RESULTS_DIR, "time_to_first.png"))
 

@@ -375,11 +375,13 @@ class CompiledTask:
         return planner.cost_table(self._task_layout, self._choose(auto, self._z_buffers(z))[3])
 
     def prepare(self, schedule) -> "CompiledTask":
-        """Compile now the fused reverse programs ``schedule`` needs for this task.
+        """Compile now the fused forward and reverse programs ``schedule`` needs for this task.
 
-        ``metagradient`` does this on first use; call it before :meth:`save` so
-        that the saved task holds them (a loaded task can also build them: it
-        keeps the forward functions, but that needs jax and enzyme-ad).
+        ``metagradient`` does this on first use (with ``Auto()``, from its second
+        call: the first plans over single-step reverses); call it before timing,
+        or before :meth:`save` so that the saved task holds them (a loaded task
+        can also build them: it keeps the forward functions, but that needs jax
+        and enzyme-ad).
         """
         if isinstance(schedule, Auto):
             leaves = self._auto_leaves(schedule)

@@ -91,7 +91,9 @@ class Auto:
         where the plan chosen has shorter blocks than the longest (a tight
         budget), Auto also tries the lengths between (``GAP_LEAVES``: 3, and 30
         for ``loop="scan"``), compiled then, and runs one only if its plan is
-        predicted faster.
+        predicted faster. With the default, the first call of a compiled task
+        whose fused reverses are not built yet plans over single-step reverses
+        alone (a first result without compiling them); the next call builds them.
       host_memory: bytes of host memory for saved states, all devices together
         (default: none on the CPU plugin, half the host's available RAM
         elsewhere); 0 keeps every state on the device.
