@@ -81,34 +81,51 @@ def jax_first(rung: str, steps: int) -> dict:
             "parameters": parameters(task, z), "grad_norm": float(np.linalg.norm(np.asarray(grad)))}
 
 
-def metagrad_first(rung: str, steps: int) -> dict:
+def metagrad_first(rung: str, steps: int, calls: int = 1) -> dict:
     import numpy as np
 
     task, z = make(rung, steps)
     start = time.perf_counter()
     compiled = task.compile(z)
     compile_seconds = time.perf_counter() - start
+    compile_setup = dict(compiled.setup.seconds)  # compiled.setup goes on to gather the calls' set-up
     value, grad, report = compiled.metagradient(z, report=True)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "compile_seconds": compile_seconds, "call_seconds": seconds - compile_seconds,
-            "compile_setup": compiled.setup.seconds, "call_setup": dict(report.setup_seconds),
+    later = []
+    for _ in range(calls - 1):  # Auto's next calls: the second builds and calibrates the fused programs
+        begin = time.perf_counter()
+        _, _, after = compiled.metagradient(z, report=True)
+        later.append({"seconds": time.perf_counter() - begin, "run_seconds": after.seconds_total,
+                      "setup": dict(after.setup_seconds), "xla_per_program": dict(after.compile_seconds),
+                      "schedule": after.schedule})
+    return {"seconds": seconds, "later_calls": later, "compile_seconds": compile_seconds, "call_seconds": seconds - compile_seconds,
+            "compile_setup": compile_setup, "call_setup": dict(report.setup_seconds),
             "xla_per_program": {**compiled.setup.compile_seconds, **report.compile_seconds},
             "run_seconds": report.seconds_total, "schedule": report.schedule, "value": float(value),
             "grad_norm": float(np.linalg.norm(np.asarray(grad)))}
 
 
-def child(method: str, rung: str, steps: int, cache_dir: str | None) -> dict:
-    """One fresh process: ``method`` on ``rung``."""
+def child(method: str, rung: str, steps: int, cache_dir: str | None, calls: int = 1) -> dict:
+    """One fresh process: ``method`` on ``rung``. The arguments go on the command line, not into
+    the code: JAX's exports carry source locations, and a cache keyed by them misses when the
+    calling line's text differs between the cold and the warm process."""
     env = dict(os.environ)
     if cache_dir:
         env["METAGRAD_CACHE_DIR"] = cache_dir
     code = (f"import json, sys; sys.path.insert(0, {BENCH_DIR!r}); import time_to_first as m; "
-            f"print('RESULT ' + json.dumps(m.{method}({rung!r}, {steps})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+            "print('RESULT ' + json.dumps(m.run_child(*sys.argv[1:])))")
+    done = subprocess.run([sys.executable, "-c", code, method, rung, str(steps), str(calls)], capture_output=True,
+                          text=True, env=env, timeout=1800)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"{method} on {rung} failed:\n{done.stderr[-3000:]}")
+
+
+def run_child(method: str, rung: str, steps: str, calls: str) -> dict:
+    if method == "jax_first":
+        return jax_first(rung, int(steps))
+    return metagrad_first(rung, int(steps), int(calls))
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -132,13 +149,18 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def markdown(rows: list[dict], steps: int, rungs: str, load) -> list[str]:
+def markdown(rows: list[dict], steps: int, rungs: str, load, repeat: int) -> list[str]:
     def phases(setup: dict) -> str:
         return ", ".join(f"{k} {v:.1f}" for k, v in setup.items() if v >= 0.05) or "-"
 
+    def spread(r: dict) -> str:
+        ratios = [m / j for m, j in zip(r["samples"]["metagrad"], r["samples"]["jax"])]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
     md = [f"# Time to the first metagradient (fresh processes, empty cache; T = {steps}, the Flax model 50)", "",
-          f"Command: `python bench/time_to_first.py --rungs {rungs} --steps {steps}`. "
-          f"Load average before: {load[0]:.2f}; every process ran alone.", "",
+          f"Command: `python bench/time_to_first.py --rungs {rungs} --steps {steps} --repeat {repeat}`. "
+          f"Load average before: {load[0]:.2f}; every process ran alone. Each figure is the median of {repeat} "
+          "fresh-process runs (each repeat with its own empty cache); the ratio's range is over the repeats.", "",
           "| model | parameters | JAX: compile + first call | metagrad: `compile` | + first `metagradient` "
           "| total | / JAX | warm cache: total (share) | warm `compile` / cold | compile phases (s) "
           "| first call's phases (s) | its plan |",
@@ -148,7 +170,7 @@ def markdown(rows: list[dict], steps: int, rungs: str, load) -> list[str]:
         met = "met" if r["ratio"] <= TARGET else "missed"
         md.append(f"| {r['rung']} | {r['jax']['parameters']:,} | {r['jax']['seconds']:.1f} s | "
                   f"{m['compile_seconds']:.1f} s | {m['call_seconds']:.1f} s (run {m['run_seconds']:.2f}) | "
-                  f"{m['seconds']:.1f} s | **{r['ratio']:.2f}x** ({met}) | {w['seconds']:.1f} s "
+                  f"{m['seconds']:.1f} s | **{r['ratio']:.2f}x** ({met}; {spread(r)}) | {w['seconds']:.1f} s "
                   f"({100 * r['warm_share']:.0f}%) | {100 * w['compile_seconds'] / m['compile_seconds']:.0f}% | "
                   f"{phases(m['compile_setup'])} | {phases(m['call_setup'])} | "
                   f"{m['schedule'].split(' -> ')[-1].split(' (')[0]} |")
@@ -168,32 +190,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rungs", default=",".join(RUNGS))
     parser.add_argument("--steps", type=int, default=200, help="training steps T (the Flax model has its own, 50)")
+    parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs of each method (median)")
+    parser.add_argument("--calls", type=int, default=1,
+                        help="metagradients in the cold process: the later ones get a table of their own")
+    parser.add_argument("--out", default="time_to_first", help="results name under bench/results/")
     parser.add_argument("--render", help="rewrite the table and plot from this results JSON, running nothing")
     args = parser.parse_args()
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
         rows, load = saved["rows"], saved["load_before"]
-        write_results("time_to_first", markdown(rows, saved["steps"], ",".join(r["rung"] for r in rows), load),
-                      {"steps": saved["steps"], "load_before": load, "rows": rows})
-        plot(rows, os.path.join(RESULTS_DIR, "time_to_first.png"))
+        name = os.path.splitext(os.path.basename(args.render))[0]
+        md = markdown(rows, saved["steps"], ",".join(r["rung"] for r in rows), load, saved["repeat"])
+        write_results(name, md, {k: v for k, v in saved.items() if k != "machine"})
+        plot(rows, os.path.join(RESULTS_DIR, f"{name}.png"))
         return
     load = os.getloadavg()
     rows = []
     for rung in args.rungs.split(","):
-        with tempfile.TemporaryDirectory() as cache_dir:
-            row = {"rung": rung, "jax": child("jax_first", rung, args.steps, None),
-                   "metagrad": child("metagrad_first", rung, args.steps, cache_dir),
-                   "warm": child("metagrad_first", rung, args.steps, cache_dir)}
+        runs = {"jax": [], "metagrad": [], "warm": []}
+        for _ in range(args.repeat):  # each repeat: its own empty cache, the three processes in turn
+            with tempfile.TemporaryDirectory() as cache_dir:
+                runs["jax"].append(child("jax_first", rung, args.steps, None))
+                runs["metagrad"].append(child("metagrad_first", rung, args.steps, cache_dir, args.calls))
+                runs["warm"].append(child("metagrad_first", rung, args.steps, cache_dir))
+        # each method's median run (by its seconds), and every run's seconds for the spread
+        row = {"rung": rung, **{k: sorted(v, key=lambda r: r["seconds"])[len(v) // 2] for k, v in runs.items()},
+               "samples": {k: [r["seconds"] for r in v] for k, v in runs.items()}}
         row["ratio"] = row["metagrad"]["seconds"] / row["jax"]["seconds"]
         row["warm_share"] = row["warm"]["seconds"] / row["metagrad"]["seconds"]
         rows.append(row)
         print(f"{rung}: JAX {row['jax']['seconds']:.1f} s, metagrad {row['metagrad']['seconds']:.1f} s "
               f"({row['ratio']:.2f}x), warm {row['warm']['seconds']:.1f} s", file=sys.stderr)
 
-    md = markdown(rows, args.steps, args.rungs, load)
-    write_results("time_to_first", md, {"steps": args.steps, "load_before": load, "rows": rows})
-    plot(rows, os.path.join(RESULTS_DIR, "time_to_first.png"))
+    md = markdown(rows, args.steps, args.rungs, load, args.repeat)
+    if args.calls > 1:
+        md += ["", f"The cold process's later calls (`--calls {args.calls}`):", "",
+               "| model | call | seconds | run | set-up phases (s) | XLA per program (s) | plan |",
+               "|---|---:|---:|---:|---|---|---|",
+               *(f"| {r['rung']} | {i} | {c['seconds']:.2f} | {c['run_seconds']:.2f} | "
+                 f"{', '.join(f'{k} {v:.1f}' for k, v in c['setup'].items()) or '-'} | "
+                 f"{', '.join(f'{k} {v:.1f}' for k, v in c['xla_per_program'].items()) or '-'} | "
+                 f"{c['schedule'].split(' -> ')[-1]} |"
+                 for r in rows for i, c in enumerate([{**r['metagrad'], 'setup': r['metagrad']['call_setup'],
+                                                       'xla_per_program': {}, 'seconds': r['metagrad']['call_seconds']},
+                                                      *r['metagrad']['later_calls']], start=1))]
+        md[2] = md[2].replace(f"--repeat {args.repeat}`", f"--repeat {args.repeat} --calls {args.calls} --out {args.out}`")
+    write_results(args.out, md, {"steps": args.steps, "repeat": args.repeat, "calls": args.calls, "load_before": load,
+                                 "rows": rows})
+    plot(rows, os.path.join(RESULTS_DIR, f"{args.out}.png"))
 
 
 if __name__ == "__main__":

@@ -79,9 +79,9 @@ def test_auto_backend_falls_back_to_jax_for_the_lapack_step_only(linalg):
     if backend == "jax":
         assert set(reverse.values()) == {"jax"} and not messages
         return
-    # Enzyme has no adjoint for the LAPACK custom call: the step's reverse comes from JAX,
-    # the others (no custom call) from Enzyme, and the warning says which and why.
-    assert reverse == {"output_vjp": "enzyme", "step_vjp": "jax", "init_vjp": "enzyme"}
+    # Enzyme has no adjoint for the LAPACK custom call: the step's reverse comes from JAX, and the
+    # warning says which and why (the once-per-run reverses are JAX's under "auto" anyway).
+    assert reverse == {"output_vjp": "jax", "step_vjp": "jax", "init_vjp": "jax"}
     assert any("step_vjp" in m and "stablehlo.custom_call" in m for m in messages)
 
 

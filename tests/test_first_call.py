@@ -140,3 +140,40 @@ def test_a_loaded_task_without_enzyme_plans_over_single_step_reverses(cold_cache
     assert value == want_value and relative_error(grad, want_grad) == 0
     with pytest.raises(ModuleNotFoundError):  # lengths the user named are built or the call fails
         loaded.metagradient(z, metagrad.Auto(leaves=(1, 10)))
+
+
+def test_reading_the_kept_arguments_leaves_enzymes_reverse_unchanged(monkeypatch):
+    # What Enzyme's child does (enzyme_worker._skip_dead_argument_compiles), done here: the reverse
+    # built with it computes the bits of the one enzyme-ad builds when it compiles to find the kept
+    # arguments (two builds are not byte-identical even without it: the modules' names differ).
+    from enzyme_ad.jax import primitives
+
+    from metagrad._src import layout as layout_lib, programs, runtime
+
+    task, z = make_task("poison", "adam", steps=3)
+    layout = layout_lib.describe(task, z)
+    forward = programs.forward_of_exports(programs.export_forward(programs.forward_of_task(task, layout), layout))
+    client = runtime.get_client()
+    compiles = []
+    real_compile = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or
+                        real_compile(self, *a, **k))
+    inputs, _, _ = programs.signature(layout, "step_vjp")
+    rng = np.random.default_rng(0)
+    arrays = [np.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype) if np.issubdtype(s.dtype, np.floating)
+              else np.zeros(s.shape, s.dtype) for s in inputs]
+
+    def run():
+        program = programs.build("step_vjp", forward, layout, "enzyme", runtime.stablehlo_target(client))
+        executable = runtime.compile_program(program, client)
+        return [b.to_numpy() for b in executable.execute([runtime.to_device(a, client) for a in arrays])]
+
+    unchanged = run()
+    assert compiles, "enzyme-ad no longer compiles to find the kept arguments: the child's workaround can go"
+    monkeypatch.setattr(primitives, "lower", primitives.lower)  # restored after the test
+    enzyme_worker._skip_dead_argument_compiles()
+    compiles.clear()
+    patched = run()
+    assert not compiles
+    assert len(patched) == len(unchanged) and all(np.all(np.isfinite(a)) for a in patched)
+    assert all(np.array_equal(a, b) for a, b in zip(patched, unchanged))
