@@ -109,10 +109,10 @@ void BindTaskRunner(nb::module_& m) {
            [](TaskRunner& runner, const std::vector<BufferPtr>& z, nb::object progress) {
              RunReport report;
              std::vector<BufferPtr> state;
-             runner.SetMonitor(Monitor(progress));
+             const TaskRunner::Monitor monitor = Monitor(progress);
              {
                nb::gil_scoped_release release;
-               state = runner.Train(z, &report);
+               state = runner.Train(z, &report, monitor);
              }
              return nb::make_tuple(state, report);
            },
@@ -125,12 +125,13 @@ void BindTaskRunner(nb::module_& m) {
               const std::string& host_memory_kind) {
              const Plan& plan = PlanFromPython(plan_object);
              TaskRunner::Result result;
-             runner.SetMonitor(Monitor(progress));
+             const TaskRunner::Monitor monitor = Monitor(progress);
              {
                nb::gil_scoped_release release;
                result = runner.Metagradient(
                    z, plan,
-                   MetagradientOptions{determinism_stride, check_finite, std::move(host_slots), host_memory_kind});
+                   MetagradientOptions{determinism_stride, check_finite, std::move(host_slots), host_memory_kind},
+                   monitor);
              }
              return nb::make_tuple(result.value, result.grad, result.report);
            },
@@ -142,12 +143,13 @@ void BindTaskRunner(nb::module_& m) {
            "between executions at most every 50 ms.")
       .def("calibrate",
            [](TaskRunner& runner, const std::vector<BufferPtr>& z, int repeats, const std::string& host_memory_kind) {
-             runner.SetMonitor(Monitor(nb::none()));
+             const TaskRunner::Monitor monitor = Monitor(nb::none());
              nb::gil_scoped_release release;
-             return runner.Calibrate(z, repeats, host_memory_kind);
+             return runner.Calibrate(z, repeats, host_memory_kind, monitor);
            },
            nb::arg("z"), nb::arg("repeats") = 3, nb::arg("host_memory_kind") = "",
            "Seconds and device bytes per execution of each program (and, with a host memory kind, the seconds to "
            "copy a state there, 'to_host', and back, 'from_host').")
-      .def("program_bytes", &TaskRunner::ProgramBytes, "Device bytes per execution of each program (no run).");
+      .def("program_bytes", &TaskRunner::ProgramBytes, nb::call_guard<nb::gil_scoped_release>(),
+           "Device bytes per execution of each program (no run).");
 }

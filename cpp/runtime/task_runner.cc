@@ -129,6 +129,21 @@ TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, 
   }
 }
 
+class TaskRunner::Call {
+ public:
+  Call(TaskRunner& runner, const Monitor& monitor) : runner_(runner), lock_(runner.mutex_) {
+    runner_.monitor_ = monitor ? &monitor : nullptr;
+    runner_.last_check_ = {};
+  }
+  ~Call() { runner_.monitor_ = nullptr; }
+  Call(const Call&) = delete;
+  Call& operator=(const Call&) = delete;
+
+ private:
+  TaskRunner& runner_;
+  std::lock_guard<std::recursive_mutex> lock_;
+};
+
 const std::vector<BufferPtr>& TaskRunner::StepIndex(int64_t t) {
   if (step_indices_.empty()) step_indices_.resize(static_cast<size_t>(steps_));
   std::vector<BufferPtr>& slot = step_indices_[static_cast<size_t>(t)];
@@ -163,11 +178,11 @@ int64_t TaskRunner::ExecutionBytes(const ExecutablePtr& program) {
 std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
                                        const std::vector<const std::vector<BufferPtr>*>& groups,
                                        RunReport& report) {
-  if (monitor_) {
+  if (monitor_ != nullptr) {
     const auto now = Clock::now();
     if (now - last_check_ >= std::chrono::milliseconds(50)) {
       last_check_ = now;
-      monitor_(report.forward_steps + report.reversed_steps, monitor_total_);
+      (*monitor_)(report.forward_steps + report.reversed_steps, monitor_total_);
     }
   }
   std::vector<Buffer*> args;
@@ -192,7 +207,9 @@ void TaskRunner::CheckZ(const std::vector<BufferPtr>& z) const {
   }
 }
 
-std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunReport* report) {
+std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunReport* report,
+                                         const Monitor& monitor) {
+  const Call call(*this, monitor);
   CheckZ(z);
   RunReport local;
   RunReport& r = report ? *report : local;
@@ -470,7 +487,8 @@ class Traversal {
 };
 
 TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, const Plan& plan,
-                                            const MetagradientOptions& options) {
+                                            const MetagradientOptions& options, const Monitor& monitor) {
+  const Call call(*this, monitor);
   CheckZ(z);
   for (const auto* program : {&programs_.output_vjp, &programs_.step_vjp, &programs_.init_vjp}) {
     if (*program == nullptr) throw InvalidArgument("the task was compiled without its reverse programs");
@@ -550,6 +568,7 @@ double Median(std::vector<double> samples) {
 }  // namespace
 
 std::map<std::string, ProgramCost> TaskRunner::ProgramBytes() {
+  const std::lock_guard<std::recursive_mutex> lock(mutex_);
   std::map<std::string, ProgramCost> costs;
   auto add = [&](const std::string& name, const ExecutablePtr& program) {
     if (program != nullptr) costs[name].bytes = ExecutionBytes(program);
@@ -565,7 +584,9 @@ std::map<std::string, ProgramCost> TaskRunner::ProgramBytes() {
 }
 
 std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<BufferPtr>& z, int repeats,
-                                                         const std::string& host_memory_kind) {
+                                                         const std::string& host_memory_kind,
+                                                         const Monitor& monitor) {
+  const Call call(*this, monitor);
   CheckZ(z);
   if (repeats < 1) throw InvalidArgument("repeats must be >= 1");
   for (const auto* program : {&programs_.output_vjp, &programs_.step_vjp, &programs_.init_vjp}) {

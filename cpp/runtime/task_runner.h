@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
@@ -125,6 +126,10 @@ class CheckFailed : public std::runtime_error {
   int64_t step_;
 };
 
+// Thread safety: a runner runs one call at a time. Train, Metagradient,
+// Calibrate and ProgramBytes hold its lock, under which they use its caches
+// (step indices, execution bytes) and the call's monitor; callers on several
+// threads wait their turn. Calls on different runners run concurrently.
 class TaskRunner {
  public:
   TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, std::vector<BufferPtr> data);
@@ -133,21 +138,22 @@ class TaskRunner {
   const TaskPrograms& programs() const { return programs_; }
   const TaskLayout& layout() const { return layout_; }
 
-  // Called between executions, at most every 50 ms, during Train and
-  // Metagradient, with the steps done (forward and reversed) and the run's
-  // total; it may throw to abandon the run (a Ctrl-C from Python).
+  // Called between executions, at most every 50 ms, during the call it is
+  // given to, with the steps done (forward and reversed) and the run's total;
+  // it may throw to abandon the run (a Ctrl-C from Python).
   using Monitor = std::function<void(int64_t done, int64_t total)>;
-  void SetMonitor(Monitor monitor) { monitor_ = std::move(monitor); }
 
   // init then all T steps; returns the final state.
-  std::vector<BufferPtr> Train(const std::vector<BufferPtr>& z, RunReport* report = nullptr);
+  std::vector<BufferPtr> Train(const std::vector<BufferPtr>& z, RunReport* report = nullptr,
+                               const Monitor& monitor = {});
 
   struct Result {
     BufferPtr value;
     std::vector<BufferPtr> grad;
     RunReport report;
   };
-  Result Metagradient(const std::vector<BufferPtr>& z, const Plan& plan, const MetagradientOptions& options);
+  Result Metagradient(const std::vector<BufferPtr>& z, const Plan& plan, const MetagradientOptions& options,
+                      const Monitor& monitor = {});
 
   // The cost of each program (by its name in programs.h) on this task's
   // inputs: seconds per execution (the median of `repeats` samples, each a
@@ -156,12 +162,15 @@ class TaskRunner {
   // and the device bytes an execution adds; with a `host_memory_kind`, also
   // "to_host" and "from_host": the seconds to copy one state there and back.
   std::map<std::string, ProgramCost> Calibrate(const std::vector<BufferPtr>& z, int repeats,
-                                               const std::string& host_memory_kind = "");
+                                               const std::string& host_memory_kind = "",
+                                               const Monitor& monitor = {});
   // The device bytes of each program, without running anything.
   std::map<std::string, ProgramCost> ProgramBytes();
 
  private:
   friend class Traversal;
+  class Call;  // holds the lock and the monitor for one call
+
 
   std::vector<BufferPtr> Run(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups,
                              RunReport& report);
@@ -187,7 +196,9 @@ class TaskRunner {
   std::vector<int64_t> advance_lengths_;  // of the fused forward programs
   std::vector<std::vector<BufferPtr>> step_indices_;  // int32 scalars t per device, uploaded once
   std::map<const Executable*, int64_t> execution_bytes_;
-  Monitor monitor_;
+  // Recursive: Calibrate asks ProgramBytes under the lock it holds.
+  std::recursive_mutex mutex_;
+  const Monitor* monitor_ = nullptr;  // the running call's, under mutex_
   int64_t monitor_total_ = 0;
   std::chrono::steady_clock::time_point last_check_{};
 };
