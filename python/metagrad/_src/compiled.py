@@ -240,8 +240,8 @@ class CompiledTask:
     def _first_plan_is_single_step(self, auto: Auto) -> bool:
         """Whether this call plans over single-step reverses alone: the first metagradient with
         Auto's default lengths, while their fused reverses are not built. It runs without
-        compiling them (on a transformer step they took most of the time to a first result);
-        the calls after it build them and choose among all."""
+        them: an unrolled copy of the step per fused step, they are the slowest programs to
+        build. The calls after it build them and choose among all."""
         default = self._fused(self._auto_leaves(auto))
         return (auto.leaves is None and self._metagradients == 0
                 and not all(f"segment_vjp_{n}" in self.programs for n in default))

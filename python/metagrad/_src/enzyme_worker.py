@@ -71,10 +71,10 @@ def kept_arguments(lowered) -> set[int]:
 def _skip_dead_argument_compiles() -> None:
     """enzyme-ad 0.0.16 has XLA compile every function it differentiates only to ask
     which arguments survive dead-argument elimination (``compile()._executable.
-    _kept_var_idx``), then discards the executable: on a transformer step those
-    compiles were most of an Enzyme build. The lowering already holds the answer, so
+    _kept_var_idx``), then discards the executable: a whole XLA compile of the step
+    inside every Enzyme build. The lowering already holds the answer, so
     in the child ``compile()`` of enzyme-ad's lowerings answers that question alone;
-    the reverse Enzyme emits is unchanged (the same bytes)."""
+    the reverse Enzyme emits computes the same bits."""
     import types
 
     from enzyme_ad.jax import primitives
