@@ -1,5 +1,6 @@
 """The way to a first metagradient: what compile builds, Auto's first call, and where the time goes."""
 
+import threading
 import time
 
 import jax
@@ -177,3 +178,30 @@ def test_reading_the_kept_arguments_leaves_enzymes_reverse_unchanged(monkeypatch
     assert not compiles
     assert len(patched) == len(unchanged) and all(np.all(np.isfinite(a)) for a in patched)
     assert all(np.array_equal(a, b) for a, b in zip(patched, unchanged))
+
+
+def test_an_interrupted_build_ends_the_enzyme_build_behind_it(cold_cache, monkeypatch):
+    from metagrad._src import layout as layout_lib, lowering, programs, runtime
+
+    task, z = make_task("weights", "sgdm", steps=3)
+    layout = layout_lib.describe(task, z)
+    forward = programs.forward_of_task(task, layout)
+    exports = programs.export_forward(forward, layout)
+    ended = threading.Event()
+
+    def slow_enzyme(request):  # a long Enzyme build, ended only by interrupt()
+        if not ended.wait(timeout=60):
+            raise AssertionError("the Enzyme build was left running")
+        raise enzyme_worker.EnzymeFailed("Enzyme crashed (SIGKILL)")
+
+    def interrupt_on_first(name, program):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(enzyme_worker, "build", slow_enzyme)
+    monkeypatch.setattr(enzyme_worker, "interrupt", ended.set)
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        lowering.lower(exports, layout, compiled_lib.FIRST_PROGRAMS, backend="enzyme",
+                       target=runtime.stablehlo_target(runtime.get_client()), forward=forward,
+                       ready=interrupt_on_first)
+    assert ended.is_set() and time.perf_counter() - start < 30

@@ -173,6 +173,13 @@ class Worker:
             raise EnzymeFailed(reply["error"], reply["op"])
         return reply["program"]
 
+    def interrupt(self) -> None:
+        """End the child now, from any thread: a build waiting on it fails at once (as a crash),
+        and the next request starts a fresh child."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+
     def close(self) -> None:
         """End the child (it exits when its input closes) and release its pipes."""
         if self._process is not None:
@@ -199,6 +206,11 @@ atexit.register(_WORKER.close)
 def build(request: dict):
     """Build one program with Enzyme in the shared child process."""
     return _WORKER.build(request)
+
+
+def interrupt() -> None:
+    """Abandon the build in progress (the caller was interrupted)."""
+    _WORKER.interrupt()
 
 
 if __name__ == "__main__":

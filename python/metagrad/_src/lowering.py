@@ -188,9 +188,11 @@ def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, tar
                 with setup_time.phase("enzyme"):
                     program = pending[name].result()
                 done(name, program)
-        except BaseException:
+        except BaseException:  # Ctrl-C, or a build that failed: leave no build running behind
             for future in pending.values():
                 future.cancel()
+            if not all(future.done() for future in pending.values()):
+                enzyme_worker.interrupt()
             raise
     return {name: built[name] for name in names}
 
