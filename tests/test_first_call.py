@@ -76,6 +76,8 @@ def test_lazy_programs_are_built_where_they_are_needed(cold_cache, tmp_path):
     np.testing.assert_allclose(compiled.train(z)[0]["w1"], task.compile(z, fuse_forward=1).train(z)[0]["w1"],
                                rtol=1e-6)
     assert "advance_10" in compiled.programs
+    # compiled again in this process, the task shares the programs built so far, not its fused lengths
+    assert task.compile(z, fuse_forward=1).fuse_forward == () and task.compile(z).fuse_forward == (10,)
     compiled.save(str(tmp_path / "saved"))
     loaded = metagrad.load(str(tmp_path / "saved"))
     assert set(compiled_lib.BASE_PROGRAMS) | {"advance_10"} <= set(loaded.programs)

@@ -138,7 +138,8 @@ class CompiledTask:
     forward: programs.Forward | None = field(default=None, repr=False)  # the task's own functions, if known
     sharding: TaskSharding | None = None  # None: one device
     devices: tuple[int, ...] = (0,)  # the client's devices of the partitions
-    fuse_forward: tuple[int, ...] = ()  # lengths of the fused forward programs (advance_n), built on first use
+    # lengths of the fused forward programs (advance_n), built on first use; None: those a loaded task holds
+    fuse_forward: tuple[int, ...] | None = None
     setup: setup_time.SetupTime = field(default_factory=setup_time.SetupTime, repr=False)  # seconds spent so far
     _executables: dict = field(default_factory=dict, repr=False)
     _runners: dict = field(default_factory=dict, repr=False)
@@ -146,11 +147,11 @@ class CompiledTask:
     # calibrated ProgramCost by program name, per set of programs calibrated together
     _calibrations: dict = field(default_factory=dict, repr=False)
     _choices: dict = field(default_factory=dict, repr=False)  # Auto's (choice, costs) by (Auto.leaves, budgets)
-    _metagradients: int = field(default=0, repr=False)  # calls of metagradient with Auto that ran
+    _metagradients: int = field(default=0, repr=False)  # calls of metagradient with Auto planned so far
 
     def __post_init__(self):
         self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
-        if not self.fuse_forward:  # a loaded task: the fused forward programs it holds
+        if self.fuse_forward is None:
             self.fuse_forward = tuple(sorted(n for kind, n in map(programs.kind_of, self.programs)
                                              if kind == "advance"))
         for name, program in self.programs.items():

@@ -251,22 +251,19 @@ def compile_program(program, client: Client | None = None, options: bytes = b"")
     """
     from metagrad._src import cache, setup_time
 
+    client = client or get_client()
     with setup_time.phase("compile", program.name):
-        return _compile_program(program, client or get_client(), options, cache)
-
-
-def _compile_program(program, client: Client, options: bytes, cache) -> Executable:
-    inputs = [ArraySpec(list(shape), dtype) for shape, dtype in program.inputs]
-    entry = cache_key_of(client, "executable", bytes(options), program.artifact)
-    serialized = cache.get("executables", entry)
-    if serialized is not None:
+        inputs = [ArraySpec(list(shape), dtype) for shape, dtype in program.inputs]
+        entry = cache_key_of(client, "executable", bytes(options), program.artifact)
+        serialized = cache.get("executables", entry)
+        if serialized is not None:
+            try:
+                return client.deserialize(serialized, inputs, list(program.donated))
+            except (PjrtError, ValueError):
+                pass
+        executable = client.compile(program.artifact, "mlir", inputs, list(program.donated), bytes(options))
         try:
-            return client.deserialize(serialized, inputs, list(program.donated))
-        except (PjrtError, ValueError):
+            cache.put("executables", entry, executable.serialize())
+        except PjrtError:  # a plugin that cannot serialize: nothing to cache
             pass
-    executable = client.compile(program.artifact, "mlir", inputs, list(program.donated), bytes(options))
-    try:
-        cache.put("executables", entry, executable.serialize())
-    except PjrtError:  # a plugin that cannot serialize: nothing to cache
-        pass
-    return executable
+        return executable
