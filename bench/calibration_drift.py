@@ -36,9 +36,10 @@ def measure(kind: str, steps: int, loop: str, repeat: int) -> dict:
     forward, reverse = [], []
     for _ in range(repeat):
         report = compiled.metagradient(z, metagrad.StoreAll(), report=True)[2]
-        forward.append((report.seconds_forward - table.init.seconds - table.output_vjp.seconds) / steps)
-        reverse.append((report.seconds_reverse - table.init_vjp.seconds) / steps)
-    out = {"step_s": table.step.seconds, "step_vjp_s": table.step_vjp.seconds,
+        once = table.programs["init"].seconds + table.programs["output_vjp"].seconds
+        forward.append((report.seconds_forward - once) / steps)
+        reverse.append((report.seconds_reverse - table.programs["init_vjp"].seconds) / steps)
+    out = {"step_s": table.programs["step"].seconds, "step_vjp_s": table.programs["step_vjp"].seconds,
            "forward_per_step_s": statistics.median(forward), "reverse_per_step_s": statistics.median(reverse)}
     out["forward_ratio"] = out["forward_per_step_s"] / out["step_s"]
     out["reverse_ratio"] = out["reverse_per_step_s"] / out["step_vjp_s"]

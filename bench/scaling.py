@@ -153,7 +153,7 @@ def host_tier(task, z, repeat: int, runnable: list[dict]) -> dict:
         out[f"{n}_devices"] = {
             "state_bytes_per_device": costs.state_bytes,
             "to_host_s_per_state": costs.to_host.seconds, "from_host_s_per_state": costs.from_host.seconds,
-            "step_s": costs.step.seconds, "step_vjp_s": costs.step_vjp.seconds,
+            "step_s": costs.programs["step"].seconds, "step_vjp_s": costs.programs["step_vjp"].seconds,
             "device_budget": minimum - 1,
             "runs": {name: {**{k: getattr(r, k) for k in (
                 "schedule", "forward_steps", "peak_device_bytes", "peak_host_bytes", "host_saved_states",

@@ -41,7 +41,7 @@ def test_the_cost_table_is_what_auto_predicts_from(compiled):
     auto = metagrad.Auto(memory=c.data_bytes + 12 * c.layout.state_bytes, leaves=(1,))
     _, _, report = c.metagradient(z, auto, report=True)
     table = c.cost_table(z, auto)
-    assert table.state_bytes == report.state_bytes and table.step.seconds > 0 and table.step_vjp.seconds > 0
+    assert table.state_bytes == report.state_bytes and table.programs["step"].seconds > 0 and table.programs["step_vjp"].seconds > 0
     plan = schedules.Budget(states=report.peak_saved_states).plan(STEPS)
     predicted = schedules.simulate_plan(plan, table)
     assert report.schedule.endswith(f"-> Budget(states={report.peak_saved_states}, leaf=1)")
@@ -49,6 +49,23 @@ def test_the_cost_table_is_what_auto_predicts_from(compiled):
     assert predicted["seconds"] == pytest.approx(report.predicted_seconds)
     with pytest.raises(TypeError, match="cost_table takes an Auto schedule"):
         c.cost_table(z, metagrad.StoreAll())
+
+
+@pytest.mark.parametrize("schedule", [
+    metagrad.StoreAll(), metagrad.Periodic(every=8), metagrad.Periodic(every=8, leaf=4), metagrad.Replay(k=3),
+    metagrad.Replay(k=2, leaf=4), metagrad.Budget(states=5), metagrad.Budget(states=3, leaf=4)],
+    ids=str)
+def test_prediction_and_run_walk_the_plan_alike(compiled, schedule):
+    """The planner's prediction and the runner's run are one walk of the plan: equal peaks and executions.
+    A run that counted a saved state, a cotangent or a program's bytes differently, or split an advance
+    into other programs, would differ here."""
+    _, z, c = compiled
+    _, _, report = c.metagradient(z, schedule, report=True)
+    table = c.cost_table(z, metagrad.Auto(leaves=(1, 4)))  # the same executables: fused forward 4, fused reverse 4
+    predicted = schedules.simulate_plan(schedule.plan(STEPS), table)
+    assert predicted["peak_bytes"] == report.peak_device_bytes > 0
+    assert predicted["executions"] == report.executions
+    assert report.peak_saved_states == schedule.plan(STEPS).stats(STEPS)["peak_saved"]
 
 
 def test_the_calibration_times_every_program_the_runner_holds(compiled):
@@ -103,12 +120,14 @@ def _table(fused_bytes: int, fused_seconds: float) -> schedules.CostTable:
     """A hand-made cost table: state 100 B, a fused 10-step reverse that is fast but holds ``fused_bytes``."""
     table = schedules.CostTable()
     table.state_bytes, table.cotangent_bytes = 100, 100
-    table.init, table.step = _cost(1, 100), _cost(1, 100)
-    table.output_vjp, table.init_vjp = _cost(2, 200), _cost(2, 100)
-    table.step_vjp = _cost(2, 100)
-    table.advance = {}
-    table.segment_vjp = {10: _cost(fused_seconds, fused_bytes)}
+    table.programs = {"init": _cost(1, 100), "step": _cost(1, 100), "output_vjp": _cost(2, 200),
+                      "init_vjp": _cost(2, 100), "step_vjp": _cost(2, 100),
+                      "segment_vjp_10": _cost(fused_seconds, fused_bytes)}
     return table
+
+
+def _fused_reverses(table) -> set:
+    return {name for name in table.programs if name.startswith("segment_vjp_")}
 
 
 def test_fused_blocks_are_chosen_only_where_their_memory_fits():
@@ -127,7 +146,7 @@ def test_with_host_memory_the_minimum_named_is_the_least_any_state_count_needs()
     # host memory) replays nothing and needs a few hundred bytes. Seen on a GPU: the error named the
     # one-state plan's minimum (2.97 MiB) where another state count ran in 2.0 MiB.
     table = _table(fused_bytes=500, fused_seconds=5.0)
-    table.advance = {10: _cost(5.0, 50_000)}
+    table.programs = {**table.programs, "advance_10": _cost(5.0, 50_000)}
     table.to_host, table.from_host = _cost(0.1, 0), _cost(0.1, 0)
     host = 10**6
     with pytest.raises(metagrad.DeviceMemoryError, match=r"Raise Auto\(memory=\.\.\.\) to at least") as error:
@@ -172,7 +191,7 @@ def test_the_lengths_between_are_tried_only_below_the_longest_and_within_t():
 def test_a_length_between_replaces_the_choice_only_where_predicted_faster():
     def table(gap_seconds):
         t = _table(fused_bytes=5000, fused_seconds=5.0)  # the 10-step reverse does not fit 4 kB
-        t.segment_vjp = {**t.segment_vjp, 3: _cost(gap_seconds, 100)}  # 3 steps in a single step's bytes
+        t.programs = {**t.programs, "segment_vjp_3": _cost(gap_seconds, 100)}  # 3 steps in a single step's bytes
         return t
 
     # 3 steps reversed in 4 s instead of 6: faster, and it fits where 10 steps do not.
@@ -213,11 +232,11 @@ def test_a_tight_budget_builds_the_lengths_between_and_gives_the_same_metagradie
     for budget in (minimum + 1, c.data_bytes + 14 * c.layout.state_bytes):
         given = metagrad.Auto(memory=budget, leaves=(1, 10))  # the default lengths, named: no others tried
         c.metagradient(z, given)
-        assert set(c.cost_table(z, given).segment_vjp) == {10}
+        assert _fused_reverses(c.cost_table(z, given)) == {"segment_vjp_10"}
         auto = metagrad.Auto(memory=budget)
         v, g, report = c.metagradient(z, auto, report=True)
         assert report.peak_device_bytes + report.data_bytes <= budget
-        assert set(c.cost_table(z, auto).segment_vjp) == {3, 10}  # what it chose from
+        assert _fused_reverses(c.cost_table(z, auto)) == {"segment_vjp_3", "segment_vjp_10"}  # what it chose from
         results.append((v, g))
     assert "segment_vjp_3" in c.programs
     for v, g in results:

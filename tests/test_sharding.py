@@ -192,6 +192,7 @@ def test_host_slots_cost_what_the_plan_says():
     plan = metagrad.schedules.plan_replay(20, 3)
     table = _runtime.CostTable()
     table.state_bytes = 100
+    table.programs = {name: _runtime.ProgramCost() for name in ("init", "step", "output_vjp", "step_vjp", "init_vjp")}
     table.to_host.seconds = 1.0
     table.from_host.seconds = 2.0
     order = _runtime.host_slot_order(plan)

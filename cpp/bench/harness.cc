@@ -46,7 +46,7 @@
 #include "bench/manifest.h"
 #include "runtime/buffer.h"
 #include "runtime/executable.h"
-#include "runtime/schedule.h"
+#include "runtime/plan_walk.h"
 #include "runtime/sharding.h"
 #include "runtime/task_runner.h"
 
@@ -488,7 +488,7 @@ CompiledPrograms CompileAll(Client& client, const TaskFiles& files, bool fused_f
                                       MultiDeviceDebugOptions(client.platform_name(), ids.size()));
   }
   for (const auto& [name, code] : files.code) {
-    if (!fused_forward && name.rfind("advance_", 0) == 0) continue;
+    if (!fused_forward && std::string(ParseProgramName(name).kind->name) == "advance") continue;
     const Signature& signature = files.manifest.programs.at(name).signature;
     const auto start = Clock::now();
     try {
@@ -496,6 +496,12 @@ CompiledPrograms CompileAll(Client& client, const TaskFiles& files, bool fused_f
     } catch (const std::exception& e) {
       throw ManifestError(files.manifest.programs.at(name).file + ": does not compile as program " + name + ": " +
                           e.what());
+    }
+    // The artifact itself, not only its manifest entry: another program's file in its place compiles.
+    if (!(out.executables[name]->outputs() == signature.outputs)) {
+      throw ManifestError(files.manifest.programs.at(name).file + ": is not program " + name + ": it returns " +
+                          SpecList(out.executables[name]->outputs()) + ", " + name + " returns " +
+                          SpecList(signature.outputs));
     }
     const double seconds = Since(start);
     out.seconds += seconds;
@@ -544,9 +550,9 @@ std::vector<Case> MakeCases(const Options& o, const TaskPrograms& programs, int6
     Case c{spec, MakePlan(spec, T), {}, {}, {}, {}, {}, nullptr, {}};
     c.stats = CheckPlan(c.plan, T);
     for (int64_t length : c.stats.fused_lengths) {
-      if (length > 1 && programs.segment_vjp.count(length) == 0) {
+      if (length > 1 && programs.Find(SizedProgram("segment_vjp", length)) == nullptr) {
         std::string have;
-        for (const auto& [n, exe] : programs.segment_vjp) have += " " + std::to_string(n);
+        for (int64_t n : programs.Lengths("segment_vjp")) have += " " + std::to_string(n);
         throw std::invalid_argument("schedule " + spec.Name() + " fuses " + std::to_string(length) +
                                     " steps, but the task directory has no segment_vjp_" + std::to_string(length) +
                                     " (it has:" + (have.empty() ? " none" : have) +
@@ -741,8 +747,9 @@ Obj MeasureDispatch(Client& client, const TaskFiles& files, const std::map<std::
   text << "    real step: " << Human(sa.median) << " per step chained, " << Human(ss.median)
        << " awaiting each; null-step dispatch is " << Num(100 * na.median / sa.median) << "% of a step\n";
   for (const auto& [name, exe] : executables) {
-    if (name.rfind("advance_", 0) != 0) continue;
-    const int64_t per = ParseInt(name.substr(8), name);
+    const ProgramName parsed = ParseProgramName(name);
+    if (std::string(parsed.kind->name) != "advance") continue;
+    const int64_t per = parsed.length;
     const int64_t runs = std::max<int64_t>(1, real_steps / per);
     std::vector<double> fused;
     run_chain(*exe, 1, false, state0);
@@ -806,9 +813,9 @@ int Run(const Options& o) {
        << Human(compiled.seconds) << " (" << compiled.executables.size() << " programs), upload "
        << Human(seconds_upload) << "\n";
 
-  const TaskPrograms programs = TaskPrograms::FromNamed(compiled.executables);
+  const TaskPrograms programs(compiled.executables);
   std::string fused_forward;
-  for (const auto& [n, exe] : programs.advance) fused_forward += (fused_forward.empty() ? "" : ",") + std::to_string(n);
+  for (int64_t n : programs.Lengths("advance")) fused_forward += (fused_forward.empty() ? "" : ",") + std::to_string(n);
   out.Str("fused_forward", fused_forward);
   text << "  forward: " << (fused_forward.empty() ? "one execution per step" : "fused, advance_" + fused_forward)
        << "\n";

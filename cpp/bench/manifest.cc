@@ -131,12 +131,6 @@ void ReadSharding(const Json& entry, Manifest& m) {
   layout.accumulators = Shards(layout.accumulators, s.z, s.mesh, layout.outputs > 0);
 }
 
-std::string SpecList(const std::vector<ArraySpec>& specs) {
-  std::string text = "[";
-  for (size_t i = 0; i < specs.size(); ++i) text += (i ? ", " : "") + specs[i].ToString();
-  return text + "]";
-}
-
 ProgramEntry ReadProgram(const Manifest& m, const std::string& name, const Json& entry) {
   const std::string what = "programs." + name;
   ProgramEntry program;
@@ -159,10 +153,20 @@ ProgramEntry ReadProgram(const Manifest& m, const std::string& name, const Json&
     throw JsonError(what + ".inputs are " + SpecList(program.signature.inputs) + ", the layout implies " +
                     SpecList(expected.inputs) + " (with their donation) for " + name);
   }
+  if (!(program.signature.outputs == expected.outputs)) {
+    throw JsonError(what + ".outputs are " + SpecList(program.signature.outputs) + ", the layout implies " +
+                    SpecList(expected.outputs) + " for " + name);
+  }
   return program;
 }
 
 }  // namespace
+
+std::string SpecList(const std::vector<ArraySpec>& specs) {
+  std::string text = "[";
+  for (size_t i = 0; i < specs.size(); ++i) text += (i ? ", " : "") + specs[i].ToString();
+  return text + "]";
+}
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -53,6 +53,8 @@ Manifest ReadManifest(const std::string& directory);
 
 // Whole file as bytes; throws ManifestError naming it if it cannot be read.
 std::string ReadFile(const std::string& path);
+// "[f32[3], s32[]]": specs as error messages show them.
+std::string SpecList(const std::vector<ArraySpec>& specs);
 
 // The arrays of `files` (inside the directory), size-checked against `specs` (whole arrays).
 std::vector<std::string> ReadArrays(const Manifest& manifest, const std::vector<std::string>& files,

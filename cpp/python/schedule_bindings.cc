@@ -13,7 +13,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "runtime/schedule.h"
+#include "runtime/plan_walk.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -107,13 +107,8 @@ void BindSchedule(nb::module_& m) {
       .def(nb::init<>())
       .def_rw("state_bytes", &metagrad::CostTable::state_bytes)
       .def_rw("cotangent_bytes", &metagrad::CostTable::cotangent_bytes)
-      .def_rw("init", &metagrad::CostTable::init)
-      .def_rw("step", &metagrad::CostTable::step)
-      .def_rw("output_vjp", &metagrad::CostTable::output_vjp)
-      .def_rw("step_vjp", &metagrad::CostTable::step_vjp)
-      .def_rw("init_vjp", &metagrad::CostTable::init_vjp)
-      .def_rw("advance", &metagrad::CostTable::advance)
-      .def_rw("segment_vjp", &metagrad::CostTable::segment_vjp)
+      .def_rw("programs", &metagrad::CostTable::programs,
+              "by program name ('init', 'step', 'advance_10', 'segment_vjp_10', ...)")
       .def_rw("to_host", &metagrad::CostTable::to_host, "copying one state to host memory")
       .def_rw("from_host", &metagrad::CostTable::from_host, "copying one state back to the device");
   m.def("simulate_plan",
@@ -125,12 +120,13 @@ void BindSchedule(nb::module_& m) {
           d["peak_host_bytes"] = cost.peak_host_bytes;
           d["bytes_to_host"] = cost.bytes_to_host;
           d["bytes_from_host"] = cost.bytes_from_host;
+          d["host_saves"] = cost.host_saves;
           d["executions"] = cost.executions;
           return d;
         },
         "plan"_a, "costs"_a, "host_slots"_a = std::set<int>{},
-        "Predicted seconds, peak device and host bytes, bytes copied each way and executions of a (checked) plan "
-        "whose `host_slots` live in host memory, with the runner's accounting.");
+        "Predicted seconds, peak device and host bytes, bytes copied each way and executions of a plan whose "
+        "`host_slots` live in host memory: the walk a run makes (raises PlanError for a plan that breaks a rule).");
   m.def("host_slot_order", [](nb::handle plan) { return metagrad::HostSlotOrder(PlanFromPython(plan)); }, "plan"_a,
         "The plan's slots, cheapest to hold in host memory first (fewest saves and restores).");
   m.def("revolve_forward_steps", &metagrad::RevolveForwardSteps, "units"_a, "slots"_a,

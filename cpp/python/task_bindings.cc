@@ -39,6 +39,9 @@ nb::dict KindDict(const ProgramKind& kind) {
   d["inputs"] = kind.inputs;
   d["donated"] = kind.donated;
   d["outputs"] = kind.outputs;
+  d["reverse_of"] = kind.reverse_of;
+  d["one_step"] = kind.one_step;
+  d["needed_by"] = kind.needed_by;
   return d;
 }
 
@@ -58,6 +61,9 @@ void BindTaskRunner(nb::module_& m) {
         return std::make_pair(std::string(parsed.kind->name), parsed.length);
       },
       nb::arg("name"), "'segment_vjp_10' -> ('segment_vjp', 10); ValueError for unknown names.");
+  m.def("sized_program", &SizedProgram, nb::arg("kind"), nb::arg("count"),
+        "The program that runs `count` steps of sized kind `kind`: ('advance', 1) -> 'step', ('advance', 4) -> "
+        "'advance_4'.");
 
   nb::class_<TaskLayout>(m, "TaskLayout", "Shapes and dtypes of a task's flat argument groups.")
       .def(nb::init<>())
@@ -70,6 +76,8 @@ void BindTaskRunner(nb::module_& m) {
       .def_rw("phi", &TaskLayout::phi)
       .def_rw("outputs", &TaskLayout::outputs)
       .def_prop_ro("state_bytes", &TaskLayout::state_bytes, "bytes of one state, per device")
+      .def_prop_ro("cotangent_bytes", &TaskLayout::cotangent_bytes,
+                   "bytes of a state's cotangents and the metagradient's accumulators, per device")
       .def("expected_signature",
            [](const TaskLayout& layout, const std::string& name) {
              const Signature s = ExpectedSignature(name, layout);
@@ -101,7 +109,7 @@ void BindTaskRunner(nb::module_& m) {
       .def("__init__",
            [](TaskRunner* self, const std::map<std::string, ExecutablePtr>& programs, TaskLayout layout,
               int64_t steps, std::vector<BufferPtr> data) {
-             new (self) TaskRunner(TaskPrograms::FromNamed(programs), std::move(layout), steps, std::move(data));
+             new (self) TaskRunner(TaskPrograms(programs), std::move(layout), steps, std::move(data));
            },
            nb::arg("programs"), nb::arg("layout"), nb::arg("steps"), nb::arg("data"))
       .def_prop_ro("steps", &TaskRunner::steps)

@@ -1,23 +1,44 @@
 #include "runtime/programs.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace metagrad {
 
 const std::vector<ProgramKind>& ProgramKinds() {
   static const std::vector<ProgramKind> kinds = {
-      {"init", false, "ZX", "", "S"},
-      {"step", false, "SZXt", "", "S"},
-      {"advance", true, "SZXt", "", "S"},
-      {"output", false, "SZX", "", "p"},
-      {"output_vjp", false, "SZX", "", "pDA"},
-      {"step_vjp", false, "SZXtDA", "DA", "DA"},
-      {"segment_vjp", true, "SZXtDA", "DA", "DA"},
-      {"init_vjp", false, "ZXDA", "DA", "A"},
-      {"all_finite", false, "DA", "", "f"},
-      {"state_finite", false, "S", "", "f"},
+      // name           sized  inputs    donated outputs reverse_of one_step    needed_by
+      {"init",          false, "ZX",     "",     "S",    "",        "",         "run"},
+      {"step",          false, "SZXt",   "",     "S",    "",        "",         "run"},
+      {"advance",       true,  "SZXt",   "",     "S",    "",        "step",     ""},
+      {"output",        false, "SZX",    "",     "p",    "",        "",         ""},
+      {"output_vjp",    false, "SZX",    "",     "pDA",  "output",  "",         "metagradient"},
+      {"step_vjp",      false, "SZXtDA", "DA",   "DA",   "step",    "",         "metagradient"},
+      {"segment_vjp",   true,  "SZXtDA", "DA",   "DA",   "step",    "step_vjp", ""},
+      {"init_vjp",      false, "ZXDA",   "DA",   "A",    "init",    "",         "metagradient"},
+      {"all_finite",    false, "DA",     "",     "f",    "",        "",         "check_finite"},
+      {"state_finite",  false, "S",      "",     "f",    "",        "",         "check_finite"},
   };
   return kinds;
+}
+
+namespace {
+
+std::string KnownPrograms() {
+  std::string known;
+  for (const ProgramKind& kind : ProgramKinds()) {
+    known += std::string(known.empty() ? "" : ", ") + kind.name + (kind.sized ? "_<n>" : "");
+  }
+  return known;
+}
+
+}  // namespace
+
+const ProgramKind& KindNamed(const std::string& kind) {
+  for (const ProgramKind& k : ProgramKinds()) {
+    if (kind == k.name) return k;
+  }
+  throw InvalidArgument("'" + kind + "' is not a kind of program (known: " + KnownPrograms() + ")");
 }
 
 ProgramName ParseProgramName(const std::string& name) {
@@ -35,11 +56,14 @@ ProgramName ParseProgramName(const std::string& name) {
     }
     return {&kind, std::stoll(digits)};
   }
-  std::string known;
-  for (const ProgramKind& kind : ProgramKinds()) {
-    known += std::string(known.empty() ? "" : ", ") + kind.name + (kind.sized ? "_<n>" : "");
-  }
-  throw InvalidArgument("'" + name + "' is not a program of a task (known: " + known + ")");
+  throw InvalidArgument("'" + name + "' is not a program of a task (known: " + KnownPrograms() + ")");
+}
+
+std::string SizedProgram(const std::string& kind, int64_t count) {
+  const ProgramKind& k = KindNamed(kind);
+  if (!k.sized) throw InvalidArgument("'" + kind + "' is not a sized kind of program");
+  if (count < 1) throw InvalidArgument("a program runs at least one step, got " + std::to_string(count));
+  return count == 1 ? std::string(k.one_step) : kind + "_" + std::to_string(count);
 }
 
 std::vector<ArraySpec> TaskLayout::Group(char group) const {
@@ -71,6 +95,14 @@ int64_t TaskLayout::state_bytes() const {
   return total;
 }
 
+int64_t TaskLayout::cotangent_bytes() const {
+  int64_t total = 0;
+  for (char group : {'D', 'A'}) {
+    for (const ArraySpec& spec : Group(group)) total += static_cast<int64_t>(spec.num_bytes());
+  }
+  return total;
+}
+
 Signature ExpectedSignature(const std::string& name, const TaskLayout& layout) {
   const ProgramKind& kind = *ParseProgramName(name).kind;
   Signature signature;
@@ -87,28 +119,41 @@ Signature ExpectedSignature(const std::string& name, const TaskLayout& layout) {
   return signature;
 }
 
-TaskPrograms TaskPrograms::FromNamed(const std::map<std::string, ExecutablePtr>& programs) {
-  TaskPrograms p;
-  for (const auto& [name, executable] : programs) {
+TaskPrograms::TaskPrograms(std::map<std::string, ExecutablePtr> programs) : programs_(std::move(programs)) {
+  for (const auto& [name, executable] : programs_) ParseProgramName(name);
+}
+
+ExecutablePtr TaskPrograms::Find(const std::string& name) const {
+  auto found = programs_.find(name);
+  return found == programs_.end() ? nullptr : found->second;
+}
+
+const ExecutablePtr& TaskPrograms::Sized(const std::string& kind, int64_t count) const {
+  const std::string name = SizedProgram(kind, count);
+  auto found = programs_.find(name);
+  if (found != programs_.end() && found->second != nullptr) return found->second;
+  std::string held;
+  for (int64_t n : Lengths(kind)) held += " " + std::to_string(n);
+  throw InvalidArgument("the task has no " + name + " (its " + kind + " lengths:" + (held.empty() ? " none" : held) +
+                        ")");
+}
+
+std::vector<int64_t> TaskPrograms::Lengths(const std::string& kind) const {
+  std::vector<int64_t> lengths;
+  for (const auto& [name, executable] : programs_) {
     const ProgramName parsed = ParseProgramName(name);
-    const std::string kind = parsed.kind->name;
-    if (kind == "advance") {
-      p.advance[parsed.length] = executable;
-    } else if (kind == "segment_vjp") {
-      p.segment_vjp[parsed.length] = executable;
-    } else {
-      ExecutablePtr* slot = kind == "init"         ? &p.init
-                            : kind == "step"       ? &p.step
-                            : kind == "output"     ? &p.output
-                            : kind == "output_vjp" ? &p.output_vjp
-                            : kind == "step_vjp"   ? &p.step_vjp
-                            : kind == "init_vjp"   ? &p.init_vjp
-                            : kind == "all_finite" ? &p.all_finite
-                                                   : &p.state_finite;
-      *slot = executable;
-    }
+    if (executable != nullptr && parsed.kind->name == kind) lengths.push_back(parsed.length);
   }
-  return p;
+  std::sort(lengths.begin(), lengths.end());
+  return lengths;
+}
+
+std::vector<std::string> TaskPrograms::Missing(const std::string& needed_by) const {
+  std::vector<std::string> missing;
+  for (const ProgramKind& kind : ProgramKinds()) {
+    if (needed_by == kind.needed_by && Find(kind.name) == nullptr) missing.emplace_back(kind.name);
+  }
+  return missing;
 }
 
 }  // namespace metagrad

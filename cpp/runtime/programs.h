@@ -15,17 +15,13 @@
 // N buffers per leaf in every group, leaf-major (executable.h); t, p and f are
 // replicated (one copy per device).
 //
-//   name             inputs         donated  outputs
-//   init             Z X                     S
-//   step             S Z X t                 S
-//   advance_<n>      S Z X t                 S        steps t..t+n-1 in one execution
-//   output           S Z X                   p
-//   output_vjp       S Z X                   p D A
-//   step_vjp         S Z X t D A    D A      D A      adds step t's dz to A
-//   segment_vjp_<n>  S Z X t D A    D A      D A      steps t+n-1..t reversed in one execution
-//   init_vjp         Z X D A        D A      A
-//   all_finite       D A                     f        every element finite
-//   state_finite     S                       f        every floating state element finite
+// The kinds, their groups and donations are the table ProgramKinds()
+// (programs.cc). What each computes: init builds state_0; step applies step
+// t; advance_<n> steps t..t+n-1 in one execution; output is phi; output_vjp
+// phi with its cotangents; step_vjp adds step t's dz to A and returns the
+// cotangent of the state before it; segment_vjp_<n> reverses steps
+// t+n-1..t in one execution; init_vjp adds init's dz; all_finite and
+// state_finite are true when every floating element is finite.
 #pragma once
 
 #include <map>
@@ -45,15 +41,23 @@ constexpr int64_t kManifestVersion = 3;  // 3: sharded tasks (per-shard program 
 class Executable;
 using ExecutablePtr = std::shared_ptr<Executable>;
 
+// One row per program kind; everything that needs to know the programs reads
+// this table (the runner, the planner's cost table, the lowering, saved tasks).
+// Adding a kind is one row here plus its builder in programs.py.
 struct ProgramKind {
-  const char* name;     // "segment_vjp" for segment_vjp_<n>
-  bool sized;           // named <name>_<n>, n >= 1 steps
-  const char* inputs;   // group letters, e.g. "SZXtDA"
-  const char* donated;  // the input groups donated
+  const char* name;        // "segment_vjp" for segment_vjp_<n>
+  bool sized;              // named <name>_<n>: n >= 1 steps in one execution
+  const char* inputs;      // group letters, e.g. "SZXtDA"
+  const char* donated;     // the input groups donated
   const char* outputs;
+  const char* reverse_of;  // the forward kind it differentiates ("" for forward programs and checks)
+  const char* one_step;    // a sized kind: the kind that does one of its steps ("step" for advance)
+  const char* needed_by;   // "run": every task; "metagradient", "check_finite": those calls; "": optional
 };
 
 const std::vector<ProgramKind>& ProgramKinds();
+// The row of `kind` ("advance", not "advance_4"); throws InvalidArgument for unknown kinds.
+const ProgramKind& KindNamed(const std::string& kind);
 
 struct ProgramName {
   const ProgramKind* kind;
@@ -62,6 +66,9 @@ struct ProgramName {
 // "segment_vjp_10" -> {segment_vjp, 10}; throws InvalidArgument naming the
 // known programs for anything else.
 ProgramName ParseProgramName(const std::string& name);
+// The program that runs `count` steps of sized kind `kind` in one execution:
+// its one-step kind for count == 1 ("step" for advance), "<kind>_<count>" otherwise.
+std::string SizedProgram(const std::string& kind, int64_t count);
 
 // Shapes and dtypes of a task's flat groups: of each device's shard.
 struct TaskLayout {
@@ -73,7 +80,8 @@ struct TaskLayout {
   int64_t outputs = 0;                  // 0: phi is a scalar; m: a vector of m outputs
 
   std::vector<ArraySpec> Group(char group) const;
-  int64_t state_bytes() const;  // of one state, per device
+  int64_t state_bytes() const;      // of one state, per device
+  int64_t cotangent_bytes() const;  // of a state's cotangents (D) and the accumulators (A), per device
 };
 
 // The inputs, donation flags and outputs program `name` must have for `layout`.
@@ -84,16 +92,26 @@ struct Signature {
 };
 Signature ExpectedSignature(const std::string& name, const TaskLayout& layout);
 
-// The executables of a task, by role.
-struct TaskPrograms {
-  ExecutablePtr init, step, output, output_vjp, step_vjp, init_vjp, all_finite, state_finite;
-  // Fused programs by their number of steps n: forward advances (training
-  // and replays use the largest that fits; chunks start at multiples of n)
-  // and reverses of n steps.
-  std::map<int64_t, ExecutablePtr> advance, segment_vjp;
+// The executables of a task, by program name (names checked against ProgramKinds).
+class TaskPrograms {
+ public:
+  TaskPrograms() = default;
+  // Throws InvalidArgument for a name outside the contract.
+  explicit TaskPrograms(std::map<std::string, ExecutablePtr> programs);
 
-  // The one place that maps program names to roles; unknown names throw.
-  static TaskPrograms FromNamed(const std::map<std::string, ExecutablePtr>& programs);
+  // The program named `name`; nullptr when the task does not hold it.
+  ExecutablePtr Find(const std::string& name) const;
+  // The program that runs `count` steps of sized kind `kind` (SizedProgram);
+  // throws InvalidArgument naming the lengths held when the task lacks it.
+  const ExecutablePtr& Sized(const std::string& kind, int64_t count) const;
+  // The lengths n > 1 of the sized kind's programs held, ascending.
+  std::vector<int64_t> Lengths(const std::string& kind) const;
+  // The programs the calls of `needed_by` need that the task lacks.
+  std::vector<std::string> Missing(const std::string& needed_by) const;
+  const std::map<std::string, ExecutablePtr>& all() const { return programs_; }
+
+ private:
+  std::map<std::string, ExecutablePtr> programs_;
 };
 
 }  // namespace metagrad

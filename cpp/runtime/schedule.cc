@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <set>
 #include <sstream>
@@ -372,117 +373,6 @@ Plan PlanRevolve(int64_t T, int slots, int64_t leaf) {
   return b.Take();
 }
 
-PlanStats CheckPlan(const Plan& plan, int64_t T) {
-  if (T < 1 || T > kMaxSteps) {
-    throw std::invalid_argument("CheckPlan needs T >= 1 and T <= 2^31-1, got T = " + std::to_string(T));
-  }
-  PlanStats stats{0, 0, 0, static_cast<int64_t>(plan.size()), {}};
-  std::vector<int64_t> slot_step;  // -1: free
-  int64_t occupied = 0;
-  int64_t pos = 0;                 // -1: consumed by a reverse
-  int64_t next_reverse_end = T;    // the next reverse must end here
-  bool output = false;
-  bool output_due = false;         // the forward pass just reached T
-  std::set<int64_t> fused;
-  for (size_t i = 0; i < plan.size(); ++i) {
-    const Action& a = plan[i];
-    auto fail = [&](const std::string& why) {
-      throw PlanError("action #" + std::to_string(i) + " " + ToString(a) + ": " + why);
-    };
-    auto need_current = [&](int64_t step) {
-      if (pos < 0) fail("the current state was consumed by the previous reverse; restore a slot first");
-      if (pos != step) {
-        fail("wrong position: needs the state at step " + std::to_string(step) + " but the current state is at step " +
-             std::to_string(pos));
-      }
-    };
-    auto need_slot = [&](bool occupied_wanted) {
-      if (a.slot < 0) fail("slot misuse: negative slot " + std::to_string(a.slot));
-      const bool held = static_cast<size_t>(a.slot) < slot_step.size() && slot_step[a.slot] >= 0;
-      if (held && !occupied_wanted) {
-        fail("slot misuse: slot " + std::to_string(a.slot) + " already holds step " +
-             std::to_string(slot_step[a.slot]) + " (free it first)");
-      }
-      if (!held && occupied_wanted) fail("slot misuse: slot " + std::to_string(a.slot) + " is empty");
-      if (held && slot_step[a.slot] != a.step) {
-        fail("slot misuse: slot " + std::to_string(a.slot) + " holds step " + std::to_string(slot_step[a.slot]) +
-             ", not step " + std::to_string(a.step));
-      }
-    };
-    if (output_due && a.kind != ActionKind::kOutput) {
-      fail("missing output: the forward pass reached step T = " + std::to_string(T) + " and must output next");
-    }
-    switch (a.kind) {
-      case ActionKind::kAdvance:
-        if (a.count < 1) fail("advance count must be >= 1");
-        need_current(a.step);
-        if (a.count > T - a.step) fail("advance past the last step (T = " + std::to_string(T) + ")");
-        pos = a.step + a.count;
-        stats.forward_steps += a.count;
-        if (pos == T && !output) output_due = true;
-        break;
-      case ActionKind::kSave:
-        need_slot(false);
-        need_current(a.step);
-        // A plan cannot fill more slots than it has actions: this bounds the
-        // simulation's memory whatever the slot numbers of a hand-made plan.
-        if (static_cast<size_t>(a.slot) >= plan.size()) {
-          fail("slot misuse: slot " + std::to_string(a.slot) + " is beyond the plan's " +
-               std::to_string(plan.size()) + " actions (number slots from 0)");
-        }
-        if (static_cast<size_t>(a.slot) >= slot_step.size()) slot_step.resize(a.slot + 1, -1);
-        slot_step[a.slot] = a.step;
-        stats.peak_saved = std::max(stats.peak_saved, ++occupied);
-        break;
-      case ActionKind::kRestore:
-        need_slot(true);
-        pos = a.step;
-        break;
-      case ActionKind::kFree:
-        need_slot(true);
-        slot_step[a.slot] = -1;
-        --occupied;
-        break;
-      case ActionKind::kOutput:
-        if (output) fail("a second output (output happens exactly once)");
-        if (pos != T) fail("output needs the final state at step T = " + std::to_string(T) + ", current is at step " +
-                           std::to_string(pos));
-        output = true;
-        output_due = false;
-        break;
-      case ActionKind::kReverse:
-        if (a.count < 1) fail("reverse count must be >= 1");
-        if (!output) fail("reverse before the output");
-        if (a.step < 0 || a.step >= T || a.count > T - a.step) fail("reverse of steps outside 0..T-1");
-        if (a.step + a.count != next_reverse_end) {
-          fail("reverse out of order: the next reverse must end at step " + std::to_string(next_reverse_end - 1) +
-               " (covering steps " + std::to_string(a.step) + ".." + std::to_string(a.step + a.count - 1) + ")");
-        }
-        need_current(a.step);
-        next_reverse_end = a.step;
-        stats.reversed_steps += a.count;
-        fused.insert(a.count);
-        pos = -1;
-        break;
-      default:
-        fail("unknown action kind " + std::to_string(static_cast<int>(a.kind)));
-    }
-  }
-  auto fail_end = [&](const std::string& why) { throw PlanError("end of plan: " + why); };
-  if (output_due || !output) fail_end("missing output (the plan never outputs at step T)");
-  if (next_reverse_end != 0) {
-    fail_end("step not reversed: steps 0.." + std::to_string(next_reverse_end - 1) + " were never reversed");
-  }
-  for (size_t s = 0; s < slot_step.size(); ++s) {
-    if (slot_step[s] >= 0) {
-      fail_end("slot misuse: slot " + std::to_string(s) + " (step " + std::to_string(slot_step[s]) +
-               ") is never freed");
-    }
-  }
-  stats.fused_lengths.assign(fused.begin(), fused.end());
-  return stats;
-}
-
 std::vector<std::pair<int64_t, int64_t>> ForwardChunks(int64_t from, int64_t count,
                                                        const std::vector<int64_t>& fused) {
   std::vector<std::pair<int64_t, int64_t>> chunks;
@@ -496,87 +386,6 @@ std::vector<std::pair<int64_t, int64_t>> ForwardChunks(int64_t from, int64_t cou
     t += n;
   }
   return chunks;
-}
-
-PlanCost SimulatePlan(const Plan& plan, const CostTable& costs, const std::set<int>& host_slots) {
-  PlanCost total;
-  std::vector<int64_t> fused;
-  for (const auto& [n, cost] : costs.advance) fused.push_back(n);
-  int64_t saved = 0, host = 0, cotangent = 0;
-  bool current_saved = false, have_current = false;
-  // The device slot that shares its buffers with the current state, if any (-1): at most one
-  // does. One int, not a flag per slot, keeps the simulation linear in the plan's length.
-  int current_slot = -1;
-  auto execute = [&](const ProgramCost& cost) {
-    const int64_t live = saved + (have_current && !current_saved ? costs.state_bytes : 0) + cotangent;
-    total.peak_bytes = std::max(total.peak_bytes, live + cost.bytes);
-    total.seconds += cost.seconds;
-    ++total.executions;
-  };
-  auto lookup = [](const std::map<int64_t, ProgramCost>& table, int64_t n, const char* what) {
-    auto found = table.find(n);
-    if (found == table.end()) {
-      throw std::invalid_argument(std::string("the cost table has no ") + what + " of " + std::to_string(n) +
-                                  " steps");
-    }
-    return found->second;
-  };
-  execute(costs.init);
-  have_current = true;
-  for (const Action& a : plan) {
-    const bool on_host = host_slots.count(a.slot) > 0;
-    switch (a.kind) {
-      case ActionKind::kAdvance:
-        for (const auto& [t, n] : ForwardChunks(a.step, a.count, fused)) {
-          execute(n == 1 ? costs.step : lookup(costs.advance, n, "fused advance"));
-          current_saved = false;
-        }
-        break;
-      case ActionKind::kSave:
-        if (on_host) {  // a copy goes to the host; the current state stays on the device
-          host += costs.state_bytes;
-          total.peak_host_bytes = std::max(total.peak_host_bytes, host);
-          total.bytes_to_host += costs.state_bytes;
-          total.seconds += costs.to_host.seconds;
-        } else {
-          saved += costs.state_bytes;
-          current_saved = true;
-        }
-        break;
-      case ActionKind::kRestore:
-        if (on_host) {  // a fresh device copy
-          total.bytes_from_host += costs.state_bytes;
-          total.seconds += costs.from_host.seconds;
-          current_saved = false;
-        } else {
-          current_saved = true;
-        }
-        break;
-      case ActionKind::kFree:
-        if (on_host) {
-          host -= costs.state_bytes;
-        } else {
-          saved -= costs.state_bytes;
-          // The freed slot held the current state exactly when nothing ran since it was restored or saved.
-          if (current_saved && current_slot == a.slot) current_saved = false;
-        }
-        break;
-      case ActionKind::kOutput:
-        execute(costs.output_vjp);
-        cotangent = costs.cotangent_bytes;
-        break;
-      case ActionKind::kReverse:
-        execute(a.count == 1 ? costs.step_vjp : lookup(costs.segment_vjp, a.count, "fused reverse"));
-        break;
-    }
-    if (a.kind == ActionKind::kSave || a.kind == ActionKind::kRestore) {
-      current_slot = on_host ? -1 : a.slot;
-    } else if (a.kind == ActionKind::kAdvance || (a.kind == ActionKind::kFree && a.slot == current_slot)) {
-      current_slot = -1;
-    }
-  }
-  execute(costs.init_vjp);
-  return total;
 }
 
 std::vector<int> HostSlotOrder(const Plan& plan) {

@@ -1,8 +1,7 @@
 // Checkpointing schedules as pure data: a Plan is the exact sequence of
 // advances, saves, restores, frees and reverses that traverses a training run
 // of T steps backwards in bounded memory. Building a plan touches no device;
-// the executor walks it. CheckPlan simulates a plan and names the first rule
-// it breaks, so every policy can be tested without running a model.
+// plan_walk.h walks it: to check it, to predict its cost and to run it.
 //
 // Executing a plan: the executor holds a *current state* at position `pos`
 // (state_0 at pos 0 to begin with) and numbered slots 0..peak-1.
@@ -34,7 +33,6 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -96,23 +94,12 @@ Plan PlanRevolve(int64_t T, int slots, int64_t leaf = 1);
 // saturates at INT64_MAX.
 int64_t RevolveForwardSteps(int64_t units, int64_t slots);
 
-struct PlanStats {
-  int64_t forward_steps;   // steps applied by kAdvance, first forward pass included
-  int64_t reversed_steps;  // == T for a valid plan
-  int64_t peak_saved;      // most slots occupied at once (current state not counted)
-  int64_t num_actions;
-  std::vector<int64_t> fused_lengths;  // distinct kReverse counts, ascending
-};
-
-// Thrown by CheckPlan; a std::logic_error so callers may catch either.
+// Thrown by a walk of a plan that breaks a rule (plan_walk.h); a
+// std::logic_error so callers may catch either.
 class PlanError : public std::logic_error {
  public:
   using std::logic_error::logic_error;
 };
-
-// Simulates `plan` over T steps; throws PlanError naming the first violated
-// rule (with the action's index), std::invalid_argument if T < 1.
-PlanStats CheckPlan(const Plan& plan, int64_t T);
 
 // The executions that apply steps [from, from + count): at each step t the
 // largest fused length n in `fused` (n > 1) with t % n == 0 and t + n <= the
@@ -121,39 +108,6 @@ PlanStats CheckPlan(const Plan& plan, int64_t T);
 // Returns (first step, length) pairs.
 std::vector<std::pair<int64_t, int64_t>> ForwardChunks(int64_t from, int64_t count,
                                                        const std::vector<int64_t>& fused);
-
-// What one execution of a program costs: its time, and the device bytes it
-// adds to its live arguments (outputs that do not alias a donated argument,
-// plus its temporaries: XLA's compiled memory statistics).
-struct ProgramCost {
-  double seconds = 0;
-  int64_t bytes = 0;
-};
-
-// The costs of a task's programs, for predicting what a plan costs. Bytes are
-// per device (a task over several devices holds a shard of each value on each).
-struct CostTable {
-  int64_t state_bytes = 0;      // one training state
-  int64_t cotangent_bytes = 0;  // the cotangent of a state plus the metagradient accumulators
-  ProgramCost init, step, output_vjp, step_vjp, init_vjp;
-  std::map<int64_t, ProgramCost> advance, segment_vjp;  // fused programs by length
-  // Copying one state to host memory and back (seconds; bytes unused).
-  ProgramCost to_host, from_host;
-};
-
-struct PlanCost {
-  double seconds = 0;           // the plan's executions and host copies
-  int64_t peak_bytes = 0;       // on the device: saved states + current state + cotangents + the running program's
-  int64_t peak_host_bytes = 0;  // saved states in host memory
-  int64_t bytes_to_host = 0, bytes_from_host = 0;
-  int64_t executions = 0;
-};
-
-// Walks a valid plan (CheckPlan first) with the task runner's accounting:
-// the runner measures the same quantities on real buffers during a run.
-// `host_slots` hold their states in host memory. Throws std::invalid_argument
-// if the plan needs a program the table lacks.
-PlanCost SimulatePlan(const Plan& plan, const CostTable& costs, const std::set<int>& host_slots = {});
 
 // The slots of `plan`, cheapest to hold in host memory first: by the copies
 // that would cost (saves + restores into and from the slot), then by slot

@@ -103,30 +103,23 @@ TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, 
     throw InvalidArgument("a task needs 1 to 2^31-1 steps (the step index is an int32), got " +
                           std::to_string(steps_));
   }
-  if (programs_.init == nullptr || programs_.step == nullptr) {
-    throw InvalidArgument("the task's init and step programs are required");
+  for (const std::string& name : programs_.Missing("run")) {
+    throw InvalidArgument("the task's " + name + " program is required");
   }
   if (layout_.differentiable.size() != layout_.state.size()) {
     throw InvalidArgument("the layout needs one differentiable flag per state leaf");
   }
-  const std::vector<int>& devices = programs_.step->devices();
+  const std::vector<int>& devices = programs_.Find("step")->devices();
   if (static_cast<int64_t>(devices.size()) != layout_.devices) {
     throw InvalidArgument("the layout is sharded over " + std::to_string(layout_.devices) +
                           " device(s), the step program runs on " + std::to_string(devices.size()));
   }
-  std::vector<const ExecutablePtr*> all = {&programs_.init,     &programs_.output,     &programs_.output_vjp,
-                                           &programs_.step_vjp, &programs_.init_vjp,   &programs_.all_finite,
-                                           &programs_.state_finite};
-  for (const auto& [n, program] : programs_.advance) {
-    advance_lengths_.push_back(n);
-    all.push_back(&program);
-  }
-  for (const auto& [n, program] : programs_.segment_vjp) all.push_back(&program);
-  for (const ExecutablePtr* program : all) {
-    if (*program != nullptr && (*program)->devices() != devices) {
-      throw InvalidArgument("the task's programs must all run on the same devices");
+  for (const auto& [name, program] : programs_.all()) {
+    if (program != nullptr && program->devices() != devices) {
+      throw InvalidArgument("the task's programs must all run on the same devices (" + name + " does not)");
     }
   }
+  advance_lengths_ = programs_.Lengths("advance");
 }
 
 class TaskRunner::Call {
@@ -149,8 +142,9 @@ const std::vector<BufferPtr>& TaskRunner::StepIndex(int64_t t) {
   std::vector<BufferPtr>& slot = step_indices_[static_cast<size_t>(t)];
   if (slot.empty()) {
     const int32_t value = static_cast<int32_t>(t);
-    for (int device : programs_.step->devices()) {
-      slot.push_back(programs_.step->client()->BufferFromHost(&value, ArraySpec{{}, PJRT_Buffer_Type_S32}, {}, device));
+    const ExecutablePtr step = programs_.Find("step");
+    for (int device : step->devices()) {
+      slot.push_back(step->client()->BufferFromHost(&value, ArraySpec{{}, PJRT_Buffer_Type_S32}, {}, device));
     }
   }
   return slot;
@@ -195,8 +189,7 @@ std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
 
 std::vector<BufferPtr> TaskRunner::Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
                                          std::pair<int64_t, int64_t> chunk, RunReport& report) {
-  const ExecutablePtr& program = chunk.second == 1 ? programs_.step : programs_.advance.at(chunk.second);
-  return Run(program, {&state, &z, &data_, &StepIndex(chunk.first)}, report);
+  return Run(programs_.Sized("advance", chunk.second), {&state, &z, &data_, &StepIndex(chunk.first)}, report);
 }
 
 void TaskRunner::CheckZ(const std::vector<BufferPtr>& z) const {
@@ -215,8 +208,8 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
   RunReport& r = report ? *report : local;
   const auto start = Clock::now();
   monitor_total_ = steps_;
-  std::vector<BufferPtr> state = Run(programs_.init, {&z, &data_}, r);
-  for (const auto& chunk : Chunks(0, steps_)) {
+  std::vector<BufferPtr> state = Run(programs_.Find("init"), {&z, &data_}, r);
+  for (const auto& chunk : ForwardChunks(0, steps_, advance_lengths_)) {
     state = Apply(state, z, chunk, r);
     r.forward_steps += chunk.second;
   }
@@ -228,11 +221,11 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
   return state;
 }
 
-// One metagradient run: the plan's actions applied to device buffers (saved
-// states of host slots copied to host memory and back), one method per
-// action kind, with the optional checks. Values are flat leaf-major lists of
-// shards; byte counts are per device.
-class Traversal {
+// One metagradient run: the work of each action of the plan, on device
+// buffers (saved states of host slots copied to host memory and back), with
+// the optional checks; the walk (plan_walk.h) checks the plan and counts the
+// bytes. Values are flat leaf-major lists of shards.
+class Traversal : public PlanExecutor {
  public:
   Traversal(TaskRunner& runner, const std::vector<BufferPtr>& z, const MetagradientOptions& options,
             TaskRunner::Result& result)
@@ -243,35 +236,70 @@ class Traversal {
         report_(result.report),
         shards_(static_cast<size_t>(runner.layout_.devices)) {}
 
-  void Begin() {
+  void Init() override {
     start_ = Clock::now();
-    report_.steps = r_.steps_;
-    report_.devices = r_.layout_.devices;
-    report_.state_bytes = r_.layout_.state_bytes();
-    report_.data_bytes = r_.DeviceBytes(r_.data_) + r_.DeviceBytes(z_);
-    current_ = Execute(r_.programs_.init, {&z_, &r_.data_});
+    current_ = r_.Run(r_.programs_.Find("init"), {&z_, &r_.data_}, report_);
     if (options_.determinism_stride > 0) {
       CheckFusedAgainstSingle();
       references_[0] = HostCopy(current_);
     }
   }
 
-  void Do(const Action& action) {
-    switch (action.kind) {
-      case ActionKind::kAdvance: Advance(action); break;
-      case ActionKind::kSave: Save(action); break;
-      case ActionKind::kRestore: Restore(action); break;
-      case ActionKind::kFree: Free(action); break;
-      case ActionKind::kOutput: Output(); break;
-      case ActionKind::kReverse: Reverse(action); break;
-    }
+  void Forward(const std::string& program, int64_t step, int64_t count) override {
+    std::vector<BufferPtr> before = std::move(current_);
+    current_ = r_.Run(r_.programs_.Find(program), {&before, &z_, &r_.data_, &r_.StepIndex(step)}, report_);
+    position_ = step + count;
+    if (!replaying_) first_pass_chunk_start_[position_] = step;
+    exact_ = exact_ && first_pass_chunk_start_.count(position_) && first_pass_chunk_start_[position_] == step;
+    report_.forward_steps += count;
+    if (options_.check_finite && !replaying_) CheckStateFinite(before, {step, count});
+    if (options_.determinism_stride > 0 && position_ % options_.determinism_stride == 0) CheckDeterminism();
   }
 
-  void Finish() {
-    result_.grad = Execute(r_.programs_.init_vjp, {&z_, &r_.data_, &cotangent_, &z_acc_});
+  // A save into a host slot copies the state out (asynchronously: later work
+  // on the device does not wait for it); the current state stays on the device.
+  void Save(int slot, bool on_host) override {
+    slots_[slot] = {position_, on_host ? CopyAll(current_, options_.host_memory_kind) : current_, exact_, on_host};
+  }
+
+  void Restore(int slot_number, bool) override {
+    const Slot& slot = slots_.at(slot_number);
+    position_ = slot.position;
+    exact_ = slot.exact;
+    // Programs take device buffers: a host slot's state comes back as a fresh
+    // copy, which the next execution waits for.
+    current_ = slot.on_host ? CopyAll(slot.state, "device") : slot.state;
+    replay_origin_ = position_;
+    replaying_ = true;
+  }
+
+  void Free(int slot, bool) override { slots_.erase(slot); }
+
+  void Output() override {
+    std::vector<BufferPtr> out = r_.Run(r_.programs_.Find("output_vjp"), {&current_, &z_, &r_.data_}, report_);
+    result_.value = out[0];  // phi is replicated: partition 0's copy
+    const long first = static_cast<long>(shards_);
+    const long num_d = static_cast<long>(out.size() - shards_ - r_.layout_.z.size() * shards_);
+    cotangent_.assign(out.begin() + first, out.begin() + first + num_d);
+    z_acc_.assign(out.begin() + first + num_d, out.end());
+    AwaitAll(z_acc_);
+    report_.seconds_forward = SecondsSince(start_);
+    if (options_.check_finite) CheckCotangentFinite(r_.steps_, "the output phi (or its gradient)");
+  }
+
+  void Reverse(const std::string& program, int64_t step, int64_t count) override {
+    std::vector<BufferPtr> out = r_.Run(r_.programs_.Find(program),
+                                        {&current_, &z_, &r_.data_, &r_.StepIndex(step), &cotangent_, &z_acc_}, report_);
+    cotangent_.assign(out.begin(), out.begin() + static_cast<long>(cotangent_.size()));
+    z_acc_.assign(out.begin() + static_cast<long>(cotangent_.size()), out.end());
+    report_.reversed_steps += count;
+    if (options_.check_finite) CheckCotangentFinite(step, "reversing " + StepRange(step, step + count));
+  }
+
+  void Finish() override {
+    result_.grad = r_.Run(r_.programs_.Find("init_vjp"), {&z_, &r_.data_, &cotangent_, &z_acc_}, report_);
     AwaitAll(result_.grad);
     result_.value->Await();
-    report_.peak_saved_bytes = report_.peak_saved_states * report_.state_bytes;
     report_.seconds_total = SecondsSince(start_);
     report_.seconds_reverse = report_.seconds_total - report_.seconds_forward;
   }
@@ -284,107 +312,17 @@ class Traversal {
     bool on_host;
   };
 
-  std::vector<BufferPtr> Execute(const ExecutablePtr& program,
-                                 const std::vector<const std::vector<BufferPtr>*>& groups) {
-    const int64_t live = saved_bytes_ + (current_is_saved_ ? 0 : r_.DeviceBytes(current_)) +
-                         r_.DeviceBytes(cotangent_) + r_.DeviceBytes(z_acc_);
-    report_.peak_device_bytes = std::max(report_.peak_device_bytes, live + r_.ExecutionBytes(program));
-    return r_.Run(program, groups, report_);
+  bool Finite(const char* program, const std::vector<const std::vector<BufferPtr>*>& groups) {
+    return ReadFlag(r_.Run(r_.programs_.Find(program), groups, report_));
   }
-
-  void Advance(const Action& action) {
-    for (const auto& chunk : r_.Chunks(action.step, action.count)) {
-      std::vector<BufferPtr> before = current_;
-      const ExecutablePtr& program = chunk.second == 1 ? r_.programs_.step : r_.programs_.advance.at(chunk.second);
-      current_ = Execute(program, {&before, &z_, &r_.data_, &r_.StepIndex(chunk.first)});
-      current_is_saved_ = false;
-      position_ = chunk.first + chunk.second;
-      if (!replaying_) first_pass_chunk_start_[position_] = chunk.first;
-      exact_ = exact_ && first_pass_chunk_start_.count(position_) && first_pass_chunk_start_[position_] == chunk.first;
-      report_.forward_steps += chunk.second;
-      if (options_.check_finite && !replaying_) CheckStateFinite(before, chunk);
-      if (options_.determinism_stride > 0 && position_ % options_.determinism_stride == 0) CheckDeterminism();
-    }
-  }
-
-  // A save into a host slot copies the state out (asynchronously: later work
-  // on the device does not wait for it); the current state stays on the device.
-  void Save(const Action& action) {
-    const int64_t bytes = r_.DeviceBytes(current_);
-    if (options_.host_slots.count(action.slot)) {
-      slots_[action.slot] = {position_, CopyAll(current_, options_.host_memory_kind), exact_, true};
-      host_bytes_ += bytes;
-      report_.peak_host_bytes = std::max(report_.peak_host_bytes, host_bytes_);
-      report_.bytes_to_host += bytes;
-      ++report_.host_saved_states;
-    } else {
-      slots_[action.slot] = {position_, current_, exact_, false};
-      saved_bytes_ += bytes;
-      current_is_saved_ = true;
-    }
-    report_.peak_saved_states = std::max(report_.peak_saved_states, static_cast<int64_t>(slots_.size()));
-  }
-
-  void Restore(const Action& action) {
-    const Slot& slot = slots_.at(action.slot);
-    position_ = slot.position;
-    exact_ = slot.exact;
-    if (slot.on_host) {  // programs take device buffers: a fresh copy, which the next execution waits for
-      current_ = CopyAll(slot.state, "device");
-      current_is_saved_ = false;
-      report_.bytes_from_host += r_.DeviceBytes(current_);
-    } else {
-      current_ = slot.state;
-      current_is_saved_ = true;
-    }
-    replay_origin_ = position_;
-    replaying_ = true;
-  }
-
-  void Free(const Action& action) {
-    auto found = slots_.find(action.slot);
-    (found->second.on_host ? host_bytes_ : saved_bytes_) -= r_.DeviceBytes(found->second.state);
-    if (found->second.state == current_) current_is_saved_ = false;
-    slots_.erase(found);
-  }
-
-  void Output() {
-    std::vector<BufferPtr> out = Execute(r_.programs_.output_vjp, {&current_, &z_, &r_.data_});
-    result_.value = out[0];  // phi is replicated: partition 0's copy
-    const long first = static_cast<long>(shards_);
-    const long num_d = static_cast<long>(out.size() - shards_ - r_.layout_.z.size() * shards_);
-    cotangent_.assign(out.begin() + first, out.begin() + first + num_d);
-    z_acc_.assign(out.begin() + first + num_d, out.end());
-    AwaitAll(z_acc_);
-    report_.seconds_forward = SecondsSince(start_);
-    if (options_.check_finite) CheckCotangentFinite(r_.steps_, "the output phi (or its gradient)");
-  }
-
-  void Reverse(const Action& action) {
-    const ExecutablePtr& program =
-        action.count == 1 ? r_.programs_.step_vjp : r_.programs_.segment_vjp.at(action.count);
-    std::vector<BufferPtr> out =
-        Execute(program, {&current_, &z_, &r_.data_, &r_.StepIndex(action.step), &cotangent_, &z_acc_});
-    cotangent_.assign(out.begin(), out.begin() + static_cast<long>(cotangent_.size()));
-    z_acc_.assign(out.begin() + static_cast<long>(cotangent_.size()), out.end());
-    report_.reversed_steps += action.count;
-    if (options_.check_finite) {
-      CheckCotangentFinite(action.step, "reversing " + StepRange(action.step, action.step + action.count));
-    }
-  }
-
-  bool Finite(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups) {
-    return ReadFlag(Execute(program, groups));
-  }
-
   // The first pass's state after `chunk`; on NaN/Inf, single steps from the
   // chunk's (still held) input name the first step that produced it.
   void CheckStateFinite(const std::vector<BufferPtr>& before, std::pair<int64_t, int64_t> chunk) {
-    if (Finite(r_.programs_.state_finite, {&current_})) return;
+    if (Finite("state_finite", {&current_})) return;
     std::vector<BufferPtr> state = before;
     for (int64_t t = chunk.first; t < chunk.first + chunk.second; ++t) {
       state = r_.Apply(state, z_, {t, 1}, report_);
-      if (!Finite(r_.programs_.state_finite, {&state})) {
+      if (!Finite("state_finite", {&state})) {
         throw CheckFailed("training diverged: the state after step " + std::to_string(t) +
                               " holds NaN or Inf (the first forward step that does). Lower the learning rate, "
                               "clip, or check the data and z.",
@@ -397,7 +335,7 @@ class Traversal {
   }
 
   void CheckCotangentFinite(int64_t step, const std::string& where) {
-    if (Finite(r_.programs_.all_finite, {&cotangent_, &z_acc_})) return;
+    if (Finite("all_finite", {&cotangent_, &z_acc_})) return;
     throw CheckFailed("the cotangent after " + where +
                           " holds NaN or Inf while the forward pass was finite: the reverse of a step overflows "
                           "there (lower the learning rate, clip, or use a smoother output)",
@@ -409,7 +347,7 @@ class Traversal {
   // randomness or Python state read at trace time) bakes different constants
   // into each compiled program and shows up here.
   void CheckFusedAgainstSingle() {
-    for (const auto& [n, program] : r_.programs_.advance) {
+    for (int64_t n : r_.programs_.Lengths("advance")) {
       if (n > r_.steps_) continue;
       std::vector<BufferPtr> single = current_;
       for (int64_t t = 0; t < n; ++t) single = r_.Apply(single, z_, {t, 1}, report_);
@@ -474,45 +412,63 @@ class Traversal {
   std::vector<BufferPtr> current_;
   int64_t position_ = 0;
   bool exact_ = true;
-  bool current_is_saved_ = false;
   bool replaying_ = false;
   int64_t replay_origin_ = 0;
   std::unordered_map<int, Slot> slots_;
-  int64_t saved_bytes_ = 0;  // in device slots
-  int64_t host_bytes_ = 0;   // in host slots
   std::vector<BufferPtr> cotangent_;  // dS[D]
   std::vector<BufferPtr> z_acc_;
   std::unordered_map<int64_t, int64_t> first_pass_chunk_start_;  // end position -> start of its first-pass chunk
   std::unordered_map<int64_t, std::vector<std::string>> references_;
 };
 
+void TaskRunner::RequirePrograms(const std::string& needed_by) const {
+  std::string missing;
+  for (const std::string& name : programs_.Missing(needed_by)) missing += (missing.empty() ? "" : ", ") + name;
+  if (!missing.empty()) {
+    throw InvalidArgument(needed_by + " needs programs the task was compiled without: " + missing);
+  }
+}
+
+CostTable TaskRunner::BytesTable() {
+  CostTable table;
+  table.state_bytes = layout_.state_bytes();
+  table.cotangent_bytes = layout_.cotangent_bytes();
+  table.programs = ProgramBytes();
+  return table;
+}
+
 TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, const Plan& plan,
                                             const MetagradientOptions& options, const Monitor& monitor) {
   const Call call(*this, monitor);
   CheckZ(z);
-  for (const auto* program : {&programs_.output_vjp, &programs_.step_vjp, &programs_.init_vjp}) {
-    if (*program == nullptr) throw InvalidArgument("the task was compiled without its reverse programs");
-  }
-  if (options.check_finite && (programs_.all_finite == nullptr || programs_.state_finite == nullptr)) {
-    throw InvalidArgument("check_finite needs the all_finite and state_finite programs");
-  }
+  RequirePrograms("metagradient");
+  if (options.check_finite) RequirePrograms("check_finite");
   if (options.determinism_stride < 0) {
     throw InvalidArgument("determinism_stride must be >= 0, got " + std::to_string(options.determinism_stride));
   }
-  // Validates the plan (every step reversed once, in order) before any device work.
-  const PlanStats stats = CheckPlan(plan, steps_);
-  for (int64_t length : stats.fused_lengths) {
-    if (length > 1 && programs_.segment_vjp.count(length) == 0) {
-      throw InvalidArgument("the plan fuses " + std::to_string(length) +
-                            " steps but no segment program of that length was compiled");
-    }
+  const CostTable bytes = BytesTable();
+  for (const Action& action : plan) {  // every fused reverse the plan needs, before any device work
+    if (action.kind == ActionKind::kReverse && action.count > 1) programs_.Sized("segment_vjp", action.count);
   }
   Result result;
-  monitor_total_ = stats.forward_steps + steps_;
+  RunReport& report = result.report;
+  report.steps = steps_;
+  report.devices = layout_.devices;
+  report.state_bytes = layout_.state_bytes();
+  report.data_bytes = DeviceBytes(data_) + DeviceBytes(z);
+  monitor_total_ = 0;
+  for (const Action& action : plan) {
+    if (action.kind == ActionKind::kAdvance || action.kind == ActionKind::kReverse) monitor_total_ += action.count;
+  }
   Traversal traversal(*this, z, options, result);
-  traversal.Begin();
-  for (const Action& action : plan) traversal.Do(action);
-  traversal.Finish();
+  const PlanWalk walk = WalkPlan(plan, steps_, &bytes, options.host_slots, &traversal);
+  report.peak_saved_states = walk.stats.peak_saved;
+  report.peak_saved_bytes = walk.stats.peak_saved * report.state_bytes;
+  report.peak_device_bytes = walk.cost.peak_bytes;
+  report.peak_host_bytes = walk.cost.peak_host_bytes;
+  report.host_saved_states = walk.cost.host_saves;
+  report.bytes_to_host = walk.cost.bytes_to_host;
+  report.bytes_from_host = walk.cost.bytes_from_host;
   return result;
 }
 
@@ -570,16 +526,9 @@ double Median(std::vector<double> samples) {
 std::map<std::string, ProgramCost> TaskRunner::ProgramBytes() {
   const std::lock_guard<std::recursive_mutex> lock(mutex_);
   std::map<std::string, ProgramCost> costs;
-  auto add = [&](const std::string& name, const ExecutablePtr& program) {
+  for (const auto& [name, program] : programs_.all()) {
     if (program != nullptr) costs[name].bytes = ExecutionBytes(program);
-  };
-  add("init", programs_.init);
-  add("step", programs_.step);
-  add("output_vjp", programs_.output_vjp);
-  add("step_vjp", programs_.step_vjp);
-  add("init_vjp", programs_.init_vjp);
-  for (const auto& [n, program] : programs_.advance) add("advance_" + std::to_string(n), program);
-  for (const auto& [n, program] : programs_.segment_vjp) add("segment_vjp_" + std::to_string(n), program);
+  }
   return costs;
 }
 
@@ -589,17 +538,15 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
   const Call call(*this, monitor);
   CheckZ(z);
   if (repeats < 1) throw InvalidArgument("repeats must be >= 1");
-  for (const auto* program : {&programs_.output_vjp, &programs_.step_vjp, &programs_.init_vjp}) {
-    if (*program == nullptr) throw InvalidArgument("the task was compiled without its reverse programs");
-  }
+  RequirePrograms("metagradient");
   std::map<std::string, ProgramCost> costs = ProgramBytes();
   RunReport report;
   // Each sampler returns one sample of seconds per execution; states, cotangents
   // and accumulators chain through them as in a run (their values do not change
   // what a program costs).
   std::vector<std::pair<std::string, std::function<double()>>> samplers;
-  std::vector<BufferPtr> state = Run(programs_.init, {&z, &data_}, report);
-  samplers.emplace_back("init", ChainTimer([&] { return state = Run(programs_.init, {&z, &data_}, report); }));
+  std::vector<BufferPtr> state = Run(programs_.Find("init"), {&z, &data_}, report);
+  samplers.emplace_back("init", ChainTimer([&] { return state = Run(programs_.Find("init"), {&z, &data_}, report); }));
   // Programs of n steps run at every step position a run uses, in turn: each
   // position's index buffer and batch, as in a run.
   auto cycle = [this](int64_t n) {
@@ -613,10 +560,8 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
       return state = Run(program, {&state, &z, &data_, &position()}, report);
     });
   };
-  samplers.emplace_back("step", forward(programs_.step, 1));
-  for (const auto& [n, program] : programs_.advance) {
-    samplers.emplace_back("advance_" + std::to_string(n), forward(program, n));
-  }
+  samplers.emplace_back("step", forward(programs_.Find("step"), 1));
+  for (int64_t n : advance_lengths_) samplers.emplace_back(SizedProgram("advance", n), forward(programs_.Sized("advance", n), n));
   std::vector<BufferPtr> host;
   if (!host_memory_kind.empty()) {
     // One state's copy each way, timed alone (the copies are asynchronous).
@@ -637,7 +582,7 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
   const long num_z = static_cast<long>(layout_.z.size()) * layout_.devices;
   const long num_phi = static_cast<long>(layout_.devices);
   auto output = [&] {
-    std::vector<BufferPtr> out = Run(programs_.output_vjp, {&state, &z, &data_}, report);
+    std::vector<BufferPtr> out = Run(programs_.Find("output_vjp"), {&state, &z, &data_}, report);
     cotangent.assign(out.begin() + num_phi, out.end() - num_z);
     accumulators.assign(out.end() - num_z, out.end());
     return out;
@@ -654,15 +599,15 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
       return out;
     });
   };
-  samplers.emplace_back("step_vjp", reverse(programs_.step_vjp, 1));
-  for (const auto& [n, program] : programs_.segment_vjp) {
-    samplers.emplace_back("segment_vjp_" + std::to_string(n), reverse(program, n));
+  samplers.emplace_back("step_vjp", reverse(programs_.Find("step_vjp"), 1));
+  for (int64_t n : programs_.Lengths("segment_vjp")) {
+    samplers.emplace_back(SizedProgram("segment_vjp", n), reverse(programs_.Sized("segment_vjp", n), n));
   }
   // init_vjp consumes the cotangents output_vjp makes: time it alone.
   samplers.emplace_back("init_vjp", [&] {
     AwaitAll(output());
     const auto start = Clock::now();
-    AwaitAll(Run(programs_.init_vjp, {&z, &data_, &cotangent, &accumulators}, report));
+    AwaitAll(Run(programs_.Find("init_vjp"), {&z, &data_, &cotangent, &accumulators}, report));
     return SecondsSince(start);
   });
   std::map<std::string, std::vector<double>> samples;

@@ -15,8 +15,8 @@
 
 #include "runtime/buffer.h"
 #include "runtime/executable.h"
+#include "runtime/plan_walk.h"
 #include "runtime/programs.h"
-#include "runtime/schedule.h"
 
 namespace metagrad {
 
@@ -174,15 +174,16 @@ class TaskRunner {
 
   std::vector<BufferPtr> Run(const ExecutablePtr& program, const std::vector<const std::vector<BufferPtr>*>& groups,
                              RunReport& report);
-  std::vector<std::pair<int64_t, int64_t>> Chunks(int64_t from, int64_t count) const {
-    return ForwardChunks(from, count, advance_lengths_);
-  }
   // Applies one chunk (start, length) to `state`.
   std::vector<BufferPtr> Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
                                std::pair<int64_t, int64_t> chunk, RunReport& report);
   // t as an int32 on every device.
   const std::vector<BufferPtr>& StepIndex(int64_t t);
   void CheckZ(const std::vector<BufferPtr>& z) const;
+  // Throws InvalidArgument naming the programs the calls of `needed_by` need that the task lacks.
+  void RequirePrograms(const std::string& needed_by) const;
+  // The state's and cotangents' bytes and each program's execution bytes, for the walk of a plan.
+  CostTable BytesTable();
   // Bytes per device of leaf-major shards.
   int64_t DeviceBytes(const std::vector<BufferPtr>& buffers) const;
   // Device bytes an execution of `program` adds to its live arguments:

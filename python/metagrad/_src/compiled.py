@@ -29,9 +29,9 @@ Report = _runtime.Report
 # use: the finiteness checks by check_finite, the fused forward programs (advance_n) by train() and
 # by the metagradients after the first, the fused reverses by the plans that run them, and all of
 # them by save().
-FIRST_PROGRAMS = ("init", "step", "output_vjp", "step_vjp", "init_vjp")
-CHECK_PROGRAMS = ("all_finite", "state_finite")
-BASE_PROGRAMS = (*FIRST_PROGRAMS, "output", *CHECK_PROGRAMS)
+FIRST_PROGRAMS = (*programs.needed_by("run"), *programs.needed_by("metagradient"))
+CHECK_PROGRAMS = programs.needed_by("check_finite")
+BASE_PROGRAMS = tuple(name for name, kind in programs.KINDS.items() if not kind["sized"])
 
 
 def _task_layout(layout: Layout, sharding: TaskSharding | None) -> _runtime.TaskLayout:
@@ -197,8 +197,8 @@ class CompiledTask:
         programs of ``forward_lengths`` (None: the task's ``fuse_forward``) and, with ``checks``,
         the finiteness checks: each built on first use."""
         forward_lengths = self.fuse_forward if forward_lengths is None else forward_lengths
-        names = (*FIRST_PROGRAMS, *(f"segment_vjp_{n}" for n in fused_lengths),
-                 *(f"advance_{n}" for n in forward_lengths), *(CHECK_PROGRAMS if checks else ()))
+        names = (*FIRST_PROGRAMS, *(programs.sized("segment_vjp", n) for n in fused_lengths),
+                 *(programs.sized("advance", n) for n in forward_lengths), *(CHECK_PROGRAMS if checks else ()))
         key = tuple(sorted(names))
         if key not in self._runners:
             self._ensure(names)
@@ -208,7 +208,7 @@ class CompiledTask:
 
     def _built_forward(self) -> tuple[int, ...]:
         """The lengths of the fused forward programs built so far."""
-        return tuple(n for n in self.fuse_forward if f"advance_{n}" in self.programs)
+        return tuple(n for n in self.fuse_forward if programs.sized("advance", n) in self.programs)
 
     @property
     def data_bytes(self) -> int:
@@ -245,7 +245,7 @@ class CompiledTask:
         build. The calls after it build them and choose among all."""
         default = self._fused(self._auto_leaves(auto))
         return (auto.leaves is None and self._metagradients == 0
-                and not all(f"segment_vjp_{n}" in self.programs for n in default))
+                and not all(programs.sized("segment_vjp", n) in self.programs for n in default))
 
     def _choose_single_step(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
         """The plan over single-step reverses that fits Auto's budgets, with the programs built
@@ -407,7 +407,7 @@ class CompiledTask:
         ``progress``: a tqdm bar for runs over a second (None: on a terminal only).
         """
         forward = max((b.bytes for name, b in self._runner().program_bytes().items()
-                       if name == "step" or name.startswith("advance_")), default=0)
+                       if programs.kind_of(name)[0] in ("step", "advance")), default=0)
         planner.check_fits(self.client, forward + self._task_layout.state_bytes, self.data_bytes, "training",
                            "The state, data and z must fit the device.", self.num_devices)
         with steps_bar("training", progress) as bar:
@@ -474,7 +474,7 @@ class CompiledTask:
         The C++ harness (``metagrad-bench``) and :func:`metagrad.load` run it
         without the user's code.
         """
-        self._ensure([*BASE_PROGRAMS, *(f"advance_{n}" for n in self.fuse_forward)])
+        self._ensure([*BASE_PROGRAMS, *(programs.sized("advance", n) for n in self.fuse_forward)])
         exports = self.exports
         if self.forward is not None:  # saved exports carry their VJPs (see programs.export_forward)
             exports = programs.export_forward(self.forward, self.layout, custom_calls=_handled_calls(), vjp=True)

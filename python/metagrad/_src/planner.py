@@ -49,21 +49,18 @@ DEFAULT_CPU_BUDGET = 2 * 2**30
 GPU_BUDGET_SHARE = 0.5
 HOST_BUDGET_SHARE = 0.5  # of the host's available RAM, for saved states of a GPU's run
 HOST_MEMORY_KIND = "pinned_host"
-# Fused reverse lengths Auto considers: unrolled programs compile in time that
-# grows with their length (11 s at 10 steps, 35 s at 25 for the digits MLP),
-# lax.scan programs in constant time, and long scans of dot-heavy steps run
-# fastest per step (docs/performance.md).
+# Fused reverse lengths Auto considers: an unrolled program's compile time grows
+# with its length, a lax.scan's does not, and a long scan of dot-heavy steps
+# runs fastest per step.
 DEFAULT_LEAVES = {"unroll": (1, 10), "scan": (1, 10, 100)}
-# Lengths between those, compiled only where the budget rules out the longest: the CNN's 3-step reverse
-# holds no more than its single step, and the default ran 6-10% faster at 2.6-3.8 MiB (bench/fused_lengths.py).
+# Lengths between those, compiled only where the budget rules out the longest: a short fused reverse
+# can hold no more memory than a single step's while it runs faster (bench/fused_lengths.py measures it).
 GAP_LEAVES = {"unroll": (3,), "scan": (3, 30)}
 # Plans predicted within this share of the fastest are a tie, which goes to the
-# fewest executions. It is below the calibration's own spread: two processes
-# timed the digits MLP's step at 0.35 and 0.55 ms (bench/calibration_drift.py).
-# Each execution wakes the plugin's thread pool, so plans of many short
-# executions lose most when the machine is busy: Budget(states=1000, leaf=1)
-# ran at 4.5x training alone and 7x beside other work, Budget(states=10,
-# leaf=100) at 4.2x in both (docs/performance.md).
+# fewest executions: the share is below the spread of a calibration from one
+# process to the next (bench/calibration_drift.py measures it), and every
+# execution pays a dispatch (a wake-up of the plugin's thread pool) that costs
+# the most when the machine is busy, which calibration does not see.
 NEAR_TIE = 0.10
 
 
@@ -165,21 +162,12 @@ def cost_table(task_layout, costs: dict) -> _runtime.CostTable:
     (``TaskRunner.calibrate``/``program_bytes``; ``to_host``/``from_host``: one state's copies)."""
     table = _runtime.CostTable()
     table.state_bytes = task_layout.state_bytes
-    table.cotangent_bytes = (sum(s.nbytes for s, d in zip(task_layout.state, task_layout.differentiable) if d)
-                             * max(task_layout.outputs, 1) + sum(a.nbytes for a in task_layout.accumulators))
-    advance, segment = {}, {}
-    for name, cost in costs.items():
-        if name in ("to_host", "from_host"):
-            setattr(table, name, cost)
-            continue
-        kind, n = _runtime.parse_program_name(name)
-        if kind == "advance":
-            advance[n] = cost
-        elif kind == "segment_vjp":
-            segment[n] = cost
-        else:
-            setattr(table, kind, cost)
-    table.advance, table.segment_vjp = advance, segment
+    table.cotangent_bytes = task_layout.cotangent_bytes
+    copies = ("to_host", "from_host")
+    for name in copies:
+        if name in costs:
+            setattr(table, name, costs[name])
+    table.programs = {name: cost for name, cost in costs.items() if name not in copies}
     return table
 
 

@@ -23,7 +23,13 @@ from metagrad._src import layout as layout_lib, runtime
 from metagrad._src.layout import Layout
 
 KINDS = {kind["name"]: kind for kind in _runtime.program_kinds()}
-REVERSE_KINDS = ("output_vjp", "step_vjp", "segment_vjp", "init_vjp")
+# The forward kind each reverse kind differentiates.
+DIFFERENTIATES = {name: kind["reverse_of"] for name, kind in KINDS.items() if kind["reverse_of"]}
+
+
+def needed_by(call: str) -> tuple[str, ...]:
+    """The programs the calls of ``call`` need ("run", "metagradient", "check_finite"), in the contract's order."""
+    return tuple(name for name, kind in KINDS.items() if kind["needed_by"] == call)
 
 
 def kind_of(name: str) -> tuple[str, int]:
@@ -31,8 +37,13 @@ def kind_of(name: str) -> tuple[str, int]:
     return _runtime.parse_program_name(name)
 
 
+def sized(kind: str, count: int) -> str:
+    """``("advance", 1)`` -> ``"step"``, ``("segment_vjp", 10)`` -> ``"segment_vjp_10"``."""
+    return _runtime.sized_program(kind, count)
+
+
 def is_reverse(name: str) -> bool:
-    return kind_of(name)[0] in REVERSE_KINDS
+    return kind_of(name)[0] in DIFFERENTIATES
 
 
 Spec = tuple  # (shape tuple, dtype name)
