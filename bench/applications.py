@@ -16,14 +16,12 @@ function behind ``metagrad run <name>`` with its default (full) sizes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+from common import RESULTS_DIR, save_json, save_text
 
 ORDER = ["data-selection", "poisoning", "lr-schedule", "attribution", "smoothness"]
 
@@ -114,13 +112,11 @@ def main(argv=None) -> int:
     lines.append(f"Total: {sum(seconds.values()):.0f} s.")
     md = "\n".join(lines) + "\n"
     stem = "applications" if args.engine == "auto" else f"applications_{args.engine}"
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(md)
+    save_text(os.path.join(args.out, stem + ".md"), md)
     summary = {name: {"engine": results[name]["engine"], "seconds": seconds[name],
                       "comparison": results[name].get("comparison"), "metrics": results[name]["metrics"],
                       "targets": results[name].get("targets"), "params": results[name]["params"]} for name in names}
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(summary, f, indent=2, default=float)
+    save_json(os.path.join(args.out, stem + ".json"), summary)
     print(md)
     return 0
 

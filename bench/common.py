@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 if BENCH_DIR not in sys.path:
     sys.path.insert(0, BENCH_DIR)
@@ -78,13 +79,33 @@ def add_cell_arguments(parser, *, kinds: str, steps: str, repeat: int, repeat_he
     parser.add_argument("--out", default=os.path.join(RESULTS_DIR, out))
 
 
+_PATH_CHARACTER = r"[^\s\"'`,;:()\\]"
+
+
+def portable(text: str) -> str:
+    """``text`` without this machine's directories, as results are committed: paths inside the repository
+    become relative to it, an installed package's start at ``site-packages/``, and other absolute paths
+    (temporary folders, home directories) keep their last component alone."""
+    text = re.sub(rf"/{_PATH_CHARACTER}*?/site-packages/", "site-packages/", text)
+    text = text.replace(REPO_DIR + os.sep, "")
+    return re.sub(rf"(?<![\w.])(?:/{_PATH_CHARACTER}+)+/({_PATH_CHARACTER}+)", r"\1", text)
+
+
+def save_text(path: str, text: str) -> None:
+    """Write a result file (``portable``), creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(portable(text))
+
+
+def save_json(path: str, payload) -> None:
+    save_text(path, json.dumps(payload, indent=1, default=float))
+
+
 def write_results(name: str, markdown: list[str], payload: dict) -> None:
     """``results/<name>.md`` (the table) and ``results/<name>.json`` (the numbers and the machine), and print the table."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
-        f.write("\n".join(markdown) + "\n")
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
-        json.dump({"machine": machine_notes(), **payload}, f, indent=1)
+    save_text(os.path.join(RESULTS_DIR, f"{name}.md"), "\n".join(markdown) + "\n")
+    save_json(os.path.join(RESULTS_DIR, f"{name}.json"), {"machine": machine_notes(), **payload})
     print("\n".join(markdown))
 
 

@@ -46,7 +46,8 @@ import sys
 import tempfile
 import time
 
-from common import BENCH_DIR, add_cell_arguments, fmt_bytes, harness_path, machine_notes, replay_device_bytes, run_limited
+from common import (BENCH_DIR, add_cell_arguments, fmt_bytes, harness_path, machine_notes, replay_device_bytes,
+                    run_limited, save_json, save_text)
 
 SCHEDULE_K, SCHEDULE_LEAF = 32, 10
 
@@ -248,18 +249,15 @@ def main(argv=None):
                                 for m, r in rows.items())
             print(f"[{time.perf_counter() - start:6.0f} s] {kind} T={T}: {summary}", file=sys.stderr)
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out + ".json", "w") as f:
-                json.dump(results, f, indent=1)
+            save_json(args.out + ".json", results)
     results["seconds_total"] = time.perf_counter() - start
     results["machine"]["loadavg_end"] = os.getloadavg()
     markdown = (f"Command: `python bench/compare.py {' '.join(sys.argv[1:])}`; metagrad schedules "
                 f"{', '.join(f'T={T}: {schedule(T)}' for T in steps)}; "
                 f"forward {'fused (advance_10, unrolled)' if not args.no_fused_forward else 'one execution per step'}; "
                 f"{results['seconds_total']:.0f} s in all.\n" + table(results))
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown)
+    save_json(args.out + ".json", results)
+    save_text(args.out + ".md", markdown)
     try:
         plot(results, args.out + ".png")
     except Exception as error:  # the table matters more than the figure

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from common import RESULTS_DIR, machine_notes, run_harness
+from common import RESULTS_DIR, machine_notes, run_harness, save_json
 
 import jax
 import jax.numpy as jnp
@@ -159,9 +159,8 @@ def main(argv=None):
             rows.append({"program": program, "path": path, "chained_us": chained * 1e6, "await_each_us": each * 1e6,
                          "jax_over_this": jit / chained})
             print(f"  {program:10s} {path:18s} {chained * 1e6:9.2f} {each * 1e6:11.2f} {jit / chained:14.2f}x")
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "dispatch.json"), "w") as f:
-        json.dump({"machine": machine_notes(), "iters": n, "repeat": args.repeat, "rows": rows}, f, indent=1)
+    save_json(os.path.join(RESULTS_DIR, "dispatch.json"),
+              {"machine": machine_notes(), "iters": n, "repeat": args.repeat, "rows": rows})
     return 0
 
 

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from common import RESULTS_DIR, machine_notes, run_harness, save_task
+from common import RESULTS_DIR, machine_notes, run_harness, save_json, save_task
 
 import metagrad
 from tasks import make_task
@@ -94,10 +94,8 @@ def main(argv=None):
                   f"{row['forward_steps'] / T:6.2f} {row['executions']:6d} {row['peak_saved_states']:6d} "
                   f"{'' if bound is None else f'{bound:.0f}':>6s} {row['peak_saved_bytes'] / 2**20:9.2f} "
                   f"{row['reverse_temp_bytes'] / 2**20:9.2f}")
-    os.makedirs(RESULTS_DIR, exist_ok=True)
     name = "replay" + ("_unfused" if args.no_fused_forward else "") + ".json"
-    with open(os.path.join(RESULTS_DIR, name), "w") as f:
-        json.dump(results, f, indent=1)
+    save_json(os.path.join(RESULTS_DIR, name), results)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ Runs alternate between backends ``--repeat`` times; medians are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
-from common import RESULTS_DIR, machine_notes
+from common import RESULTS_DIR, machine_notes, save_json
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +109,7 @@ def main(argv=None):
                            ("segment_compile_s", f"segment_vjp_{L} (s)")):
             print(f"  {label:22s} {e[key]:10.1f} {j[key]:10.1f} {e[key] / j[key]:10.2f}")
         print(f"  jax.jit step vjp from Python: {row['jax.jit']['reverse_us']:.1f} us per step")
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "reverse_step.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save_json(os.path.join(RESULTS_DIR, "reverse_step.json"), results)
 
 
 if __name__ == "__main__":
