@@ -1,11 +1,27 @@
 """Fixtures shared by the test files."""
 
 import gc
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 import metagrad
+
+# The suite runs on a disk cache of its own, empty when it starts (its child
+# processes inherit it): a developer's cache may hold programs that the code
+# under test would no longer build.
+CACHE_DIR = tempfile.mkdtemp(prefix="metagrad-test-cache-")
+os.environ["METAGRAD_CACHE_DIR"] = CACHE_DIR
+os.environ.pop("METAGRAD_CACHE", None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def remove_the_test_cache():
+    yield
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture

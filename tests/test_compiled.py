@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -46,6 +48,38 @@ def test_second_compile_hits_the_cache(compiled):
     assert time.perf_counter() - start < 0.5
     assert again.programs is c.programs
     assert task.compile(z, backend="jax").programs is not c.programs
+
+
+def test_the_suite_runs_on_its_own_fresh_cache():
+    from conftest import CACHE_DIR
+    from metagrad._src import cache
+
+    assert cache.directory() == CACHE_DIR and CACHE_DIR.startswith(tempfile.gettempdir())
+
+
+def test_a_program_on_disk_is_keyed_by_the_code_that_lowered_it(compiled, tmp_path, monkeypatch):
+    """Edit a lowering source and the program keys change: the entry the old code wrote is
+    not read back. The same text gives the same key (the cache still serves unchanged code)."""
+    from metagrad._src import cache, lowering
+
+    task, z, c = compiled
+    package = os.path.dirname(lowering.__file__)
+    for name in lowering.LOWERING_SOURCES:
+        shutil.copy(os.path.join(package, name), tmp_path / name)
+    assert lowering.code_identity(str(tmp_path)) == lowering.code_identity()
+    with open(tmp_path / "programs.py", "a") as f:
+        f.write("# changed\n")
+    edited = lowering.code_identity.__wrapped__(str(tmp_path))
+    assert edited != lowering.code_identity()
+
+    exports, layout = c.exports, c.layout
+    key = lambda: lowering.program_key(exports, layout, "step_vjp", "enzyme", "", "unroll")  # noqa: E731
+    before = key()
+    cache.put("programs", before, b"built by the old code")
+    monkeypatch.setattr(lowering, "code_identity", lambda: edited)
+    after = key()
+    assert after != before and cache.get("programs", after) is None
+    assert cache.get("programs", before) == b"built by the old code"
 
 
 def test_new_data_values_reuse_the_programs_with_their_own_data(compiled):

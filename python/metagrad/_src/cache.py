@@ -3,8 +3,9 @@
 Compiling a task lowers its programs (Enzyme's reverse programs are the slow
 part) and has XLA compile them. Both results are kept under a user cache
 directory, keyed by content: a program by the task's exported forward
-functions, its layout, the program's name, the backend, the StableHLO target
-and the versions of jax, jaxlib, enzyme-ad and metagrad; an executable by its
+functions, its layout, the program's name, the backend, the StableHLO target,
+the text of the code that lowers it (``lowering.code_identity``) and the
+versions of jax, jaxlib, enzyme-ad and metagrad; an executable by its
 program's bytes, its compile options, the plugin (path, platform and
 version) and the machine (host, CPU). The planner's calibration of a task's
 programs is kept the same way, so that another process chooses the same plan

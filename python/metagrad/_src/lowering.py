@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import hashlib
+import importlib.metadata
 import json
+import os
 import struct
 import warnings
 from typing import Callable
 
 import jax
 
+from metagrad import _runtime
 from metagrad._src import cache, enzyme_worker, module_checks, programs, setup_time
 from metagrad._src.layout import Layout
 from metagrad._src.programs import Program
@@ -66,18 +71,37 @@ _ENZYME_DTYPES = frozenset({"bool", "int8", "int32", "int64", "uint32", "uint64"
 # Enzyme, whose child process catches the crash, and the error names the op.
 _CRASHES_ENZYME = ("stablehlo.sort",)
 
-# The forward function each reverse program differentiates.
-_DIFFERENTIATES = {"output_vjp": "output", "step_vjp": "step", "segment_vjp": "step", "init_vjp": "init"}
+# The modules whose code decides what a lowered program holds: a program in the
+# disk cache is keyed by their text (with the program contract), so that a
+# changed lowering never reads back what the old one built.
+LOWERING_SOURCES = ("programs.py", "lowering.py", "enzyme_worker.py", "layout.py", "sharding.py")
+
+
+@functools.cache
+def code_identity(sources: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """A SHA-256 of the lowering's sources (``LOWERING_SOURCES`` in directory ``sources``)
+    and the program contract."""
+    digest = hashlib.sha256(json.dumps(_runtime.program_kinds(), sort_keys=True).encode())
+    for name in LOWERING_SOURCES:
+        with open(os.path.join(sources, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
 
 
 def _versions() -> dict:
-    import enzyme_ad
     import jaxlib
 
     from metagrad import __version__
 
-    return {"metagrad": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16")}
+    return {"metagrad": __version__, "code": code_identity(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "enzyme_ad": _installed_version("enzyme-ad")}
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str, loop: str,
@@ -88,7 +112,7 @@ def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: s
 
 
 def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
-    source = _DIFFERENTIATES[programs.kind_of(name)[0]]
+    source = programs.DIFFERENTIATES[programs.kind_of(name)[0]]
     text = jax.export.deserialize(bytearray(exports[source])).mlir_module()
     return next((op for op in _CRASHES_ENZYME if f"{op}" in text), None)
 
@@ -97,7 +121,7 @@ def _known_crash(exports: dict[str, bytes], name: str) -> str | None:
 # reverses of init and output run once per metagradient, so their speed hardly counts, while an
 # Enzyme build costs its child process's start and competes with XLA's compiles for the cores:
 # JAX builds them, in this process, while Enzyme builds the step's.
-PER_STEP_REVERSES = ("step_vjp", "segment_vjp")
+PER_STEP_REVERSES = tuple(kind for kind, forward in programs.DIFFERENTIATES.items() if forward == "step")
 
 
 def _asks_enzyme(name: str, backend: str, layout: Layout) -> bool:
