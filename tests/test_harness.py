@@ -112,6 +112,7 @@ def _drop(entry, key):
     (lambda m: m["layout"]["z"][0].update(dtype="float128"), r"layout.z\[0\].dtype 'float128' is not a supported"),
     (lambda m: m["programs"]["step"].update(file="../../etc/passwd"), r"programs.step.file must be a relative path"),
     (lambda m: m["programs"]["step_vjp"]["inputs"].pop(), r"programs.step_vjp.inputs are .* the layout implies"),
+    (lambda m: m["programs"]["step_vjp"]["outputs"].pop(), r"programs.step_vjp.outputs are .* the layout implies"),
     (lambda m: m["programs"].update(mystery=m["programs"]["step"]), r"programs.mystery.*not a program of a task"),
     (lambda m: m["arrays"]["data"].pop(), r"arrays.data lists 3 files for 4 leaves"),
 ])
@@ -142,6 +143,16 @@ def test_a_truncated_program_is_named(saved, tmp_path):
     done = run_bench(copy, "--dispatch-iters", "0")
     assert done.returncode == 1
     assert "step.mlirbc: does not compile as program step" in done.stderr
+
+
+def test_a_program_file_swapped_for_another_program_is_named(saved, tmp_path):
+    _, _, directory = saved
+    copy = tmp_path / "task"
+    shutil.copytree(directory, copy)
+    (copy / "programs" / "output_vjp.mlirbc").write_bytes((copy / "programs" / "step.mlirbc").read_bytes())
+    done = run_bench(copy, "--dispatch-iters", "0")
+    assert done.returncode == 1
+    assert "output_vjp.mlirbc: is not program output_vjp: it returns [" in done.stderr, done.stderr
 
 
 def test_not_json(saved, tmp_path):

@@ -199,6 +199,21 @@ def test_resuming_with_another_z_shape_is_an_error(tmp_path):
         mgd.History.load(path, Z0, mgd.sign_step(0.1))
 
 
+@pytest.mark.parametrize("damage", [lambda raw: raw[:len(raw) // 2], lambda raw: b"not a zip file at all"],
+                         ids=["truncated", "foreign"])
+def test_a_damaged_history_file_names_its_path(tmp_path, damage):
+    h = mgd.run(quadratic(TARGET), Z0, steps=2, direction="minimize", step_rule=optax.adam(0.1), progress=False)
+    path = str(tmp_path / "h.npz")
+    h.save(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(raw))
+    with pytest.raises(ValueError, match=re.escape(f"{path!r} cannot be read as a saved metagrad.mgd.History (")
+                       + r".*delete it to start the run over"):
+        mgd.History.load(path, Z0, optax.adam(0.1))
+
+
 def test_bad_arguments():
     fn = quadratic(TARGET)
     with pytest.raises(ValueError, match="direction"):

@@ -9,6 +9,7 @@ must survive and print what the parent checks.
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
 import textwrap
@@ -241,6 +242,13 @@ def _copy(directory, tmp_path):
     return copy
 
 
+def test_a_program_file_swapped_for_another_program_is_refused_on_load(saved_task, tmp_path):
+    copy = _copy(saved_task, tmp_path)
+    (copy / "programs" / "output_vjp.mlirbc").write_bytes((copy / "programs" / "step.mlirbc").read_bytes())
+    with pytest.raises(ValueError, match=r"output_vjp.mlirbc.*: is not program output_vjp: it returns \["):
+        metagrad.load(str(copy))
+
+
 def test_load_never_unpickles_anything(saved_task, tmp_path):
     copy = _copy(saved_task, tmp_path)
     marker = tmp_path / "pwned"
@@ -261,6 +269,7 @@ def test_load_never_unpickles_anything(saved_task, tmp_path):
     (lambda m: m["arrays"]["data"].__setitem__(0, "../x.bin"), r"arrays.data\[0\]", "outside"),
     (lambda m: m["layout"]["trees"].update(z={"kind": "code", "children": []}), "layout", "unknown tree node"),
     (lambda m: m["programs"]["step_vjp"]["inputs"].pop(), "programs.step_vjp.inputs", "do not match"),
+    (lambda m: m["programs"]["step_vjp"]["outputs"].pop(), "programs.step_vjp.outputs", "do not match"),
     (lambda m: m.update(version=1), "manifest.json", "manifest version 1"),
     (lambda m: m.update(steps=2**40), "steps", r"must be in \[1, 2\^31-1\]"),
 ])
@@ -286,11 +295,30 @@ def test_a_short_array_or_truncated_program_names_its_file(saved_task, tmp_path)
         metagrad.load(str(copy2))
 
 
-def test_determinism_check_catches_numpy_randomness_baked_into_each_program():
+@pytest.mark.parametrize("draw", [lambda: np.random.normal(0, 1e-2, 10).astype(np.float32),
+                                  lambda: np.float32(random.gauss(0, 1e-2))], ids=["numpy", "python"])
+def test_a_step_that_draws_randomness_while_traced_is_refused_at_compile(draw):
     task, z = make_task("weights", "sgdm", steps=30)
 
-    def step(state, z, data, t):  # numpy draws at trace time: every compiled program bakes other constants
+    def step(state, z, data, t):  # a draw at trace time: every compiled program would bake other constants
         params, opt = task.step(state, z, data, t)
+        return dict(params, b2=params["b2"] + draw()), opt
+
+    impure = metagrad.Task(init=task.init, step=step, output=task.output, steps=30, data=task.data)
+    with pytest.raises(ValueError, match=r"step\(state, z, data, t\).* is not a pure function of its arguments: two "
+                                         r"traces of it differ .*jax.random.fold_in\(key, t\)"):
+        impure.compile(z, backend="jax")
+
+
+def test_determinism_check_catches_a_step_that_changes_after_its_first_traces():
+    task, z = make_task("weights", "sgdm", steps=30)
+    traces = []
+
+    def step(state, z, data, t):  # pure in the two traces compile compares, then numpy draws at trace time
+        traces.append(t)
+        params, opt = task.step(state, z, data, t)
+        if len(traces) <= 2:
+            return params, opt
         return dict(params, b2=params["b2"] + np.random.normal(0, 1e-2, 10).astype(np.float32)), opt
 
     impure = metagrad.Task(init=task.init, step=step, output=task.output, steps=30, data=task.data)

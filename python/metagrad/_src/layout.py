@@ -1,7 +1,7 @@
 """A task's flat layout: validation of a Task against an example z, and the
 conversions between its pytrees and the flat argument lists of its programs.
 
-Nothing is compiled here: shapes come from ``jax.eval_shape``, and every
+Nothing is compiled here: shapes come from tracing (``jax.make_jaxpr``), and every
 error names the offending leaf by its pytree path.
 
 Typed PRNG keys (``jax.random.key``) cross the flat boundary as their
@@ -162,10 +162,42 @@ def unwrap(specs, leaves) -> list:
 
 
 def _traced(what: str, fn: Callable, *args):
+    """The shapes ``fn(*args)`` returns, from two traces that must agree: metagrad traces each
+    function once per program it builds, so a function that is not pure (numpy randomness or
+    Python state read while it is traced) would compute something different in each program,
+    and the metagradient would be silently wrong."""
     try:
-        return jax.eval_shape(fn, *args)
+        # A new wrapper per trace: JAX's trace cache would hand back the first trace for `fn` itself.
+        first, shapes = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(*args)
+        second = jax.make_jaxpr(lambda *a: fn(*a))(*args)
     except Exception as error:
         raise ValueError(f"{what} failed when traced with abstract inputs: {type(error).__name__}: {error}") from error
+    difference = _trace_difference(first, second)
+    if difference:
+        raise ValueError(f"{what} is not a pure function of its arguments: two traces of it differ ({difference}). "
+                         f"metagrad traces it once per program, so each program would compute something different. "
+                         f"Draw randomness with jax.random from a key derived from t (jax.random.fold_in(key, t)) "
+                         f"instead of numpy or Python's random, and read no Python state that changes between calls.")
+    return shapes
+
+
+def _host_array(x) -> np.ndarray:
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+def _trace_difference(first, second) -> str:
+    """What differs between two traces of one function ('' when nothing does)."""
+    if len(first.consts) != len(second.consts):
+        return f"{len(first.consts)} constants, then {len(second.consts)}"
+    for i, (a, b) in enumerate(zip(first.consts, second.consts)):
+        a, b = _host_array(a), _host_array(b)
+        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=True):
+            return f"constant {i}, {a.dtype}{list(a.shape)}, has other values"
+    if str(first.jaxpr) != str(second.jaxpr):
+        return "the operations or their literal values changed"
+    return ""
 
 
 def _check_steps(steps) -> int:

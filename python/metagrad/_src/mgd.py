@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -263,11 +264,18 @@ class History:
         structures back; a saved ``z`` or rule state of other shapes (another
         run's file, another rule) is a ``ValueError``.
         """
-        with np.load(path) as f:
-            files = {k: f[k] for k in f.files}
-        if "meta" not in files:
+        try:
+            with np.load(path) as f:
+                files = {k: f[k] for k in f.files}
+            meta = json.loads(bytes(files["meta"]).decode()) if "meta" in files else None
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+            raise ValueError(f"{path!r} cannot be read as a saved metagrad.mgd.History ({type(error).__name__}: "
+                             f"{error}): it is damaged or another kind of file; delete it to start the run "
+                             f"over") from error
+        if meta is None:
             raise ValueError(f"{path!r} is not a saved metagrad.mgd.History")
-        meta = json.loads(bytes(files["meta"]).decode())
         if meta.get("format") != "metagrad.mgd.History/2":
             raise ValueError(f"{path!r} is not a saved metagrad.mgd.History of format 2 (found "
                              f"{meta.get('format')!r})")

@@ -183,13 +183,15 @@ def read(path: str, client) -> dict:
         where = f"programs.{name}"
         try:
             kind = programs_lib.KINDS[programs_lib.kind_of(name)[0]]
-            expected_inputs, expected_donated, _ = programs_lib.signature(layout, name)
+            expected_inputs, expected_donated, expected_outputs = programs_lib.signature(layout, name)
         except ValueError as error:
             reader.fail(f"{reader.manifest_path}: {where}", str(error))
         if sharding is not None:  # programs take shards
-            in_specs, _ = sharding.program_specs(kind, layout)
+            in_specs, out_specs = sharding.program_specs(kind, layout)
             expected_inputs = [jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)
                                for s, spec in zip(expected_inputs, in_specs)]
+            expected_outputs = [jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)
+                                for s, spec in zip(expected_outputs, out_specs)]
         artifact = reader.read(reader.field(entry, "file", str, where), f"{where}.file")
         try:
             program = programs_lib.Program.from_json(name, entry, artifact)
@@ -199,6 +201,10 @@ def read(path: str, client) -> dict:
         if program.inputs != wanted or program.donated != expected_donated:
             reader.fail(f"{reader.manifest_path}: {where}.inputs", "do not match the layout's signature for "
                                                                    f"{name}: {list(program.inputs)} vs {list(wanted)}")
+        wanted = tuple((tuple(s.shape), np.dtype(s.dtype).name) for s in expected_outputs)
+        if program.outputs != wanted:
+            reader.fail(f"{reader.manifest_path}: {where}.outputs", "do not match the layout's signature for "
+                                                                    f"{name}: {list(program.outputs)} vs {list(wanted)}")
         loaded[name] = program
     exports = {name: reader.read(file, f"exports.{name}")
                for name, file in reader.field(manifest, "exports", dict, "manifest").items()}
@@ -226,6 +232,12 @@ def read(path: str, client) -> dict:
         except (runtime.PjrtError, ValueError) as error:
             reader.fail(reader.inside(manifest["programs"][name]["file"], f"programs.{name}.file"),
                         f"does not compile as program {name}: {error}")
+        # The artifact itself, not only its manifest entry: another program's file in its place
+        # compiles, and would fail (or compute something else) only when it runs.
+        made = tuple((tuple(s.shape), s.dtype) for s in executables[name].outputs)
+        if made != program.outputs:
+            reader.fail(reader.inside(manifest["programs"][name]["file"], f"programs.{name}.file"),
+                        f"is not program {name}: it returns {list(made)}, {name} returns {list(program.outputs)}")
     return {"layout": layout, "steps": steps, "backend": backend, "loop": loop, "exports": exports, "programs": loaded,
             "data": data, "z_example": layout.unflatten("z", z_leaves), "sharding": sharding, "devices": devices,
             "client": client, "_executables": executables}
