@@ -4,7 +4,7 @@
     python bench/compare.py --max-steps 1000     # skip the largest sizes (about 15 minutes here)
     python bench/compare.py --kinds mlp --steps 1000,10000
 
-Tasks (bench/tasks.py): the digits MLP of design.md section 5, a small
+Tasks (bench/tasks.py): the digits MLP of the paper's setup, a small
 average-pool CNN and a wider, compute-bound MLP; z = per-example weights.
 
 Rows, each measured in its own subprocess (clean process peak RSS, and a

@@ -2,7 +2,7 @@
 
     python bench/replay.py [--steps 100,1000,10000] [--no-fused-forward]
 
-design.md section 5's setup (64-256-10 MLP, batch 128, SGD with momentum,
+The paper's digits setup (64-256-10 MLP, batch 128, SGD with momentum,
 per-example weights as z). For each T, one metagrad-bench process (no Python
 inside) times training and every schedule, interleaved, and reports for each:
 metagradient time / training time (same process), forward steps (first pass

@@ -1,4 +1,4 @@
-"""Scaling out (issue 12): per-device memory and time on 1, 2 and 4 devices, and
+"""Scaling out: per-device memory and time on 1, 2 and 4 devices, and
 the host tier's transfer volume and cost.
 
 Task: the ``wide`` digits MLP of ``tasks.py`` (64-512-512-10, batch 128, SGD

@@ -1,6 +1,6 @@
 """The benchmark tasks: small training runs on sklearn digits, as metagrad Tasks.
 
-* ``mlp``:  design.md section 5's setup -- a 64-256-10 tanh MLP, batch 128, SGD
+* ``mlp``:  the paper's digits setup -- a 64-256-10 tanh MLP, batch 128, SGD
   with momentum 0.9; the metaparameter is a weight per training example.
 * ``cnn``:  a small average-pool CNN on the 8x8 digit images (3x3 conv 8 ->
   2x2 average pool -> 3x3 conv 16 -> 2x2 average pool -> dense 10), batch 32,

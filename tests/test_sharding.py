@@ -1,4 +1,4 @@
-"""Tasks over several CPU devices (issue 12): data-parallel and parameter-sharded
+"""Tasks over several CPU devices: data-parallel and parameter-sharded
 (FSDP-style) digits MLP and transformer give the single-device metagradient
 for per-example weights, a learning-rate schedule and weight decay at once,
 with Replay, Budget and StoreAll; each device holds its share of a leaf;

@@ -9,7 +9,7 @@ against, and a pure-JAX engine the applications can fall back to:
   ``checkpoint_every=s``, a two-level scheme inside one XLA program (a scan over
   segments of ``s`` steps, each segment under ``jax.checkpoint``).
 * :func:`replay_metagradient` -- the REPLAY schedule (recursive ``k``-ary split
-  of ``[0, T)``, design.md section 2) driven from Python with jitted ``step``
+  of ``[0, T)``) driven from Python with jitted ``step``
   and step-vjp, the way a user would write it by hand.
 * :func:`memory_stats` -- XLA's compiled memory statistics of the program
   behind each of them: the device memory a baseline needs.

@@ -1,7 +1,6 @@
 """Metasmoothness: is the training run smooth enough for its metagradient to mean anything?
 
-The diagnostic (design.md section 3, after the paper's empirical
-metasmoothness): along a direction ``v`` in metaparameter space, train three
+The diagnostic (after the paper's empirical metasmoothness): along a direction ``v`` in metaparameter space, train three
 times, at ``z``, ``z + h v`` and ``z + 2h v``, and compare the two successive
 finite-difference changes ``d1 = A(z + h v) - A(z)`` and ``d2 = A(z + 2h v) -
 A(z + h v)`` coordinate by coordinate::
