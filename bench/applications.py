@@ -100,8 +100,9 @@ def main(argv=None) -> int:
         seconds[name] = time.perf_counter() - t0
         print(f"== {name}: {seconds[name]:.1f}s", file=sys.stderr, flush=True)
 
+    command = " ".join(["python bench/applications.py", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# metagrad applications on sklearn digits", "",
-             f"Engine requested: `{args.engine}`. Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+             f"Command: `{command}`. Engine requested: `{args.engine}`. Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
              f"{time.strftime('%Y-%m-%d %H:%M')}. Every method is reported on training seeds (initialization and "
              "batch order) that MGD and the baselines' tuning never saw.", ""]
     for name in names:

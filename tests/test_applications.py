@@ -351,6 +351,13 @@ def test_lds_of_exact_predictions_is_one():
 # the command line
 # --------------------------------------------------------------------------- #
 
+# The baselines each comparison must hold (names, or the prefix of a family of settings).
+BASELINES = {"data-selection": ("loss ranking", "first metagradient", "val kNN", "random"),
+             "poisoning": ("label flip", "one metagradient", "GradCancel"),
+             "lr-schedule": tuple(lr_schedule.FAMILIES),
+             "attribution": ("grad dot", "TracIn", "influence", "TRAK")}
+
+
 @pytest.mark.parametrize("app,png", [("data-selection", "data_selection.png"), ("poisoning", "poisoning.png"),
                                      ("lr-schedule", "lr_schedule.png"), ("attribution", "attribution.png"),
                                      ("smoothness", "smoothness.png")])
@@ -376,8 +383,21 @@ def test_cli_runs_each_application(tmp_path, capsys, app, png):
         n = row[comp["primary"]]["n"]
         assert n == (result["params"]["test_examples"] if app == "attribution" else len(unseen)), name
     assert printed["targets"] == result["targets"] and len(result["targets"]) == 1
+    if app == "data-selection":  # every scored method keeps the same number of examples
+        kept = round(result["params"]["keep"] * result["params"]["n_train"]) / result["params"]["n_train"]
+        for name in ("MGD", *BASELINES[app]):
+            assert comp["methods"][name]["kept_fraction"] == pytest.approx(kept), name
+    for wanted in BASELINES[app]:  # every baseline a reviewer asks for is in the comparison
+        assert any(name.startswith(wanted) for name in comp["baselines"]), (wanted, comp["baselines"])
     if "history" in result:
-        assert result["history"]["steps_done"] == result["params"]["steps"]
+        history = result["history"]
+        assert history["steps_done"] == result["params"]["steps"]
+        # MGD moved z the way it was asked to: over the same fit seeds (a metagradient per seed in
+        # turn, or one of their ensemble), the objective's last values beat its first. A descent
+        # that never moved z would not.
+        n = 1 if app == "lr-schedule" else len(fit)
+        first, last = np.mean(history["values"][:n]), np.mean(history["values"][-n:])
+        assert (last < first) if history["direction"] == "minimize" else (last > first), (first, last)
 
 
 def test_cli_steps_and_set(tmp_path, capsys):
