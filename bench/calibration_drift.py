@@ -52,11 +52,7 @@ def spread(kind: str, steps: int, loop: str, calibrations: int) -> dict:
     per step / step_vjp."""
     task, z = make_task(kind, steps)
     compiled = task.compile(z, loop=loop)
-    compiled.cost_table(z)
-    # The runner Auto calibrates (the cost table caches its one calibration).
-    runner = compiled._runner(compiled._fused(compiled._auto_leaves(metagrad.Auto())))
-    z_buffers = compiled._z_buffers(z)
-    runs = [{name: cost.seconds for name, cost in runner.calibrate(z_buffers).items()} for _ in range(calibrations)]
+    runs = [{name: cost.seconds for name, cost in compiled.calibrate(z).items()} for _ in range(calibrations)]
     ratios = {"step_vjp / step": [r["step_vjp"] / r["step"] for r in runs]}
     for name in sorted(runs[0]):
         if name.startswith("segment_vjp_"):

@@ -38,11 +38,9 @@ N_VAL = 256
 
 @functools.lru_cache(maxsize=None)
 def digits():
-    from sklearn.datasets import load_digits
+    from metagrad.applications.digits import load_all
 
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    y = y.astype(np.int32)
+    x, y = load_all()
     return {"x": x[:N_TRAIN], "y": y[:N_TRAIN], "x_val": x[N_TRAIN:N_TRAIN + N_VAL],
             "y_val": y[N_TRAIN:N_TRAIN + N_VAL]}
 

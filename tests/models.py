@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 import metagrad
+from metagrad.applications.digits import load_all
 
 KINDS = ("weights", "lr", "wd", "poison")
 
@@ -28,9 +28,8 @@ def _part(z, kind: str, which: str):
 
 @functools.lru_cache(maxsize=None)
 def digits(n_train: int = 128, n_val: int = 64, dtype: str = "float32"):
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(dtype)
-    y = y.astype(np.int32)
+    x, y = load_all()
+    x = x.astype(dtype)
     return {"x": x[:n_train], "y": y[:n_train],
             "x_val": x[n_train:n_train + n_val], "y_val": y[n_train:n_train + n_val]}
 

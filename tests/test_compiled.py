@@ -82,6 +82,31 @@ def test_a_program_on_disk_is_keyed_by_the_code_that_lowered_it(compiled, tmp_pa
     assert cache.get("programs", before) == b"built by the old code"
 
 
+def test_a_save_that_fails_leaves_the_task_that_was_there(compiled, tmp_path, monkeypatch):
+    from metagrad._src import saved
+
+    task, z, c = compiled
+    path = tmp_path / "task"
+    c.save(str(path))
+    before = (path / "manifest.json").read_bytes()
+    write_into = saved._write_into
+
+    def fails_halfway(compiled_task, directory, exports):  # as a full disk or a kill would
+        write_into(compiled_task, directory, exports)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(saved, "_write_into", fails_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        c.save(str(path))
+    assert (path / "manifest.json").read_bytes() == before
+    assert os.listdir(tmp_path) == ["task"]  # no half-written directory beside it
+    monkeypatch.undo()
+    c.save(str(path))  # a save over an existing task replaces it whole
+    assert os.listdir(tmp_path) == ["task"]
+    np.testing.assert_array_equal(metagrad.load(str(path)).metagradient(z, metagrad.StoreAll())[1],
+                                  c.metagradient(z, metagrad.StoreAll())[1])
+
+
 def test_new_data_values_reuse_the_programs_with_their_own_data(compiled):
     task, z, c = compiled
     data = dict(task.data, x=task.data["x"][::-1].copy())

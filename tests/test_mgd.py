@@ -1,7 +1,13 @@
 """MGD: step rules (Optax), projections, history save/resume, progress, argument checking."""
 
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import optax
@@ -212,6 +218,45 @@ def test_a_damaged_history_file_names_its_path(tmp_path, damage):
     with pytest.raises(ValueError, match=re.escape(f"{path!r} cannot be read as a saved metagrad.mgd.History (")
                        + r".*delete it to start the run over"):
         mgd.History.load(path, Z0, optax.adam(0.1))
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, numpy as np, optax
+    from metagrad import mgd
+    path, steps = sys.argv[1], int(sys.argv[2])
+    target = {"a": np.linspace(-1, 1, 2_000_000, dtype=np.float32)}  # 8 MB: each save takes a while
+    fn = lambda z: (0.5 * float(np.sum((z["a"] - target["a"]) ** 2)), {"a": z["a"] - target["a"]})
+    z0 = {"a": np.zeros(2_000_000, np.float32)}
+    history = mgd.History.load(path, z0, optax.adam(0.05)) if len(sys.argv) > 3 else None
+    mgd.run(fn, z0, steps=steps, direction="minimize", step_rule=optax.adam(0.05), history=history,
+            checkpoint_path=path, progress=False)
+""")
+
+
+def test_a_run_killed_while_it_checkpoints_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL lands while the history is written (a new checkpoint every step): the file left
+    behind is the last complete one, and resuming from it ends where an uninterrupted run does."""
+    script, steps = tmp_path / "run.py", 40
+    script.write_text(KILLED_RUN)
+    killed, full = str(tmp_path / "killed.npz"), str(tmp_path / "full.npz")
+    subprocess.run([sys.executable, str(script), full, str(steps)], check=True)
+    child = subprocess.Popen([sys.executable, str(script), killed, str(steps)])
+    deadline = time.monotonic() + 120
+    while not os.path.exists(killed + ".tmp.npz") and time.monotonic() < deadline:  # a write under way
+        time.sleep(0.001)
+    while not os.path.exists(killed) and time.monotonic() < deadline:  # at least one complete checkpoint
+        time.sleep(0.001)
+    time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    z0 = {"a": np.zeros(2_000_000, np.float32)}
+    done = mgd.History.load(killed, z0, optax.adam(0.05)).steps_done
+    assert 1 <= done < steps
+    subprocess.run([sys.executable, str(script), killed, str(steps), "resume"], check=True)
+    resumed, uninterrupted = (mgd.History.load(p, z0, optax.adam(0.05)) for p in (killed, full))
+    assert resumed.steps_done == uninterrupted.steps_done == steps
+    assert resumed.values == uninterrupted.values
+    np.testing.assert_array_equal(resumed.z["a"], uninterrupted.z["a"])
 
 
 def test_bad_arguments():

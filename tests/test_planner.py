@@ -68,16 +68,18 @@ def test_prediction_and_run_walk_the_plan_alike(compiled, schedule):
     assert report.peak_saved_states == schedule.plan(STEPS).stats(STEPS)["peak_saved"]
 
 
-def test_the_calibration_times_every_program_the_runner_holds(compiled):
+def test_the_calibration_times_every_program_auto_weighs(compiled):
     _, z, c = compiled
-    runner = c._runner((4,))
-    costs = runner.calibrate(c._z_buffers(z), repeats=2)
-    sizes = runner.program_bytes()
-    assert set(costs) == set(sizes) >= {"init", "step", "advance_4", "output_vjp", "step_vjp", "segment_vjp_4",
-                                        "init_vjp"}
-    assert all(costs[name].seconds > 0 and costs[name].bytes == sizes[name].bytes for name in sizes), costs
+    auto = metagrad.Auto(leaves=(1, 4))
+    costs = c.calibrate(z, auto, repeats=2)
+    table = c.cost_table(z, auto)
+    assert set(costs) == set(table.programs) == {"init", "step", "advance_4", "output_vjp", "step_vjp",
+                                                 "segment_vjp_4", "init_vjp"}
+    assert all(costs[name].seconds > 0 and costs[name].bytes == table.programs[name].bytes for name in costs), costs
     with pytest.raises(ValueError, match="repeats must be >= 1"):
-        runner.calibrate(c._z_buffers(z), repeats=0)
+        c.calibrate(z, auto, repeats=0)
+    with pytest.raises(TypeError, match="calibrate takes an Auto schedule"):
+        c.calibrate(z, metagrad.StoreAll())
 
 
 def test_more_memory_never_means_more_recomputation(compiled):

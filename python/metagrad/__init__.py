@@ -10,8 +10,7 @@ Implementation lives in ``metagrad._src``; this module and the submodules
 ``runtime``, ``schedules``, ``baselines`` and ``mgd`` are the public API.
 """
 
-__version__ = "0.2.0"
-
+from metagrad._src.version import VERSION as __version__
 from metagrad import baselines, mgd, runtime, schedules
 from metagrad._runtime import CheckFailed, PjrtError
 from metagrad._src.clear import clear_cache

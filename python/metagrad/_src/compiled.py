@@ -141,7 +141,7 @@ class CompiledTask:
     # lengths of the fused forward programs (advance_n), built on first use; None: those a loaded task holds
     fuse_forward: tuple[int, ...] | None = None
     setup: setup_time.SetupTime = field(default_factory=setup_time.SetupTime, repr=False)  # seconds spent so far
-    _executables: dict = field(default_factory=dict, repr=False)
+    executables: dict = field(default_factory=dict, repr=False)  # compiled programs by name, built on first use
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
     # calibrated ProgramCost by program name, per set of programs calibrated together
@@ -155,8 +155,8 @@ class CompiledTask:
             self.fuse_forward = tuple(sorted(n for kind, n in map(programs.kind_of, self.programs)
                                              if kind == "advance"))
         for name, program in self.programs.items():
-            if name not in self._executables:
-                self._executables[name] = runtime.compile_program(program, self.client, self._options)
+            if name not in self.executables:
+                self.executables[name] = runtime.compile_program(program, self.client, self._options)
         self._data = self._upload(self.data, "data")
         self._task_layout = _task_layout(self.layout, self.sharding)
 
@@ -184,7 +184,7 @@ class CompiledTask:
         if not missing:
             return
         def compile_now(name: str, program: Program) -> None:
-            self._executables[name] = runtime.compile_program(program, self.client, self._options)
+            self.executables[name] = runtime.compile_program(program, self.client, self._options)
             self.programs[name] = program
 
         lowering.lower(self.exports, self.layout, missing, backend=self.backend,
@@ -202,7 +202,7 @@ class CompiledTask:
         key = tuple(sorted(names))
         if key not in self._runners:
             self._ensure(names)
-            chosen = {name: self._executables[name] for name in names}
+            chosen = {name: self.executables[name] for name in names}
             self._runners[key] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data)
         return self._runners[key]
 
@@ -375,6 +375,17 @@ class CompiledTask:
             raise TypeError(f"cost_table takes an Auto schedule (its budgets decide the host tier), got {auto!r}")
         return planner.cost_table(self._task_layout, self._choose(auto, self._z_buffers(z))[3])
 
+    def calibrate(self, z, schedule: Auto | None = None, repeats: int = 3) -> dict:
+        """Time now, past the kept calibration, each program ``Auto`` weighs for ``schedule``
+        (default ``Auto()``; its fused programs are built first): seconds per execution (the
+        median of ``repeats`` samples) and device bytes, as ``ProgramCost`` by program name.
+        What :meth:`cost_table` holds is one such measurement, taken once per machine."""
+        auto = Auto() if schedule is None else schedule
+        if not isinstance(auto, Auto):
+            raise TypeError(f"calibrate takes an Auto schedule (its block lengths decide the programs), got {auto!r}")
+        runner = self._runner(self._fused(self._auto_leaves(auto)))
+        return runner.calibrate(self._z_buffers(z), repeats)
+
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused forward and reverse programs ``schedule`` needs for this task.
 
@@ -540,7 +551,7 @@ def compile_task(task, z_example, *, backend: str, fuse_forward, loop: str, clie
                         data=_host_leaves(task.data, layout.data, "data"),
                         z_example=jax.tree_util.tree_map(np.asarray, z_example), forward=forward,
                         sharding=resolved, devices=devices, fuse_forward=fuse, setup=setup,
-                        _executables=executables)
+                        executables=executables)
 
 
 def load(path: str, *, client=None) -> CompiledTask:

@@ -127,10 +127,9 @@ class Worker:
         self._lock = threading.Lock()
 
     def _start(self) -> None:
-        import metagrad
-
         env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(metagrad.__file__)))
+        # The folder that holds the metagrad package (this file is metagrad/_src/enzyme_worker.py).
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["JAX_PLATFORMS"] = "cpu"  # lowering only: no accelerator needed
         self._stderr = tempfile.TemporaryFile()

@@ -31,6 +31,7 @@ from metagrad import _runtime
 from metagrad._src import cache, enzyme_worker, module_checks, programs, setup_time
 from metagrad._src.layout import Layout
 from metagrad._src.programs import Program
+from metagrad._src.version import VERSION
 
 BACKENDS = ("auto", "enzyme", "jax")
 DEFAULT_BACKEND = "auto"
@@ -88,12 +89,11 @@ def code_identity(sources: str = os.path.dirname(os.path.abspath(__file__))) -> 
     return digest.hexdigest()
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """What produced a lowered program: metagrad's version and lowering code, jax, jaxlib, enzyme-ad."""
     import jaxlib
 
-    from metagrad import __version__
-
-    return {"metagrad": __version__, "code": code_identity(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+    return {"metagrad": VERSION, "code": code_identity(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "enzyme_ad": _installed_version("enzyme-ad")}
 
 
@@ -106,7 +106,7 @@ def _installed_version(distribution: str) -> str:
 
 def program_key(exports: dict[str, bytes], layout: Layout, name: str, backend: str, target: str, loop: str,
                 sharding=None) -> str:
-    return cache.key("program", _versions(), layout.to_json(), name, backend, target, loop,
+    return cache.key("program", versions(), layout.to_json(), name, backend, target, loop,
                      bool(jax.config.jax_enable_x64), *(() if sharding is None else (sharding.to_json(),)),
                      *(exports[k] for k in sorted(exports)))
 

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import programs as programs_lib, runtime, sharding as sharding_lib, trees
+from metagrad._src import lowering, programs as programs_lib, runtime, sharding as sharding_lib, trees
 from metagrad._src.layout import Layout
 
 MANIFEST_VERSION = _runtime.MANIFEST_VERSION  # the constant the C++ reader checks too
@@ -40,11 +42,31 @@ FORMAT = "metagrad-task"
 
 
 def write(compiled, path: str, exports: dict[str, bytes]) -> None:
-    import enzyme_ad
-    import jaxlib
-    from jaxlib.mlir.dialects import stablehlo
+    """Write the task into a new directory beside ``path``, then put it in ``path``'s place: a
+    reader sees the old task or the new one (for an instant, none), never a mix of both; a
+    killed save leaves the old one."""
+    final = os.path.abspath(path)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise ValueError(f"{path!r} is a file: save() writes a directory")
+    staging = tempfile.mkdtemp(prefix=os.path.basename(final) + ".saving-", dir=parent)
+    try:
+        _write_into(compiled, staging, exports)
+        if os.path.isdir(final):
+            old = tempfile.mkdtemp(prefix=os.path.basename(final) + ".old-", dir=parent)
+            os.replace(final, os.path.join(old, "task"))
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
-    from metagrad import __version__
+
+def _write_into(compiled, path: str, exports: dict[str, bytes]) -> None:
+    from jaxlib.mlir.dialects import stablehlo
 
     for folder in ("programs", "arrays", "exports"):
         os.makedirs(os.path.join(path, folder), exist_ok=True)
@@ -64,8 +86,7 @@ def write(compiled, path: str, exports: dict[str, bytes]) -> None:
     manifest = {
         "format": FORMAT, "version": MANIFEST_VERSION, "steps": compiled.steps, "backend": compiled.backend,
         "loop": compiled.loop,
-        "versions": {"metagrad": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                     "enzyme_ad": getattr(enzyme_ad, "__version__", "0.0.16"),
+        "versions": {**lowering.versions(),
                      "stablehlo_producer": stablehlo.get_current_version(),
                      "stablehlo_target": runtime.stablehlo_target(compiled.client)},
         "layout": compiled.layout.to_json(), "programs": program_entries, "exports": exports, "arrays": arrays,
@@ -240,4 +261,4 @@ def read(path: str, client) -> dict:
                         f"is not program {name}: it returns {list(made)}, {name} returns {list(program.outputs)}")
     return {"layout": layout, "steps": steps, "backend": backend, "loop": loop, "exports": exports, "programs": loaded,
             "data": data, "z_example": layout.unflatten("z", z_leaves), "sharding": sharding, "devices": devices,
-            "client": client, "_executables": executables}
+            "client": client, "executables": executables}

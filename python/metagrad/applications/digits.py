@@ -106,7 +106,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------- #
 
 @functools.lru_cache(maxsize=None)
-def _digits():
+def load_all() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 of scikit-learn's digits in their file's order: pixels scaled to ``[0, 1]``
+    (float32, 64 per image) and labels (int32). Cached; do not modify the arrays."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -119,7 +121,7 @@ def load_split(n_train: int = 1000, n_val: int = 300, n_test: int | None = None,
     Pixels are scaled to ``[0, 1]``. Returns numpy arrays ``x_train, y_train,
     x_val, y_val, x_test, y_test``.
     """
-    x, y = _digits()
+    x, y = load_all()
     n = len(y)
     if n_test is None:
         n_test = n - n_train - n_val
