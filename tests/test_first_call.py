@@ -151,7 +151,7 @@ def test_reading_the_kept_arguments_leaves_enzymes_reverse_unchanged(monkeypatch
     # arguments (two builds are not byte-identical even without it: the modules' names differ).
     from enzyme_ad.jax import primitives
 
-    from metagrad._src import layout as layout_lib, programs, runtime
+    from metagrad._src import cache, layout as layout_lib, programs, runtime
 
     task, z = make_task("poison", "adam", steps=3)
     layout = layout_lib.describe(task, z)
@@ -168,7 +168,7 @@ def test_reading_the_kept_arguments_leaves_enzymes_reverse_unchanged(monkeypatch
 
     def run():
         program = programs.build("step_vjp", forward, layout, "enzyme", runtime.stablehlo_target(client))
-        executable = runtime.compile_program(program, client)
+        executable = cache.compile_program(program, client)
         return [b.to_numpy() for b in executable.execute([runtime.to_device(a, client) for a in arrays])]
 
     unchanged = run()

@@ -24,6 +24,7 @@ ignored and rebuilt; a serialized executable that the plugin refuses is too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +32,8 @@ import os
 import shutil
 import struct
 import tempfile
+
+from metagrad import _runtime
 
 log = logging.getLogger("metagrad")
 
@@ -107,3 +110,59 @@ def clear() -> None:
     if root is not None and os.path.isdir(root):
         for kind in ("programs", "executables", "calibration"):
             shutil.rmtree(os.path.join(root, kind), ignore_errors=True)
+
+
+# -- executables: keyed by the plugin and the machine as well -------------------
+
+@functools.lru_cache(maxsize=None)
+def _machine() -> dict:
+    """What compiled code and timings depend on besides the plugin: the host and its CPU
+    (an executable compiled for one CPU's instructions must not run on another)."""
+    import hashlib
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": hashlib.sha256(cpu.encode()).hexdigest()[:16]}
+
+
+def _client_identity(client) -> dict:
+    return {"plugin": os.path.abspath(client.plugin_path), "platform": client.platform_name,
+            "version": client.platform_version, "api": list(client.plugin_api_version),
+            "devices": len(client.devices), **_machine()}
+
+
+def client_key(client, *parts) -> str:
+    """A disk-cache key for what depends on this client's plugin and machine as well as ``parts``."""
+    return key(_client_identity(client), *parts)
+
+
+def compile_program(program, client=None, options: bytes = b""):
+    """Compile a task's program (a ``programs.Program``) for ``client``.
+
+    The executable comes from the disk cache when this program was compiled
+    with the same options by the same plugin on this machine before; a cached
+    executable the plugin refuses is recompiled.
+    """
+    from metagrad._src import runtime, setup_time
+
+    client = client or runtime.get_client()
+    with setup_time.phase("compile", program.name):
+        inputs = [_runtime.ArraySpec(list(shape), dtype) for shape, dtype in program.inputs]
+        entry = client_key(client, "executable", bytes(options), program.artifact)
+        serialized = get("executables", entry)
+        if serialized is not None:
+            try:
+                return client.deserialize(serialized, inputs, list(program.donated))
+            except (_runtime.PjrtError, ValueError):
+                pass
+        executable = client.compile(program.artifact, "mlir", inputs, list(program.donated), bytes(options))
+        try:
+            put("executables", entry, executable.serialize())
+        except _runtime.PjrtError:  # a plugin that cannot serialize: nothing to cache
+            pass
+        return executable

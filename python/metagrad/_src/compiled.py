@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import operator
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +15,7 @@ from metagrad._src import cache, ffi, lowering, module_checks, planner, programs
 from metagrad._src import sharding as sharding_lib
 from metagrad._src.layout import Layout, describe
 from metagrad._src.planner import Auto
+from metagrad._src.planning import Planning
 from metagrad._src.programs import Program
 from metagrad._src.progress import steps_bar
 from metagrad._src.sharding import TaskSharding
@@ -95,30 +93,6 @@ def _determinism_stride(value) -> int:
     return stride
 
 
-def _check_schedule(schedule):
-    if isinstance(schedule, type):
-        raise TypeError(f"schedule must be a schedule instance, got the class {schedule.__name__}: write "
-                        f"{schedule.__name__}(...)")
-    if not hasattr(schedule, "plan"):
-        raise TypeError(f"schedule must be a metagrad schedule (Auto, Replay, StoreAll, Periodic, Budget), "
-                        f"got {type(schedule).__name__}")
-    return schedule
-
-
-@dataclass(frozen=True)
-class _Planned:
-    described: str  # the schedule, and what Auto chose
-    plan: Any
-    fused: tuple[int, ...]  # fused reverse lengths the plan runs
-    forward: tuple[int, ...] | None  # fused forward lengths it runs (None: the task's fuse_forward)
-    seconds: float  # predicted (0 for fixed schedules: no calibration)
-    peak_bytes: int | None  # predicted peak device bytes (per device)
-    budget: int  # Auto's budget (0 for fixed schedules)
-    host_slots: frozenset = frozenset()  # slots of the plan in host memory
-    peak_host_bytes: int = 0  # predicted, per device
-    host_budget: int = 0  # Auto's host budget per device
-
-
 @dataclass
 class CompiledTask:
     """Executables of a task, its data on the device, and runners per fused reverse length.
@@ -144,10 +118,7 @@ class CompiledTask:
     executables: dict = field(default_factory=dict, repr=False)  # compiled programs by name, built on first use
     _runners: dict = field(default_factory=dict, repr=False)
     _data: list = field(default_factory=list, repr=False)
-    # calibrated ProgramCost by program name, per set of programs calibrated together
-    _calibrations: dict = field(default_factory=dict, repr=False)
-    _choices: dict = field(default_factory=dict, repr=False)  # Auto's (choice, costs) by (Auto.leaves, budgets)
-    _metagradients: int = field(default=0, repr=False)  # calls of metagradient with Auto planned so far
+    _planning: Planning = field(init=False, repr=False)  # how its schedules become plans
 
     def __post_init__(self):
         self._options = sharding_lib.compile_options(self.client, self.sharding, self.devices)
@@ -156,9 +127,10 @@ class CompiledTask:
                                              if kind == "advance"))
         for name, program in self.programs.items():
             if name not in self.executables:
-                self.executables[name] = runtime.compile_program(program, self.client, self._options)
+                self.executables[name] = cache.compile_program(program, self.client, self._options)
         self._data = self._upload(self.data, "data")
         self._task_layout = _task_layout(self.layout, self.sharding)
+        self._planning = Planning(self)
 
     def _upload(self, arrays, what: str) -> list:
         """Host arrays of group ``what`` ("data", "z") as device buffers: per leaf, one shard per device."""
@@ -184,7 +156,7 @@ class CompiledTask:
         if not missing:
             return
         def compile_now(name: str, program: Program) -> None:
-            self.executables[name] = runtime.compile_program(program, self.client, self._options)
+            self.executables[name] = cache.compile_program(program, self.client, self._options)
             self.programs[name] = program
 
         lowering.lower(self.exports, self.layout, missing, backend=self.backend,
@@ -219,150 +191,6 @@ class CompiledTask:
     def num_devices(self) -> int:
         return len(self.devices)
 
-    def _host_memory_kind(self) -> str | None:
-        kinds = self.client.devices[self.devices[0]].memory_kinds
-        return planner.HOST_MEMORY_KIND if planner.HOST_MEMORY_KIND in kinds else None
-
-    def _auto_leaves(self, auto: Auto) -> tuple[int, ...]:
-        """The fused reverse lengths Auto considers first."""
-        return tuple(auto.leaves or planner.DEFAULT_LEAVES[self.loop])
-
-    def _fused(self, leaves) -> tuple[int, ...]:
-        """The segment programs plans over blocks of ``leaves`` need."""
-        return tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.steps, leaf)}))
-
-    def _budgets(self, auto: Auto) -> tuple[int, int, str | None]:
-        """Auto's device budget, its host budget per device, and the host memory kind (None: none)."""
-        budget = auto.memory or planner.default_budget(self.client)
-        host_kind = self._host_memory_kind()
-        host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.client)
-        return budget, (host_memory // self.num_devices if host_kind else 0), host_kind
-
-    def _first_plan_is_single_step(self, auto: Auto) -> bool:
-        """Whether this call plans over single-step reverses alone: the first metagradient with
-        Auto's default lengths, while their fused reverses are not built. It runs without
-        them: an unrolled copy of the step per fused step, they are the slowest programs to
-        build. The calls after it build them and choose among all."""
-        default = self._fused(self._auto_leaves(auto))
-        return (auto.leaves is None and self._metagradients == 0
-                and not all(programs.sized("segment_vjp", n) in self.programs for n in default))
-
-    def _choose_single_step(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
-        """The plan over single-step reverses that fits Auto's budgets, with the programs built
-        so far. One block length leaves nothing to compare on one memory tier: the most states
-        that fit is the fastest plan, so no calibration runs there (the prediction is 0)."""
-        budget, host_budget, host_kind = self._budgets(auto)
-        runner = self._runner((), self._built_forward())
-        costs = runner.program_bytes()
-        if host_budget:
-            costs = self._costs(runner, (1,), budget, host_budget, host_kind, z_buffers)
-        choice = planner.choose(planner.cost_table(self._task_layout, costs), self.steps, (1,), budget,
-                                self.data_bytes, host_budget)
-        return choice, budget, host_budget
-
-    def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int, dict]:
-        """The plan Auto picks, its device budget, its host budget per device, and the
-        program costs it was chosen from."""
-        leaves = self._auto_leaves(auto)
-        budget, host_budget, host_kind = self._budgets(auto)
-        key = (auto.leaves, budget, host_budget)  # leaves=None also tries GAP_LEAVES: not the same as the defaults
-        if key not in self._choices:
-            costs = self._costs(self._runner(self._fused(leaves)), leaves, budget, host_budget, host_kind, z_buffers)
-            table = planner.cost_table(self._task_layout, costs)
-            choice = planner.choose(table, self.steps, leaves, budget, self.data_bytes, host_budget)
-            gaps = () if auto.leaves else planner.gap_leaves(self.loop, choice.schedule.leaf, leaves, self.steps)
-            if gaps:
-                try:
-                    runner = self._runner(self._fused(leaves + gaps))
-                except ImportError as error:  # a loaded task builds no program where enzyme-ad is not installed
-                    warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, gaps))} steps, which may run "
-                                  f"faster within this budget, cannot be built here ({error}); planning without "
-                                  "them. Call prepare(metagrad.Auto()) before save() to keep them in the saved task.",
-                                  stacklevel=4)
-                else:
-                    costs = self._costs(runner, leaves, budget, host_budget, host_kind, z_buffers)
-                    choice = planner.choose_with_gaps(planner.cost_table(self._task_layout, costs), self.steps,
-                                                      leaves, gaps, budget, self.data_bytes, host_budget)
-            self._choices[key] = choice, costs
-        choice, costs = self._choices[key]
-        return choice, budget, host_budget, costs
-
-    def _costs(self, runner, first_leaves, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
-        """The cost of each program of ``runner`` (and, with a host budget, of one state's copies).
-        Whether any plan over ``first_leaves`` fits is settled from the programs' compiled memory
-        alone; only then are they calibrated (once per set of programs), which runs them."""
-        sizes = runner.program_bytes()
-        wanted = tuple(sorted(set(sizes) | ({"to_host", "from_host"} if host_budget else set())))
-        if wanted not in self._calibrations:
-            planner.choose(planner.cost_table(self._task_layout, sizes), self.steps, first_leaves, budget,
-                           self.data_bytes, host_budget)
-            self._calibrations[wanted] = self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else "")
-        return {name: self._calibrations[wanted][name] for name in wanted}
-
-    def _calibrate(self, runner, sizes: dict, z_buffers, host_kind: str) -> dict:
-        """Each program's seconds per execution (and, with a host tier, one state's copies),
-        measured once per machine: kept in the disk cache, so that another process makes
-        the same choice (and the same bits)."""
-        entry = runtime.cache_key_of(self.client, "calibration", sorted(
-            (name, hashlib.sha256(self.programs[name].artifact).hexdigest()) for name in sizes
-            if name in self.programs), sorted(sizes), host_kind, self.num_devices, _runtime.CALIBRATION_VERSION)
-        stored = cache.get("calibration", entry)
-        if stored is not None:
-            try:
-                return {name: planner.program_cost(*values) for name, values in json.loads(stored).items()}
-            except (ValueError, TypeError):
-                pass
-        # Calibration holds a state, the next one of a chain, and the cotangents.
-        peak = 3 * self._task_layout.state_bytes + max(cost.bytes for cost in sizes.values())
-        planner.check_fits(self.client, peak, self.data_bytes, "calibrating the task's programs",
-                           "The task's state is too large for this device.", self.num_devices)
-        with setup_time.phase("calibrate"):
-            costs = runner.calibrate(z_buffers, host_memory_kind=host_kind)
-        cache.put("calibration", entry, json.dumps({n: [c.seconds, c.bytes] for n, c in costs.items()}).encode())
-        return costs
-
-    def _plan(self, schedule, z_buffers) -> "_Planned":
-        """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
-        schedule = _check_schedule(schedule if schedule is not None else Auto())
-        if isinstance(schedule, Auto):
-            forward, single_step = None, ""
-            if self._first_plan_is_single_step(schedule):
-                single_step = " (first call: single-step reverses; the fused ones are built by the next call)"
-            else:
-                try:
-                    choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
-                except ImportError as error:  # a loaded task, where enzyme-ad is not installed
-                    if schedule.leaves is not None:
-                        raise
-                    warnings.warn(f"Auto: the fused reverse programs cannot be built here ({error}); planning over "
-                                  "single-step reverses. Call prepare(metagrad.Auto()) before save() to keep them "
-                                  "in the saved task.", stacklevel=4)
-                    single_step = " (single-step reverses: no fused ones could be built)"
-            if single_step:
-                choice, budget, host_budget = self._choose_single_step(schedule, z_buffers)
-                forward = self._built_forward()
-            described = f"Auto(memory={budget}) -> {choice.schedule!r}"
-            if choice.host_slots:
-                described += (f" with {len(choice.host_slots)} of its slots in host memory "
-                              f"(host_memory={host_budget * self.num_devices})")
-            described += single_step
-            planned = _Planned(described, choice.plan, (), forward, choice.seconds, choice.peak_bytes, budget,
-                               choice.host_slots, choice.peak_host_bytes, host_budget)
-        else:
-            plan = schedule.plan(self.steps, state_bytes=self._task_layout.state_bytes)
-            planned = _Planned(repr(schedule), plan, (), None, 0.0, None, 0)
-        fused = tuple(n for n in planned.plan.stats(self.steps)["fused_lengths"] if n > 1)
-        planned = dataclasses.replace(planned, fused=fused)
-        if planned.peak_bytes is None:
-            table = planner.cost_table(self._task_layout, self._runner(fused, planned.forward).program_bytes())
-            planned = dataclasses.replace(planned,
-                                          peak_bytes=_runtime.simulate_plan(planned.plan, table)["peak_bytes"])
-        planner.check_fits(self.client, planned.peak_bytes, self.data_bytes, planned.described,
-                           "Auto() (the default schedule) picks the fastest plan that fits the device; "
-                           "Budget(states=...) with fewer states needs less.", self.num_devices,
-                           planned.peak_host_bytes)
-        return planned
-
     def cost_table(self, z, schedule: Auto | None = None) -> _runtime.CostTable:
         """What ``Auto`` plans from: each program's seconds per execution (a calibration,
         measured once per machine and kept in the disk cache) and device bytes, the
@@ -373,7 +201,7 @@ class CompiledTask:
         auto = Auto() if schedule is None else schedule
         if not isinstance(auto, Auto):
             raise TypeError(f"cost_table takes an Auto schedule (its budgets decide the host tier), got {auto!r}")
-        return planner.cost_table(self._task_layout, self._choose(auto, self._z_buffers(z))[3])
+        return planner.cost_table(self._task_layout, self._planning.costs(auto, self._z_buffers(z)))
 
     def calibrate(self, z, schedule: Auto | None = None, repeats: int = 3) -> dict:
         """Time now, past the kept calibration, each program ``Auto`` weighs for ``schedule``
@@ -383,7 +211,7 @@ class CompiledTask:
         auto = Auto() if schedule is None else schedule
         if not isinstance(auto, Auto):
             raise TypeError(f"calibrate takes an Auto schedule (its block lengths decide the programs), got {auto!r}")
-        runner = self._runner(self._fused(self._auto_leaves(auto)))
+        runner = self._runner(self._planning.fused(self._planning.auto_leaves(auto)))
         return runner.calibrate(self._z_buffers(z), repeats)
 
     def prepare(self, schedule) -> "CompiledTask":
@@ -396,12 +224,12 @@ class CompiledTask:
         and enzyme-ad).
         """
         if isinstance(schedule, Auto):
-            leaves = self._auto_leaves(schedule)
+            leaves = self._planning.auto_leaves(schedule)
             if schedule.leaves is None:  # and the lengths between, which a tight budget may use
                 leaves += planner.gap_leaves(self.loop, 1, leaves, self.steps)
-            self._runner(self._fused(leaves))
+            self._runner(self._planning.fused(leaves))
         else:
-            self._runner(self._plan(schedule, None).fused)
+            self._runner(self._planning.plan(schedule, None).fused)
         return self
 
     # -- running --------------------------------------------------------------
@@ -454,15 +282,15 @@ class CompiledTask:
         report = _check_flag("report", report)
         z_buffers = self._z_buffers(z)
         with setup_time.record() as setup:
-            planned = self._plan(schedule, z_buffers)
+            planned = self._planning.plan(schedule, z_buffers)
             runner = self._runner(planned.fused, planned.forward, checks=check_finite)
         self.setup.add(setup)
         if isinstance(schedule, (Auto, type(None))):
-            self._metagradients += 1
+            self._planning.calls += 1
         with steps_bar("metagradient", progress) as bar:
             value, grad, stats = runner.metagradient(z_buffers, planned.plan, stride, check_finite, bar,
                                                      set(planned.host_slots),
-                                                     self._host_memory_kind() or planner.HOST_MEMORY_KIND)
+                                                     self._planning.host_memory_kind() or planner.HOST_MEMORY_KIND)
         value = value.to_numpy()  # phi is replicated: partition 0's copy
         value = value[()] if value.ndim == 0 else value
         grad = self._download(grad, self.layout.z, self.sharding and self.sharding.z)
@@ -544,7 +372,7 @@ def compile_task(task, z_example, *, backend: str, fuse_forward, loop: str, clie
             built = lowering.lower(exports, layout, FIRST_PROGRAMS, backend=backend,
                                    target=runtime.stablehlo_target(client), loop=loop, forward=forward,
                                    sharding=resolved, ready=lambda name, program: executables.__setitem__(
-                                       name, runtime.compile_program(program, client, options)))
+                                       name, cache.compile_program(program, client, options)))
             _MEMORY[key] = (forward, exports, built, executables)
         forward, exports, built, executables = _MEMORY[key]
     return CompiledTask(layout, steps, backend, loop, exports, built, client,

@@ -1,5 +1,7 @@
-"""The runtime from Python: finding PJRT plugins, one cached client per plugin,
-and compiling StableHLO with the signature read from the module itself."""
+"""The runtime from Python (the public ``metagrad.runtime``): finding PJRT plugins,
+one cached client per plugin, and compiling StableHLO with the signature read
+from the module itself. A task's programs compile through the disk cache
+(``cache.compile_program``)."""
 
 from __future__ import annotations
 
@@ -211,59 +213,3 @@ def to_device(array, client: Client | None = None, device: int = 0) -> Buffer:
         raise TypeError(f"cannot copy an array of dtype {array.dtype} to the device: the runtime holds "
                         f"{', '.join(sorted(_DTYPES))}")
     return client.buffer_from_array(array, device)  # strided arrays are copied by PJRT directly
-
-
-@functools.lru_cache(maxsize=None)
-def _machine() -> dict:
-    """What compiled code and timings depend on besides the plugin: the host and its CPU
-    (an executable compiled for one CPU's instructions must not run on another)."""
-    import hashlib
-    import platform
-
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": hashlib.sha256(cpu.encode()).hexdigest()[:16]}
-
-
-def _client_identity(client: Client) -> dict:
-    return {"plugin": os.path.abspath(client.plugin_path), "platform": client.platform_name,
-            "version": client.platform_version, "api": list(client.plugin_api_version),
-            "devices": len(client.devices), **_machine()}
-
-
-def cache_key_of(client: Client, *parts) -> str:
-    """A disk-cache key for what depends on this client's plugin and machine as well as ``parts``."""
-    from metagrad._src import cache
-
-    return cache.key(_client_identity(client), *parts)
-
-
-def compile_program(program, client: Client | None = None, options: bytes = b"") -> Executable:
-    """Compile a task's program (a ``programs.Program``) for ``client``.
-
-    The executable comes from the disk cache when this program was compiled
-    with the same options by the same plugin before (see ``cache``); a
-    cached executable the plugin refuses is recompiled.
-    """
-    from metagrad._src import cache, setup_time
-
-    client = client or get_client()
-    with setup_time.phase("compile", program.name):
-        inputs = [ArraySpec(list(shape), dtype) for shape, dtype in program.inputs]
-        entry = cache_key_of(client, "executable", bytes(options), program.artifact)
-        serialized = cache.get("executables", entry)
-        if serialized is not None:
-            try:
-                return client.deserialize(serialized, inputs, list(program.donated))
-            except (PjrtError, ValueError):
-                pass
-        executable = client.compile(program.artifact, "mlir", inputs, list(program.donated), bytes(options))
-        try:
-            cache.put("executables", entry, executable.serialize())
-        except PjrtError:  # a plugin that cannot serialize: nothing to cache
-            pass
-        return executable

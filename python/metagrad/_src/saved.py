@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import lowering, programs as programs_lib, runtime, sharding as sharding_lib, trees
+from metagrad._src import cache, lowering, programs as programs_lib, runtime, sharding as sharding_lib, trees
 from metagrad._src.layout import Layout
 
 MANIFEST_VERSION = _runtime.MANIFEST_VERSION  # the constant the C++ reader checks too
@@ -249,7 +249,7 @@ def read(path: str, client) -> dict:
     options = sharding_lib.compile_options(client, sharding, devices)
     for name, program in loaded.items():
         try:
-            executables[name] = runtime.compile_program(program, client, options)
+            executables[name] = cache.compile_program(program, client, options)
         except (runtime.PjrtError, ValueError) as error:
             reader.fail(reader.inside(manifest["programs"][name]["file"], f"programs.{name}.file"),
                         f"does not compile as program {name}: {error}")

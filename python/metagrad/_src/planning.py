@@ -1,0 +1,212 @@
+"""Planning for a compiled task: the plan a schedule runs, and Auto's search for it.
+
+``Auto`` asks for the fastest plan that fits its budgets. Its first call plans
+over single-step reverses (the fused ones are the slowest programs to build);
+from the second on, it builds the fused reverses of its block lengths, settles
+from their compiled memory alone whether any plan fits, calibrates them (once
+per set of programs, kept in the disk cache so that another process makes the
+same choice) and searches (``planner.choose``), then tries the lengths between
+where its first choice has shorter blocks than the longest. Any plan, fixed or
+chosen, is predicted (``simulate_plan``) and checked against the device's
+memory before it runs. ``CompiledTask`` owns one ``Planning``; it asks the task
+for runners and programs and keeps its own caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from metagrad import _runtime
+from metagrad._src import cache, planner, programs, setup_time
+from metagrad._src.planner import Auto
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The plan a metagradient runs, with its prediction."""
+
+    described: str  # the schedule, and what Auto chose
+    plan: Any
+    fused: tuple[int, ...]  # fused reverse lengths the plan runs
+    forward: tuple[int, ...] | None  # fused forward lengths it runs (None: the task's fuse_forward)
+    seconds: float  # predicted (0 for fixed schedules: no calibration)
+    peak_bytes: int | None  # predicted peak device bytes (per device)
+    budget: int  # Auto's budget (0 for fixed schedules)
+    host_slots: frozenset = frozenset()  # slots of the plan in host memory
+    peak_host_bytes: int = 0  # predicted, per device
+    host_budget: int = 0  # Auto's host budget per device
+
+
+
+def check_schedule(schedule):
+    if isinstance(schedule, type):
+        raise TypeError(f"schedule must be a schedule instance, got the class {schedule.__name__}: write "
+                        f"{schedule.__name__}(...)")
+    if not hasattr(schedule, "plan"):
+        raise TypeError(f"schedule must be a metagrad schedule (Auto, Replay, StoreAll, Periodic, Budget), "
+                        f"got {type(schedule).__name__}")
+    return schedule
+
+
+class Planning:
+    """The planning of one compiled task (``task``): its caches of calibrations and of Auto's
+    choices, and how many metagradients Auto planned so far."""
+
+    def __init__(self, task):
+        self.task = task
+        self._calibrations: dict = {}  # program costs by the set of program names calibrated
+        self._choices: dict = {}  # Auto's (choice, costs) by (Auto.leaves, budgets)
+        self.calls = 0  # metagradients Auto planned
+
+    def host_memory_kind(self) -> str | None:
+        kinds = self.task.client.devices[self.task.devices[0]].memory_kinds
+        return planner.HOST_MEMORY_KIND if planner.HOST_MEMORY_KIND in kinds else None
+
+    def auto_leaves(self, auto: Auto) -> tuple[int, ...]:
+        """The fused reverse lengths Auto considers first."""
+        return tuple(auto.leaves or planner.DEFAULT_LEAVES[self.task.loop])
+
+    def fused(self, leaves) -> tuple[int, ...]:
+        """The segment programs plans over blocks of ``leaves`` need."""
+        return tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.task.steps, leaf)}))
+
+    def _budgets(self, auto: Auto) -> tuple[int, int, str | None]:
+        """Auto's device budget, its host budget per device, and the host memory kind (None: none)."""
+        budget = auto.memory or planner.default_budget(self.task.client)
+        host_kind = self.host_memory_kind()
+        host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.task.client)
+        return budget, (host_memory // self.task.num_devices if host_kind else 0), host_kind
+
+    def _first_plan_is_single_step(self, auto: Auto) -> bool:
+        """Whether this call plans over single-step reverses alone: the first metagradient with
+        Auto's default lengths, while their fused reverses are not built. It runs without
+        them: an unrolled copy of the step per fused step, they are the slowest programs to
+        build. The calls after it build them and choose among all."""
+        default = self.fused(self.auto_leaves(auto))
+        return (auto.leaves is None and self.calls == 0
+                and not all(programs.sized("segment_vjp", n) in self.task.programs for n in default))
+
+    def _choose_single_step(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
+        """The plan over single-step reverses that fits Auto's budgets, with the programs built
+        so far. One block length leaves nothing to compare on one memory tier: the most states
+        that fit is the fastest plan, so no calibration runs there (the prediction is 0)."""
+        budget, host_budget, host_kind = self._budgets(auto)
+        runner = self.task._runner((), self.task._built_forward())
+        costs = runner.program_bytes()
+        if host_budget:
+            costs = self._costs(runner, (1,), budget, host_budget, host_kind, z_buffers)
+        choice = planner.choose(planner.cost_table(self.task._task_layout, costs), self.task.steps, (1,), budget,
+                                self.task.data_bytes, host_budget)
+        return choice, budget, host_budget
+
+    def costs(self, auto: Auto, z_buffers) -> dict:
+        """The program costs (and host copies) Auto plans from under ``auto``'s budgets."""
+        return self._choose(auto, z_buffers)[3]
+
+    def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int, dict]:
+        """The plan Auto picks, its device budget, its host budget per device, and the
+        program costs it was chosen from."""
+        leaves = self.auto_leaves(auto)
+        budget, host_budget, host_kind = self._budgets(auto)
+        key = (auto.leaves, budget, host_budget)  # leaves=None also tries GAP_LEAVES: not the same as the defaults
+        if key not in self._choices:
+            costs = self._costs(self.task._runner(self.fused(leaves)), leaves, budget, host_budget, host_kind, z_buffers)
+            table = planner.cost_table(self.task._task_layout, costs)
+            choice = planner.choose(table, self.task.steps, leaves, budget, self.task.data_bytes, host_budget)
+            gaps = () if auto.leaves else planner.gap_leaves(self.task.loop, choice.schedule.leaf, leaves, self.task.steps)
+            if gaps:
+                try:
+                    runner = self.task._runner(self.fused(leaves + gaps))
+                except ImportError as error:  # a loaded task builds no program where enzyme-ad is not installed
+                    warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, gaps))} steps, which may run "
+                                  f"faster within this budget, cannot be built here ({error}); planning without "
+                                  "them. Call prepare(metagrad.Auto()) before save() to keep them in the saved task.",
+                                  stacklevel=4)
+                else:
+                    costs = self._costs(runner, leaves, budget, host_budget, host_kind, z_buffers)
+                    choice = planner.choose_with_gaps(planner.cost_table(self.task._task_layout, costs), self.task.steps,
+                                                      leaves, gaps, budget, self.task.data_bytes, host_budget)
+            self._choices[key] = choice, costs
+        choice, costs = self._choices[key]
+        return choice, budget, host_budget, costs
+
+    def _costs(self, runner, first_leaves, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
+        """The cost of each program of ``runner`` (and, with a host budget, of one state's copies).
+        Whether any plan over ``first_leaves`` fits is settled from the programs' compiled memory
+        alone; only then are they calibrated (once per set of programs), which runs them."""
+        sizes = runner.program_bytes()
+        wanted = tuple(sorted(set(sizes) | ({"to_host", "from_host"} if host_budget else set())))
+        if wanted not in self._calibrations:
+            planner.choose(planner.cost_table(self.task._task_layout, sizes), self.task.steps, first_leaves, budget,
+                           self.task.data_bytes, host_budget)
+            self._calibrations[wanted] = self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else "")
+        return {name: self._calibrations[wanted][name] for name in wanted}
+
+    def _calibrate(self, runner, sizes: dict, z_buffers, host_kind: str) -> dict:
+        """Each program's seconds per execution (and, with a host tier, one state's copies),
+        measured once per machine: kept in the disk cache, so that another process makes
+        the same choice (and the same bits)."""
+        entry = cache.client_key(self.task.client, "calibration", sorted(
+            (name, hashlib.sha256(self.task.programs[name].artifact).hexdigest()) for name in sizes
+            if name in self.task.programs), sorted(sizes), host_kind, self.task.num_devices, _runtime.CALIBRATION_VERSION)
+        stored = cache.get("calibration", entry)
+        if stored is not None:
+            try:
+                return {name: planner.program_cost(*values) for name, values in json.loads(stored).items()}
+            except (ValueError, TypeError):
+                pass
+        # Calibration holds a state, the next one of a chain, and the cotangents.
+        peak = 3 * self.task._task_layout.state_bytes + max(cost.bytes for cost in sizes.values())
+        planner.check_fits(self.task.client, peak, self.task.data_bytes, "calibrating the task's programs",
+                           "The task's state is too large for this device.", self.task.num_devices)
+        with setup_time.phase("calibrate"):
+            costs = runner.calibrate(z_buffers, host_memory_kind=host_kind)
+        cache.put("calibration", entry, json.dumps({n: [c.seconds, c.bytes] for n, c in costs.items()}).encode())
+        return costs
+
+    def plan(self, schedule, z_buffers) -> Planned:
+        """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
+        schedule = check_schedule(schedule if schedule is not None else Auto())
+        if isinstance(schedule, Auto):
+            forward, single_step = None, ""
+            if self._first_plan_is_single_step(schedule):
+                single_step = " (first call: single-step reverses; the fused ones are built by the next call)"
+            else:
+                try:
+                    choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
+                except ImportError as error:  # a loaded task, where enzyme-ad is not installed
+                    if schedule.leaves is not None:
+                        raise
+                    warnings.warn(f"Auto: the fused reverse programs cannot be built here ({error}); planning over "
+                                  "single-step reverses. Call prepare(metagrad.Auto()) before save() to keep them "
+                                  "in the saved task.", stacklevel=4)
+                    single_step = " (single-step reverses: no fused ones could be built)"
+            if single_step:
+                choice, budget, host_budget = self._choose_single_step(schedule, z_buffers)
+                forward = self.task._built_forward()
+            described = f"Auto(memory={budget}) -> {choice.schedule!r}"
+            if choice.host_slots:
+                described += (f" with {len(choice.host_slots)} of its slots in host memory "
+                              f"(host_memory={host_budget * self.task.num_devices})")
+            described += single_step
+            planned = Planned(described, choice.plan, (), forward, choice.seconds, choice.peak_bytes, budget,
+                               choice.host_slots, choice.peak_host_bytes, host_budget)
+        else:
+            plan = schedule.plan(self.task.steps, state_bytes=self.task._task_layout.state_bytes)
+            planned = Planned(repr(schedule), plan, (), None, 0.0, None, 0)
+        fused = tuple(n for n in planned.plan.stats(self.task.steps)["fused_lengths"] if n > 1)
+        planned = dataclasses.replace(planned, fused=fused)
+        if planned.peak_bytes is None:
+            table = planner.cost_table(self.task._task_layout, self.task._runner(fused, planned.forward).program_bytes())
+            planned = dataclasses.replace(planned,
+                                          peak_bytes=_runtime.simulate_plan(planned.plan, table)["peak_bytes"])
+        planner.check_fits(self.task.client, planned.peak_bytes, self.task.data_bytes, planned.described,
+                           "Auto() (the default schedule) picks the fastest plan that fits the device; "
+                           "Budget(states=...) with fewer states needs less.", self.task.num_devices,
+                           planned.peak_host_bytes)
+        return planned
