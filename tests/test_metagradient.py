@@ -122,9 +122,11 @@ def test_central_finite_difference_in_float64(x64, kind):
 def test_determinism_check_passes_on_a_pure_step(compiled_tasks):
     _, z0, compiled = compiled_tasks("weights", "adam")
     value, grad, report = compiled.metagradient(z0, metagrad.Replay(k=4), check_determinism=True, report=True)
-    assert report.determinism_checks > 0
-    _, plain = compiled.metagradient(z0, metagrad.Replay(k=4))
+    assert report.determinism_checks > 1
+    _, plain, unasked = compiled.metagradient(z0, metagrad.Replay(k=4), report=True)
     np.testing.assert_array_equal(grad, plain)
+    assert unasked.determinism_checks == 1  # the one state every run with replays compares
+    assert compiled.metagradient(z0, metagrad.StoreAll(), report=True)[2].determinism_checks == 0  # no replay
 
 
 def test_determinism_check_catches_a_hidden_counter():
@@ -141,6 +143,10 @@ def test_determinism_check_catches_a_hidden_counter():
     compiled = noisy.compile(z0, backend="jax", fuse_forward=1)
     with pytest.raises(metagrad.CheckFailed, match=r"training is not deterministic: replaying steps? \d+"):
         compiled.metagradient(z0, metagrad.Replay(k=2), check_determinism=True)
+    # Unasked, the run still compares the first state a replay recomputes: the same error.
+    with pytest.raises(metagrad.CheckFailed, match=r"training is not deterministic: replaying steps? \d+ .* beyond "
+                                                   r"rounding"):
+        compiled.metagradient(z0, metagrad.Replay(k=2))
     value, _ = compiled.metagradient(z0, metagrad.StoreAll())  # the runtime stays usable
     assert np.isfinite(value)
 

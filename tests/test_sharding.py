@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import metagrad
 from metagrad import _runtime, runtime
-from metagrad._src import lowering, runtime as runtime_src, sharding as sharding_lib
+from metagrad._src import cache, lowering, sharding as sharding_lib
 import models
 
 # The client has 4 devices. Tasks, whose steps run collectives, use at most as many
@@ -229,7 +229,7 @@ def _sharding(**overrides):
 def test_wrong_shardings_fail_before_anything_compiles(client, monkeypatch, sharding, error, message):
     task, z = models.make_task("all", steps=STEPS, batched=True)
     monkeypatch.setattr(lowering, "lower", lambda *a, **k: pytest.fail("lowered"))
-    monkeypatch.setattr(runtime_src, "compile_program", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(cache, "compile_program", lambda *a, **k: pytest.fail("compiled"))
     monkeypatch.setenv(sharding_lib.OVERSUBSCRIBE_ENV, "1")  # a mesh of 4 on fewer cores: checked, not run
     with pytest.raises(error, match=message):
         task.compile(z, client=client, sharding=sharding)

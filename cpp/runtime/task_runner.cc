@@ -228,13 +228,14 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
 class Traversal : public PlanExecutor {
  public:
   Traversal(TaskRunner& runner, const std::vector<BufferPtr>& z, const MetagradientOptions& options,
-            TaskRunner::Result& result)
+            TaskRunner::Result& result, const Plan& plan)
       : r_(runner),
         z_(z),
         options_(options),
         result_(result),
         report_(result.report),
-        shards_(static_cast<size_t>(runner.layout_.devices)) {}
+        shards_(static_cast<size_t>(runner.layout_.devices)),
+        spot_check_(options.determinism_stride > 0 ? -1 : SpotCheckPosition(plan, runner.advance_lengths_)) {}
 
   void Init() override {
     start_ = Clock::now();
@@ -253,7 +254,10 @@ class Traversal : public PlanExecutor {
     exact_ = exact_ && first_pass_chunk_start_.count(position_) && first_pass_chunk_start_[position_] == step;
     report_.forward_steps += count;
     if (options_.check_finite && !replaying_) CheckStateFinite(before, {step, count});
-    if (options_.determinism_stride > 0 && position_ % options_.determinism_stride == 0) CheckDeterminism();
+    if (options_.determinism_stride > 0 ? position_ % options_.determinism_stride == 0 : position_ == spot_check_) {
+      CheckDeterminism();
+      if (replaying_) spot_check_ = -1;  // once: later replays through it cost a host copy each
+    }
   }
 
   // A save into a host slot copies the state out (asynchronously: later work
@@ -367,11 +371,34 @@ class Traversal : public PlanExecutor {
     }
   }
 
+  // Without a determinism check asked for, every run still compares one state:
+  // the first that a replay recomputes where the first pass ended a chunk (two
+  // copies of one state to the host). A step that is not a pure function of
+  // its inputs rarely agrees there; the thorough check compares every state.
+  // Returns -1 for a plan without replays.
+  static int64_t SpotCheckPosition(const Plan& plan, const std::vector<int64_t>& fused) {
+    std::unordered_map<int64_t, bool> first_pass;  // chunk ends before the first restore
+    bool replaying = false;
+    for (const Action& a : plan) {
+      replaying = replaying || a.kind == ActionKind::kRestore;
+      if (a.kind != ActionKind::kAdvance) continue;
+      for (const auto& [t, n] : ForwardChunks(a.step, a.count, fused)) {
+        if (!replaying) {
+          first_pass[t + n] = true;
+        } else if (first_pass.count(t + n)) {
+          return t + n;
+        }
+      }
+    }
+    return -1;
+  }
+
   // First pass: record the state. Replays: compare. A replay that reached
   // this position through the same programs from the same states as the first
-  // pass must agree bit for bit; one that got here through other programs
-  // (single steps where the first pass ran a fused chunk) must agree to
-  // rounding.
+  // pass must agree bit for bit when every state is checked; the spot check,
+  // and one that got here through other programs (single steps where the first
+  // pass ran a fused chunk), must agree to rounding (a GPU's reductions need
+  // not repeat bit for bit).
   void CheckDeterminism() {
     if (!replaying_) {
       references_[position_] = HostCopy(current_);
@@ -389,11 +416,11 @@ class Traversal : public PlanExecutor {
     for (size_t i = 0; i < copy.size() && close; ++i) {
       close = AgreeToRounding(copy[i], found->second[i], r_.layout_.state[i / shards_]);
     }
-    if (exact_ || !close) {
+    if ((exact_ && options_.determinism_stride > 0) || !close) {
       throw CheckFailed("training is not deterministic: replaying " + StepRange(replay_origin_, position_) +
                             " (from the state saved at step " + std::to_string(replay_origin_) +
                             ") gave a state that differs from the first pass" +
-                            (exact_ ? " though the same programs ran" : " beyond rounding") +
+                            (close ? " though the same programs ran" : " beyond rounding") +
                             ". Steps must be pure functions of (state, z, data, t): derive randomness and batch "
                             "order from t.",
                         position_ - 1);
@@ -407,6 +434,7 @@ class Traversal : public PlanExecutor {
   TaskRunner::Result& result_;
   RunReport& report_;
   const size_t shards_;  // per leaf: the task's devices
+  int64_t spot_check_;  // the position the spot check compares (-1: none, or done)
   Clock::time_point start_;
 
   std::vector<BufferPtr> current_;
@@ -460,7 +488,7 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
   for (const Action& action : plan) {
     if (action.kind == ActionKind::kAdvance || action.kind == ActionKind::kReverse) monitor_total_ += action.count;
   }
-  Traversal traversal(*this, z, options, result);
+  Traversal traversal(*this, z, options, result, plan);
   const PlanWalk walk = WalkPlan(plan, steps_, &bytes, options.host_slots, &traversal);
   report.peak_saved_states = walk.stats.peak_saved;
   report.peak_saved_bytes = walk.stats.peak_saved * report.state_bytes;

@@ -267,7 +267,9 @@ class CompiledTask:
             (``True``: at every state the run reaches; an int ``n``: every n-th),
             and the fused forward programs with single steps once; raises
             ``CheckFailed`` naming the first step that differs. The checked run
-            executes the same programs as the unchecked one.
+            executes the same programs as the unchecked one. Unasked (``False``),
+            a run with replays still compares one state, the first a replay
+            recomputes, to rounding (two copies of one state to the host).
           check_finite: raise ``CheckFailed`` at the first forward step whose
             state, or the first reversed step whose cotangent, holds NaN or Inf.
           report: also return a :class:`Report` of the run.
