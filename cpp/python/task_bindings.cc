@@ -2,6 +2,7 @@
 // training run or metagradient per call, interruptible with Ctrl-C.
 #include <Python.h>
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/function.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/pair.h>
@@ -50,6 +51,7 @@ nb::dict KindDict(const ProgramKind& kind) {
 void BindTaskRunner(nb::module_& m) {
   m.attr("MANIFEST_VERSION") = kManifestVersion;
   m.attr("CALIBRATION_VERSION") = kCalibrationVersion;
+  m.attr("PREFETCH_DEPTH") = kPrefetchDepth;
   m.def("program_kinds", [] {
         nb::list kinds;
         for (const ProgramKind& kind : ProgramKinds()) kinds.append(KindDict(kind));
@@ -71,6 +73,7 @@ void BindTaskRunner(nb::module_& m) {
       .def_rw("state", &TaskLayout::state)
       .def_rw("z", &TaskLayout::z)
       .def_rw("data", &TaskLayout::data)
+      .def_rw("batch", &TaskLayout::batch, "group B of one step: the streamed leaves' batches, then their indices")
       .def_rw("differentiable", &TaskLayout::differentiable)
       .def_rw("accumulators", &TaskLayout::accumulators)
       .def_rw("phi", &TaskLayout::phi)
@@ -105,13 +108,43 @@ void BindTaskRunner(nb::module_& m) {
     return text + ")";
   });
 
+  using Rows = nb::ndarray<uint8_t, nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>>;
+  using IndexTable = nb::ndarray<int64_t, nb::ro, nb::c_contig, nb::device::cpu, nb::ndim<2>>;
+  nb::class_<BatchStream>(m, "BatchStream",
+                          "Training data in host memory, gathered one batch per step as a run reaches it.")
+      .def("__init__",
+           [](BatchStream* self, std::vector<Rows> rows, std::vector<ArraySpec> row_specs, IndexTable index,
+              std::shared_ptr<Client> client, int device) {
+             if (rows.size() != row_specs.size()) throw InvalidArgument("one row spec per leaf of rows");
+             std::vector<StreamedLeaf> leaves;
+             for (size_t i = 0; i < rows.size(); ++i) {
+               if (rows[i].shape(1) != row_specs[i].num_bytes()) {
+                 throw InvalidArgument("rows of " + std::to_string(rows[i].shape(1)) + " bytes, their spec " +
+                                       row_specs[i].ToString() + " has " + std::to_string(row_specs[i].num_bytes()));
+               }
+               leaves.push_back({reinterpret_cast<const char*>(rows[i].data()),
+                                 static_cast<int64_t>(rows[i].shape(0)), row_specs[i]});
+             }
+             const int64_t steps = static_cast<int64_t>(index.shape(0)), batch = static_cast<int64_t>(index.shape(1));
+             new (self) BatchStream(std::move(leaves), std::vector<int64_t>(index.data(), index.data() + steps * batch),
+                                    steps, batch, std::move(client), device);
+           },
+           nb::arg("rows"), nb::arg("row_specs"), nb::arg("index"), nb::arg("client"), nb::arg("device") = 0,
+           nb::keep_alive<1, 2>(),
+           "rows: per leaf, its N rows as a C-contiguous uint8 array (N, bytes per row), kept alive by the "
+           "stream; row_specs: one row's shape and dtype; index: int64 (T, B), the rows step t reads.")
+      .def_prop_ro("batch_specs", &BatchStream::BatchSpecs)
+      .def("batch_bytes", &BatchStream::BatchBytes, nb::arg("count") = 1);
+
   nb::class_<TaskRunner>(m, "TaskRunner", "Runs a compiled task: training and metagradients, all in C++.")
       .def("__init__",
            [](TaskRunner* self, const std::map<std::string, ExecutablePtr>& programs, TaskLayout layout,
-              int64_t steps, std::vector<BufferPtr> data) {
-             new (self) TaskRunner(TaskPrograms(programs), std::move(layout), steps, std::move(data));
+              int64_t steps, std::vector<BufferPtr> data, std::shared_ptr<BatchStream> stream) {
+             new (self)
+                 TaskRunner(TaskPrograms(programs), std::move(layout), steps, std::move(data), std::move(stream));
            },
-           nb::arg("programs"), nb::arg("layout"), nb::arg("steps"), nb::arg("data"))
+           nb::arg("programs"), nb::arg("layout"), nb::arg("steps"), nb::arg("data"),
+           nb::arg("stream").none() = nb::none())
       .def_prop_ro("steps", &TaskRunner::steps)
       .def("train",
            [](TaskRunner& runner, const std::vector<BufferPtr>& z, nb::object progress) {
@@ -158,6 +191,8 @@ void BindTaskRunner(nb::module_& m) {
            nb::arg("z"), nb::arg("repeats") = 3, nb::arg("host_memory_kind") = "",
            "Seconds and device bytes per execution of each program (and, with a host memory kind, the seconds to "
            "copy a state there, 'to_host', and back, 'from_host').")
+      .def_prop_ro("stream_bytes", &TaskRunner::StreamBytes,
+                   "device bytes of the streamed batches in flight during a run (0 without streamed data)")
       .def("program_bytes", &TaskRunner::ProgramBytes, nb::call_guard<nb::gil_scoped_release>(),
            "Device bytes per execution of each program (no run).");
 }

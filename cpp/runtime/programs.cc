@@ -7,14 +7,14 @@ namespace metagrad {
 
 const std::vector<ProgramKind>& ProgramKinds() {
   static const std::vector<ProgramKind> kinds = {
-      // name           sized  inputs    donated outputs reverse_of one_step    needed_by
+      // name           sized  inputs     donated outputs reverse_of one_step   needed_by
       {"init",          false, "ZX",     "",     "S",    "",        "",         "run"},
-      {"step",          false, "SZXt",   "",     "S",    "",        "",         "run"},
-      {"advance",       true,  "SZXt",   "",     "S",    "",        "step",     ""},
+      {"step",          false, "SZXBt",  "",     "S",    "",        "",         "run"},
+      {"advance",       true,  "SZXBt",  "",     "S",    "",        "step",     ""},
       {"output",        false, "SZX",    "",     "p",    "",        "",         ""},
       {"output_vjp",    false, "SZX",    "",     "pDA",  "output",  "",         "metagradient"},
-      {"step_vjp",      false, "SZXtDA", "DA",   "DA",   "step",    "",         "metagradient"},
-      {"segment_vjp",   true,  "SZXtDA", "DA",   "DA",   "step",    "step_vjp", ""},
+      {"step_vjp",      false, "SZXBtDA", "DA",  "DA",   "step",    "",         "metagradient"},
+      {"segment_vjp",   true,  "SZXBtDA", "DA",  "DA",   "step",    "step_vjp", ""},
       {"init_vjp",      false, "ZXDA",   "DA",   "A",    "init",    "",         "metagradient"},
       {"all_finite",    false, "DA",     "",     "f",    "",        "",         "check_finite"},
       {"state_finite",  false, "S",      "",     "f",    "",        "",         "check_finite"},
@@ -71,6 +71,7 @@ std::vector<ArraySpec> TaskLayout::Group(char group) const {
     case 'S': return state;
     case 'Z': return z;
     case 'X': return data;
+    case 'B': return batch;
     case 't': return {ArraySpec{{}, PJRT_Buffer_Type_S32}};
     case 'A': return accumulators;
     case 'f': return {ArraySpec{{}, PJRT_Buffer_Type_PRED}};
@@ -104,11 +105,13 @@ int64_t TaskLayout::cotangent_bytes() const {
 }
 
 Signature ExpectedSignature(const std::string& name, const TaskLayout& layout) {
-  const ProgramKind& kind = *ParseProgramName(name).kind;
+  const ProgramName parsed = ParseProgramName(name);
+  const ProgramKind& kind = *parsed.kind;
   Signature signature;
   for (const char* group = kind.inputs; *group; ++group) {
     const bool donated = std::strchr(kind.donated, *group) != nullptr;
     for (ArraySpec& spec : layout.Group(*group)) {
+      if (*group == 'B' && parsed.length > 1) spec.dims.insert(spec.dims.begin(), parsed.length);
       signature.inputs.push_back(std::move(spec));
       signature.donated.push_back(donated);
     }

@@ -5,6 +5,10 @@
 // Every program takes and returns flat lists of arrays, in groups:
 //   S  every state leaf               Z  every metaparameter (z) leaf
 //   X  every data leaf                t  the step index, an int32 scalar
+//   B  the streamed batch of each step: per streamed leaf its rows, then
+//      the rows' indices (int32); a program of n > 1 steps takes its steps'
+//      batches stacked on a leading n axis. Empty for a task whose data all
+//      stays on the device (batch_stream.h).
 //   D  a cotangent per differentiable (floating-point) state leaf
 //   A  an accumulator of the metagradient per z leaf (z's shape; float32
 //      where z is a 16-bit float)
@@ -74,6 +78,7 @@ std::string SizedProgram(const std::string& kind, int64_t count);
 struct TaskLayout {
   int64_t devices = 1;  // shards per leaf: the devices every program runs on
   std::vector<ArraySpec> state, z, data;
+  std::vector<ArraySpec> batch;      // group B of one step (empty: no streamed data)
   std::vector<bool> differentiable;  // per state leaf: carries a cotangent
   std::vector<ArraySpec> accumulators;  // per z leaf (with the leading m axis when outputs > 0)
   ArraySpec phi;                        // a float scalar, or float[m]

@@ -95,10 +95,53 @@ std::string StepRange(int64_t from, int64_t to) {
   return to - from == 1 ? "step " + std::to_string(from) : "steps " + std::to_string(from) + ".." + std::to_string(to - 1);
 }
 
+// One call's use of a task's stream: prefetches the batches of `order` while
+// the call runs and, however the call ends, stops and reports what it streamed.
+class StreamCall {
+ public:
+  StreamCall(BatchStream* stream, std::vector<std::pair<int64_t, int64_t>> order, RunReport& report)
+      : stream_(stream), report_(report) {
+    if (stream_ != nullptr) stream_->Begin(std::move(order), kPrefetchDepth);
+  }
+  ~StreamCall() {
+    if (stream_ == nullptr) return;
+    const StreamStats stats = stream_->End();
+    report_.streamed_bytes = stats.bytes;
+    report_.seconds_waiting_for_data = stats.seconds_waited;
+    report_.prefetch_misses = stats.misses;
+  }
+  StreamCall(const StreamCall&) = delete;
+  StreamCall& operator=(const StreamCall&) = delete;
+
+ private:
+  BatchStream* stream_;
+  RunReport& report_;
+};
+
+// The (first step, count) of every forward and reverse execution of a plan,
+// in the order a run executes them: the order its streamed batches are taken.
+class BatchOrder : public PlanExecutor {
+ public:
+  std::vector<std::pair<int64_t, int64_t>> order;
+  void Init() override {}
+  void Forward(const std::string&, int64_t step, int64_t count) override { order.emplace_back(step, count); }
+  void Save(int, bool) override {}
+  void Restore(int, bool) override {}
+  void Free(int, bool) override {}
+  void Output() override {}
+  void Reverse(const std::string&, int64_t step, int64_t count) override { order.emplace_back(step, count); }
+  void Finish() override {}
+};
+
 }  // namespace
 
-TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, std::vector<BufferPtr> data)
-    : programs_(std::move(programs)), layout_(std::move(layout)), steps_(steps), data_(std::move(data)) {
+TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, std::vector<BufferPtr> data,
+                       std::shared_ptr<BatchStream> stream)
+    : programs_(std::move(programs)),
+      layout_(std::move(layout)),
+      steps_(steps),
+      data_(std::move(data)),
+      stream_(std::move(stream)) {
   if (steps_ < 1 || steps_ > INT32_MAX) {
     throw InvalidArgument("a task needs 1 to 2^31-1 steps (the step index is an int32), got " +
                           std::to_string(steps_));
@@ -118,6 +161,18 @@ TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, 
     if (program != nullptr && program->devices() != devices) {
       throw InvalidArgument("the task's programs must all run on the same devices (" + name + " does not)");
     }
+  }
+  if (stream_ != nullptr) {
+    if (layout_.devices != 1) throw InvalidArgument("streamed data runs on one device");
+    if (stream_->steps() != steps_) {
+      throw InvalidArgument("the streamed batches cover " + std::to_string(stream_->steps()) + " steps, the task has " +
+                            std::to_string(steps_));
+    }
+    if (!(stream_->BatchSpecs() == layout_.batch)) {
+      throw InvalidArgument("the streamed batches do not have the shapes the task's programs were compiled for");
+    }
+  } else if (!layout_.batch.empty()) {
+    throw InvalidArgument("the task's programs take streamed batches: the runner needs their stream");
   }
   advance_lengths_ = programs_.Lengths("advance");
 }
@@ -148,6 +203,23 @@ const std::vector<BufferPtr>& TaskRunner::StepIndex(int64_t t) {
     }
   }
   return slot;
+}
+
+std::vector<BufferPtr> TaskRunner::StepInputs(int64_t t, int64_t count) {
+  if (stream_ == nullptr) return StepIndex(t);
+  std::vector<BufferPtr> inputs = stream_->Take(t, count);
+  const std::vector<BufferPtr>& index = StepIndex(t);
+  inputs.insert(inputs.end(), index.begin(), index.end());
+  return inputs;
+}
+
+int64_t TaskRunner::StreamBytes() const {
+  if (stream_ == nullptr) return 0;
+  int64_t longest = 1;
+  for (const char* kind : {"advance", "segment_vjp"}) {
+    for (int64_t n : programs_.Lengths(kind)) longest = std::max(longest, n);
+  }
+  return (kPrefetchDepth + 1) * stream_->BatchBytes(longest);
 }
 
 int64_t TaskRunner::DeviceBytes(const std::vector<BufferPtr>& buffers) const {
@@ -189,7 +261,8 @@ std::vector<BufferPtr> TaskRunner::Run(const ExecutablePtr& program,
 
 std::vector<BufferPtr> TaskRunner::Apply(const std::vector<BufferPtr>& state, const std::vector<BufferPtr>& z,
                                          std::pair<int64_t, int64_t> chunk, RunReport& report) {
-  return Run(programs_.Sized("advance", chunk.second), {&state, &z, &data_, &StepIndex(chunk.first)}, report);
+  const std::vector<BufferPtr> inputs = StepInputs(chunk.first, chunk.second);
+  return Run(programs_.Sized("advance", chunk.second), {&state, &z, &data_, &inputs}, report);
 }
 
 void TaskRunner::CheckZ(const std::vector<BufferPtr>& z) const {
@@ -209,7 +282,9 @@ std::vector<BufferPtr> TaskRunner::Train(const std::vector<BufferPtr>& z, RunRep
   const auto start = Clock::now();
   monitor_total_ = steps_;
   std::vector<BufferPtr> state = Run(programs_.Find("init"), {&z, &data_}, r);
-  for (const auto& chunk : ForwardChunks(0, steps_, advance_lengths_)) {
+  const std::vector<std::pair<int64_t, int64_t>> chunks = ForwardChunks(0, steps_, advance_lengths_);
+  const StreamCall streaming(stream_.get(), chunks, r);
+  for (const auto& chunk : chunks) {
     state = Apply(state, z, chunk, r);
     r.forward_steps += chunk.second;
   }
@@ -248,7 +323,8 @@ class Traversal : public PlanExecutor {
 
   void Forward(const std::string& program, int64_t step, int64_t count) override {
     std::vector<BufferPtr> before = std::move(current_);
-    current_ = r_.Run(r_.programs_.Find(program), {&before, &z_, &r_.data_, &r_.StepIndex(step)}, report_);
+    const std::vector<BufferPtr> inputs = r_.StepInputs(step, count);
+    current_ = r_.Run(r_.programs_.Find(program), {&before, &z_, &r_.data_, &inputs}, report_);
     position_ = step + count;
     if (!replaying_) first_pass_chunk_start_[position_] = step;
     exact_ = exact_ && first_pass_chunk_start_.count(position_) && first_pass_chunk_start_[position_] == step;
@@ -292,8 +368,9 @@ class Traversal : public PlanExecutor {
   }
 
   void Reverse(const std::string& program, int64_t step, int64_t count) override {
-    std::vector<BufferPtr> out = r_.Run(r_.programs_.Find(program),
-                                        {&current_, &z_, &r_.data_, &r_.StepIndex(step), &cotangent_, &z_acc_}, report_);
+    const std::vector<BufferPtr> inputs = r_.StepInputs(step, count);
+    std::vector<BufferPtr> out =
+        r_.Run(r_.programs_.Find(program), {&current_, &z_, &r_.data_, &inputs, &cotangent_, &z_acc_}, report_);
     cotangent_.assign(out.begin(), out.begin() + static_cast<long>(cotangent_.size()));
     z_acc_.assign(out.begin() + static_cast<long>(cotangent_.size()), out.end());
     report_.reversed_steps += count;
@@ -483,13 +560,28 @@ TaskRunner::Result TaskRunner::Metagradient(const std::vector<BufferPtr>& z, con
   report.steps = steps_;
   report.devices = layout_.devices;
   report.state_bytes = layout_.state_bytes();
-  report.data_bytes = DeviceBytes(data_) + DeviceBytes(z);
+  report.data_bytes = DeviceBytes(data_) + DeviceBytes(z) + StreamBytes();
   monitor_total_ = 0;
   for (const Action& action : plan) {
     if (action.kind == ActionKind::kAdvance || action.kind == ActionKind::kReverse) monitor_total_ += action.count;
   }
-  Traversal traversal(*this, z, options, result, plan);
-  const PlanWalk walk = WalkPlan(plan, steps_, &bytes, options.host_slots, &traversal);
+  BatchOrder batches;
+  if (stream_ != nullptr) {
+    if (options.determinism_stride > 0) {  // Traversal::CheckFusedAgainstSingle runs first
+      for (int64_t n : advance_lengths_) {
+        if (n > steps_) continue;
+        for (int64_t t = 0; t < n; ++t) batches.order.emplace_back(t, 1);
+        batches.order.emplace_back(0, n);
+      }
+    }
+    WalkPlan(plan, steps_, &bytes, options.host_slots, &batches);
+  }
+  PlanWalk walk;
+  {
+    const StreamCall streaming(stream_.get(), std::move(batches.order), report);
+    Traversal traversal(*this, z, options, result, plan);
+    walk = WalkPlan(plan, steps_, &bytes, options.host_slots, &traversal);
+  }
   report.peak_saved_states = walk.stats.peak_saved;
   report.peak_saved_bytes = walk.stats.peak_saved * report.state_bytes;
   report.peak_device_bytes = walk.cost.peak_bytes;
@@ -576,11 +668,21 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
   std::vector<BufferPtr> state = Run(programs_.Find("init"), {&z, &data_}, report);
   samplers.emplace_back("init", ChainTimer([&] { return state = Run(programs_.Find("init"), {&z, &data_}, report); }));
   // Programs of n steps run at every step position a run uses, in turn: each
-  // position's index buffer and batch, as in a run.
-  auto cycle = [this](int64_t n) {
-    return [this, n, t = int64_t{0}]() mutable -> const std::vector<BufferPtr>& {
-      t = (t + n) % std::max<int64_t>(1, steps_ - n + 1);
-      return StepIndex(t);
+  // position's index buffer, as in a run. Streamed batches are gathered once,
+  // for two positions: a run prefetches them while programs run, so the
+  // programs are timed alone.
+  std::map<std::pair<int64_t, int64_t>, std::vector<BufferPtr>> streamed;
+  auto cycle = [this, &streamed](int64_t n) {
+    return [this, n, &streamed, t = int64_t{0}]() mutable -> const std::vector<BufferPtr>& {
+      const int64_t positions = std::max<int64_t>(1, steps_ - n + 1);
+      if (stream_ == nullptr) {
+        t = (t + n) % positions;
+        return StepIndex(t);
+      }
+      t = t == 0 ? std::min(n, positions - 1) : 0;
+      std::vector<BufferPtr>& inputs = streamed[{t, n}];
+      if (inputs.empty()) inputs = StepInputs(t, n);
+      return inputs;
     };
   };
   auto forward = [&](const ExecutablePtr& program, int64_t n) {

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/batch_stream.h"
 #include "runtime/buffer.h"
 #include "runtime/executable.h"
 #include "runtime/plan_walk.h"
@@ -54,7 +55,10 @@ struct RunReport {
   int64_t peak_saved_bytes = 0;
   int64_t state_bytes = 0;
   int64_t peak_device_bytes = 0;  // saved states + current state + cotangents + the running program's temporaries
-  int64_t data_bytes = 0;         // data and z, on the device throughout
+  int64_t data_bytes = 0;         // data and z, on the device throughout, and the streamed batches in flight
+  int64_t streamed_bytes = 0;     // streamed batches copied host -> device (every replay streams its batches again)
+  double seconds_waiting_for_data = 0;  // the run waiting for streamed batches not on the device yet
+  int64_t prefetch_misses = 0;    // executions whose batches were gathered when needed, not ahead
   int64_t peak_host_bytes = 0;    // saved states held in host memory
   int64_t host_saved_states = 0;  // saves that went to host memory
   int64_t bytes_to_host = 0;      // copied device -> host (saves)
@@ -74,6 +78,9 @@ struct RunReport {
   std::map<std::string, double> compile_seconds;
 };
 
+// Programs' worth of streamed batches a run gathers ahead of the one running.
+constexpr int kPrefetchDepth = 2;
+
 // Calls visit(name, member pointer, doc) for each field of RunReport: the
 // bindings and the harness's JSON read the fields from here.
 template <typename Visit>
@@ -91,7 +98,15 @@ void VisitReportFields(Visit&& visit) {
   visit("peak_device_bytes", &RunReport::peak_device_bytes,
         "most device bytes the run held at once: saved states, the current state, cotangents and accumulators, and "
         "the temporaries of the program running (XLA's compiled memory statistics)");
-  visit("data_bytes", &RunReport::data_bytes, "data and z, on the device throughout the run");
+  visit("data_bytes", &RunReport::data_bytes,
+        "data and z, on the device throughout the run, and the device buffers of streamed batches in flight");
+  visit("streamed_bytes", &RunReport::streamed_bytes,
+        "bytes of streamed batches copied from host memory to the device (replayed steps stream theirs again)");
+  visit("seconds_waiting_for_data", &RunReport::seconds_waiting_for_data,
+        "seconds the run waited for streamed batches that were not on the device yet");
+  visit("prefetch_misses", &RunReport::prefetch_misses,
+        "executions whose streamed batches were gathered when needed instead of ahead (0 when the prefetch "
+        "followed the plan)");
   visit("peak_host_bytes", &RunReport::peak_host_bytes, "most bytes of saved states held in host memory at once");
   visit("host_saved_states", &RunReport::host_saved_states, "saves that went to host memory");
   visit("bytes_to_host", &RunReport::bytes_to_host, "bytes copied from the device to host memory (saves)");
@@ -132,7 +147,9 @@ class CheckFailed : public std::runtime_error {
 // threads wait their turn. Calls on different runners run concurrently.
 class TaskRunner {
  public:
-  TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, std::vector<BufferPtr> data);
+  // `stream`: the batches of group B (programs.h), for a task with streamed data.
+  TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, std::vector<BufferPtr> data,
+             std::shared_ptr<BatchStream> stream = nullptr);
 
   int64_t steps() const { return steps_; }
   const TaskPrograms& programs() const { return programs_; }
@@ -166,6 +183,9 @@ class TaskRunner {
                                                const Monitor& monitor = {});
   // The device bytes of each program, without running anything.
   std::map<std::string, ProgramCost> ProgramBytes();
+  // Device bytes of the streamed batches in flight: those of the running
+  // program and of the prefetched ones, each as large as the longest program's.
+  int64_t StreamBytes() const;
 
  private:
   friend class Traversal;
@@ -179,6 +199,8 @@ class TaskRunner {
                                std::pair<int64_t, int64_t> chunk, RunReport& report);
   // t as an int32 on every device.
   const std::vector<BufferPtr>& StepIndex(int64_t t);
+  // The inputs of a program of `count` steps from t: the streamed batches (group B), then t.
+  std::vector<BufferPtr> StepInputs(int64_t t, int64_t count);
   void CheckZ(const std::vector<BufferPtr>& z) const;
   // Throws InvalidArgument naming the programs the calls of `needed_by` need that the task lacks.
   void RequirePrograms(const std::string& needed_by) const;
@@ -194,6 +216,7 @@ class TaskRunner {
   TaskLayout layout_;
   int64_t steps_;
   std::vector<BufferPtr> data_;
+  std::shared_ptr<BatchStream> stream_;
   std::vector<int64_t> advance_lengths_;  // of the fused forward programs
   std::vector<std::vector<BufferPtr>> step_indices_;  // int32 scalars t per device, uploaded once
   std::map<const Executable*, int64_t> execution_bytes_;

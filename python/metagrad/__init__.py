@@ -20,10 +20,11 @@ from metagrad._src.module_checks import UnsupportedOpError
 from metagrad._src.planner import Auto, DeviceMemoryError
 from metagrad._src.schedules import Budget, Periodic, PlanError, Replay, StoreAll
 from metagrad._src.sharding import Sharding
+from metagrad._src.streams import Batch, Stream
 from metagrad._src.task import Task
 
 __all__ = [
-    "Auto", "Budget", "CheckFailed", "CompiledTask", "DeviceMemoryError", "EnzymeUnsupportedError", "Periodic",
-    "PjrtError", "PlanError", "Replay", "Report", "Sharding", "StoreAll", "Task", "UnsupportedOpError", "baselines",
+    "Auto", "Batch", "Budget", "CheckFailed", "CompiledTask", "DeviceMemoryError", "EnzymeUnsupportedError", "Periodic",
+    "PjrtError", "PlanError", "Replay", "Report", "Sharding", "StoreAll", "Stream", "Task", "UnsupportedOpError", "baselines",
     "clear_cache", "load", "mgd", "runtime", "schedules",
 ]

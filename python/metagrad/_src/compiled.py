@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import cache, ffi, lowering, module_checks, planner, programs, runtime, saved, setup_time, trees
+from metagrad._src import (cache, ffi, lowering, module_checks, planner, programs, runtime, saved, setup_time,
+                           streams, trees)
 from metagrad._src import sharding as sharding_lib
 from metagrad._src.layout import Layout, describe
 from metagrad._src.planner import Auto
@@ -44,6 +45,7 @@ def _task_layout(layout: Layout, sharding: TaskSharding | None) -> _runtime.Task
     task_layout.state = specs([s.struct() for s in layout.state], "S")
     task_layout.z = specs([s.struct() for s in layout.z], "Z")
     task_layout.data = specs([s.struct() for s in layout.data], "X")
+    task_layout.batch = specs([s.struct() for s in layout.batch], "B")
     task_layout.differentiable = list(layout.differentiable)
     task_layout.accumulators = specs(layout.accumulators(), "A")
     task_layout.phi = runtime.ArraySpec(list(layout.phi_shape), layout.phi_dtype)
@@ -114,6 +116,7 @@ class CompiledTask:
     devices: tuple[int, ...] = (0,)  # the client's devices of the partitions
     # lengths of the fused forward programs (advance_n), built on first use; None: those a loaded task holds
     fuse_forward: tuple[int, ...] | None = None
+    stream: streams.Stream | None = field(default=None, repr=False)  # the data's Stream: rows kept on the host
     setup: setup_time.SetupTime = field(default_factory=setup_time.SetupTime, repr=False)  # seconds spent so far
     executables: dict = field(default_factory=dict, repr=False)  # compiled programs by name, built on first use
     _runners: dict = field(default_factory=dict, repr=False)
@@ -130,6 +133,10 @@ class CompiledTask:
                 self.executables[name] = cache.compile_program(program, self.client, self._options)
         self._data = self._upload(self.data, "data")
         self._task_layout = _task_layout(self.layout, self.sharding)
+        self._stream = None if self.stream is None else _runtime.BatchStream(
+            [leaf.reshape(leaf.shape[0], -1).view(np.uint8) for leaf in self.stream.leaves],
+            [runtime.ArraySpec(list(leaf.shape[1:]), leaf.dtype.name) for leaf in self.stream.leaves],
+            self.stream.batches, self.client, self.devices[0])
         self._planning = Planning(self)
 
     def _upload(self, arrays, what: str) -> list:
@@ -175,7 +182,7 @@ class CompiledTask:
         if key not in self._runners:
             self._ensure(names)
             chosen = {name: self.executables[name] for name in names}
-            self._runners[key] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data)
+            self._runners[key] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data, self._stream)
         return self._runners[key]
 
     def _built_forward(self) -> tuple[int, ...]:
@@ -184,8 +191,15 @@ class CompiledTask:
 
     @property
     def data_bytes(self) -> int:
-        """Bytes of the data and z on each device, held there throughout a run."""
-        return sum(spec.nbytes for spec in (*self._task_layout.data, *self._task_layout.z))
+        """Bytes of the data and z on each device, held there throughout a run, and of the
+        streamed batches in flight (the running program's and those prefetched, each as
+        large as the longest fused program's)."""
+        resident = sum(spec.nbytes for spec in (*self._task_layout.data, *self._task_layout.z))
+        if self._stream is None:
+            return resident
+        longest = max([1, *self.fuse_forward, *(n for kind, n in map(programs.kind_of, self.programs)
+                                                 if kind == "segment_vjp")])
+        return resident + (_runtime.PREFETCH_DEPTH + 1) * self._stream.batch_bytes(longest)
 
     @property
     def num_devices(self) -> int:
@@ -315,6 +329,9 @@ class CompiledTask:
         The C++ harness (``metagrad-bench``) and :func:`metagrad.load` run it
         without the user's code.
         """
+        if self.stream is not None:
+            raise NotImplementedError("save() does not write tasks with streamed data (a metagrad.Stream in data) "
+                                      "yet: compile the task again where it runs")
         self._ensure([*BASE_PROGRAMS, *(programs.sized("advance", n) for n in self.fuse_forward)])
         exports = self.exports
         if self.forward is not None:  # saved exports carry their VJPs (see programs.export_forward)
@@ -359,6 +376,10 @@ def compile_task(task, z_example, *, backend: str, fuse_forward, loop: str, clie
     fuse_lengths = _fuse_lengths(fuse_forward, loop)
     client = client or runtime.get_client()
     layout = describe(task, z_example)
+    stream = streams.find(task.data)
+    if stream is not None and sharding is not None:
+        raise NotImplementedError(f"data{stream[0]} is a metagrad.Stream: streamed data runs on one device (compile "
+                                  f"without sharding), or keep the data resident to shard it")
     resolved, devices = sharding_lib.resolve(sharding, layout, client) if sharding is not None else (None, (0,))
     steps = int(task.steps)
     fuse = tuple(sorted({min(n, steps) for n in fuse_lengths} - {1}))
@@ -380,7 +401,7 @@ def compile_task(task, z_example, *, backend: str, fuse_forward, loop: str, clie
     return CompiledTask(layout, steps, backend, loop, exports, built, client,
                         data=_host_leaves(task.data, layout.data, "data"),
                         z_example=jax.tree_util.tree_map(np.asarray, z_example), forward=forward,
-                        sharding=resolved, devices=devices, fuse_forward=fuse, setup=setup,
+                        sharding=resolved, devices=devices, fuse_forward=fuse, stream=stream and stream[1], setup=setup,
                         executables=executables)
 
 

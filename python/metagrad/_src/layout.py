@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad._src import trees
+from metagrad._src import streams, trees
 
 PyTree = Any
 
@@ -73,6 +73,7 @@ class Layout:
     state: tuple[LeafSpec, ...]
     phi_shape: tuple[int, ...] = ()  # () or (m,): m outputs at once
     phi_dtype: str = "float32"
+    batch: tuple[LeafSpec, ...] = ()  # the streamed batch of one step (streams.Batch's leaves); () without a Stream
     treedefs: dict = field(default_factory=dict, compare=False, repr=False)  # the live treedefs, when known
 
     @property
@@ -103,13 +104,15 @@ class Layout:
                 "phi": {"shape": list(self.phi_shape), "dtype": self.phi_dtype},
                 "accumulators": [{"shape": list(a.shape), "dtype": np.dtype(a.dtype).name}
                                  for a in self.accumulators()],
-                "trees": {"z": self.z_tree, "data": self.data_tree, "state": self.state_tree}}
+                "trees": {"z": self.z_tree, "data": self.data_tree, "state": self.state_tree},
+                **({"batch": [s.to_json() for s in self.batch]} if self.batch else {})}
 
     @classmethod
     def from_json(cls, entry: dict) -> "Layout":
         specs = {name: tuple(LeafSpec.from_json(e) for e in entry[name]) for name in ("z", "data", "state")}
         return cls(entry["trees"]["z"], specs["z"], entry["trees"]["data"], specs["data"], entry["trees"]["state"],
-                   specs["state"], tuple(int(d) for d in entry["phi"]["shape"]), entry["phi"]["dtype"])
+                   specs["state"], tuple(int(d) for d in entry["phi"]["shape"]), entry["phi"]["dtype"],
+                   tuple(LeafSpec.from_json(e) for e in entry.get("batch", [])))
 
     # -- pytrees <-> flat leaves ------------------------------------------------
 
@@ -223,6 +226,16 @@ def describe(task, z_example) -> Layout:
     data_treedef, data_specs = _leaf_specs(task.data, "data")
     z_structs = jax.tree_util.tree_unflatten(z_treedef, [s.struct() for s in z_specs])
     data_structs = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), task.data)
+    stream = streams.find(task.data)
+    batch_treedef, batch_specs, step_data = None, (), data_structs
+    if stream is not None:
+        path, found = stream
+        if found.steps != task.steps:
+            raise ValueError(f"data{path} has batches for {found.steps} steps, the task has {task.steps}: its "
+                             f"batches table must have one row per step")
+        batch_treedef, batch_specs = _leaf_specs(found.batch_structs(), "data" + path)
+        step_data = streams.replace(data_structs, found.batch_structs())
+        data_structs = streams.unreadable(data_structs, path)
 
     state = _traced("init(z, data)", task.init, z_structs, data_structs)
     state_treedef, state_specs = _leaf_specs(state, "state")
@@ -230,7 +243,7 @@ def describe(task, z_example) -> Layout:
         raise ValueError("init(z, data) returned no arrays: the training state must hold at least one array")
     t = jax.ShapeDtypeStruct((), jnp.int32)
     next_state = _traced("step(state, z, data, t) with t an int32 scalar", task.step, state, z_structs,
-                         data_structs, t)
+                         step_data, t)
     next_treedef, next_specs = _leaf_specs(next_state, "step(...)")
     if next_treedef != state_treedef:
         raise ValueError(f"step changes the structure of the state: init gives {state_treedef}, step gives "
@@ -246,4 +259,5 @@ def describe(task, z_example) -> Layout:
                          f"got {getattr(phi, 'dtype', type(phi).__name__)}{list(getattr(phi, 'shape', []))}")
     return Layout(trees.encode(z_example), z_specs, trees.encode(task.data), data_specs,
                   trees.encode(state), state_specs, tuple(int(d) for d in phi.shape),
-                  np.dtype(phi.dtype).name, {"z": z_treedef, "data": data_treedef, "state": state_treedef})
+                  np.dtype(phi.dtype).name, batch_specs,
+                  {"z": z_treedef, "data": data_treedef, "state": state_treedef, "batch": batch_treedef})

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import layout as layout_lib, runtime
+from metagrad._src import layout as layout_lib, runtime, streams
 from metagrad._src.layout import Layout
 
 KINDS = {kind["name"]: kind for kind in _runtime.program_kinds()}
@@ -85,7 +85,8 @@ class Program:
 class Forward(NamedTuple):
     """A task's forward functions on flat arguments (typed keys as key data).
 
-    init(*Z, *X) -> S; step(*S, *Z, *X, t) -> S; output(*S, *Z, *X) -> phi.
+    init(*Z, *X) -> S; step(*S, *Z, *X, *B, t) -> S; output(*S, *Z, *X) -> phi
+    (B: the streamed batch of step t, empty without a Stream in the data).
     """
 
     init: Callable
@@ -95,11 +96,16 @@ class Forward(NamedTuple):
 
 def forward_of_task(task, layout: Layout) -> Forward:
     """The user's functions with flat arguments and results."""
-    ns, nz = len(layout.state), len(layout.z)
+    ns, nz, nx = len(layout.state), len(layout.z), len(layout.data)
 
-    def trees(s, z, x):
+    def trees(s, z, x, batch=None):
         state = layout.unflatten("state", layout_lib.wrap(layout.state, s)) if s is not None else None
-        return state, layout.unflatten("z", z), layout.unflatten("data", layout_lib.wrap(layout.data, x))
+        data = layout.unflatten("data", layout_lib.wrap(layout.data, x))
+        if layout.batch:  # step reads the stream's batch; init and output cannot read the stream
+            found = streams.find(data)
+            data = (streams.unreadable(data, found[0]) if batch is None
+                    else streams.replace(data, layout.unflatten("batch", batch)))
+        return state, layout.unflatten("z", z), data
 
     def flat_state(state):
         return tuple(layout_lib.unwrap(layout.state, jax.tree_util.tree_leaves(state)))
@@ -109,7 +115,7 @@ def forward_of_task(task, layout: Layout) -> Forward:
         return flat_state(task.init(z, x))
 
     def step(*args):
-        state, z, x = trees(args[:ns], args[ns:ns + nz], args[ns + nz:-1])
+        state, z, x = trees(args[:ns], args[ns:ns + nz], args[ns + nz:ns + nz + nx], args[ns + nz + nx:-1])
         return flat_state(task.step(state, z, x, args[-1]))
 
     def output(*args):
@@ -119,11 +125,14 @@ def forward_of_task(task, layout: Layout) -> Forward:
     return Forward(init, step, output)
 
 
-def group_specs(layout: Layout, groups: str) -> list[jax.ShapeDtypeStruct]:
+def group_specs(layout: Layout, groups: str, steps: int = 0) -> list[jax.ShapeDtypeStruct]:
+    """The structs of ``groups`` for a program of ``steps`` steps (0: a program of no sized kind)."""
+    stacked = (steps,) if steps > 1 else ()  # programs of several steps take their batches stacked
     table = {
         "S": lambda: [s.struct() for s in layout.state],
         "Z": lambda: [s.struct() for s in layout.z],
         "X": lambda: [s.struct() for s in layout.data],
+        "B": lambda: [jax.ShapeDtypeStruct(stacked + s.shape, s.dtype) for s in layout.batch],
         "t": lambda: [jax.ShapeDtypeStruct((), jnp.int32)],
         "D": layout.cotangents,
         "A": layout.accumulators,
@@ -135,10 +144,11 @@ def group_specs(layout: Layout, groups: str) -> list[jax.ShapeDtypeStruct]:
 
 def signature(layout: Layout, name: str) -> tuple[list, tuple[bool, ...], list]:
     """(input structs, donated flags, output structs) of program ``name`` by the contract."""
-    kind = KINDS[kind_of(name)[0]]
+    kind_name, steps = kind_of(name)
+    kind = KINDS[kind_name]
     inputs, donated = [], []
     for group in kind["inputs"]:
-        specs = group_specs(layout, group)
+        specs = group_specs(layout, group, steps)
         inputs += specs
         donated += [group in kind["donated"]] * len(specs)
     return inputs, tuple(donated), group_specs(layout, kind["outputs"])
@@ -213,7 +223,7 @@ class _Builder:
 
     def __init__(self, forward: Forward, layout: Layout, backend: str, loop: str):
         self.forward, self.layout, self.backend, self.loop = forward, layout, backend, loop
-        self.sizes = len(layout.state), len(layout.z), len(layout.data)
+        self.sizes = len(layout.state), len(layout.z), len(layout.data), len(layout.batch)
         self.diff = [i for i, spec in enumerate(layout.state) if spec.floating]
         self.m = layout.outputs
 
@@ -221,18 +231,20 @@ class _Builder:
     def rev(self) -> Forward:
         return _reversible(self.forward, self.layout, self.backend)
 
-    def steps(self, step: Callable, n: int, state: list, z: list, x: list, t0) -> list:
+    def steps(self, step: Callable, n: int, state: list, z: list, x: list, b: list, t0) -> list:
         """n steps from t0. Unrolled by default: XLA's CPU backend runs convolutions
         inside a while loop several times slower; ``loop="scan"`` writes a lax.scan,
         which compiles in constant time and runs long fused reverses of dot-heavy
         steps faster (docs/performance.md). Enzyme aborts on a scan's
         stablehlo.while, so with Enzyme JAX differentiates the loop and Enzyme each step."""
-        if n == 1 or self.loop == "unroll":
+        if n == 1:
+            return list(step(*state, *z, *x, *b, t0))
+        if self.loop == "unroll":
             for i in range(n):
-                state = list(step(*state, *z, *x, t0 + i))
+                state = list(step(*state, *z, *x, *[leaf[i] for leaf in b], t0 + i))
             return state
-        body = lambda carry, i: (list(step(*carry, *z, *x, t0 + i)), None)  # noqa: E731
-        return jax.lax.scan(body, state, jnp.arange(n, dtype=jnp.int32))[0]
+        body = lambda carry, xs: (list(step(*carry, *z, *x, *xs[1], t0 + xs[0])), None)  # noqa: E731
+        return jax.lax.scan(body, state, (jnp.arange(n, dtype=jnp.int32), list(b)))[0]
 
     def merge(self, state, leaves) -> list:
         state = list(state)
@@ -265,11 +277,11 @@ class _Builder:
     # -- one method per program kind -------------------------------------------
 
     def advance(self, n: int) -> Callable:
-        ns, nz, nx = self.sizes
+        ns, nz, nx, nb = self.sizes
 
         def run(*args):
-            s, z, x, (t0,) = _split(args, ns, nz, nx, 1)
-            return tuple(self.steps(self.forward.step, n, s, z, x, t0))
+            s, z, x, b, (t0,) = _split(args, ns, nz, nx, nb, 1)
+            return tuple(self.steps(self.forward.step, n, s, z, x, b, t0))
         return run
 
     def all_finite(self, n: int) -> Callable:
@@ -279,7 +291,7 @@ class _Builder:
         return lambda *leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaves[i])) for i in self.diff] or [True]))
 
     def output_vjp(self, n: int) -> Callable:
-        ns, nz, nx = self.sizes
+        ns, nz, nx, _ = self.sizes
         rev, acc_dtypes = self.rev, [a.dtype for a in self.layout.accumulators()]
 
         def run(*args):
@@ -294,19 +306,19 @@ class _Builder:
         return self.segment_vjp(1)
 
     def segment_vjp(self, n: int) -> Callable:
-        ns, nz, nx = self.sizes
+        ns, nz, nx, nb = self.sizes
         nd, rev = len(self.diff), self.rev
 
         def run(*args):
-            s, z, x, (t0,), d, acc = _split(args, ns, nz, nx, 1, nd, nz)
-            forward = lambda d_leaves, zz: self.steps(rev.step, n, self.merge(s, d_leaves), zz, x, t0)  # noqa: E731
+            s, z, x, b, (t0,), d, acc = _split(args, ns, nz, nx, nb, 1, nd, nz)
+            forward = lambda d_leaves, zz: self.steps(rev.step, n, self.merge(s, d_leaves), zz, x, b, t0)  # noqa: E731
             _, pull = jax.vjp(forward, [s[i] for i in self.diff], z)
             d_bar, z_bar = self.pull_all(pull, d, self.full)
             return (*d_bar, *self.accumulate(acc, z_bar))
         return run
 
     def init_vjp(self, n: int) -> Callable:
-        _, nz, nx = self.sizes
+        _, nz, nx, _ = self.sizes
         nd, rev = len(self.diff), self.rev
 
         def run(*args):

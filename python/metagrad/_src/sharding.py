@@ -167,6 +167,7 @@ class TaskSharding:
             "S": lambda: list(self.state),
             "Z": lambda: list(self.z),
             "X": lambda: list(self.data),
+            "B": lambda: [()] * len(layout.batch),
             "D": lambda: [m + spec for spec, leaf in zip(self.state, layout.state) if leaf.floating],
             "A": lambda: [m + spec for spec in self.z],
         }

@@ -1,0 +1,162 @@
+#include "runtime/batch_stream.h"
+
+#include <chrono>
+#include <cstring>
+#include <string>
+
+namespace metagrad {
+
+namespace {
+
+// The spec of `count` steps' batches of a leaf whose one-step spec is `spec`:
+// programs of several steps take them stacked on a leading axis.
+ArraySpec Stacked(ArraySpec spec, int64_t count) {
+  if (count > 1) spec.dims.insert(spec.dims.begin(), count);
+  return spec;
+}
+
+}  // namespace
+
+BatchStream::BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> index, int64_t steps, int64_t batch,
+                         std::shared_ptr<Client> client, int device)
+    : leaves_(std::move(leaves)),
+      index_(std::move(index)),
+      steps_(steps),
+      batch_(batch),
+      client_(std::move(client)),
+      device_(device) {
+  if (steps_ < 1 || batch_ < 1) throw InvalidArgument("a streamed batch needs steps >= 1 and rows >= 1 per step");
+  if (static_cast<int64_t>(index_.size()) != steps_ * batch_) {
+    throw InvalidArgument("the index table has " + std::to_string(index_.size()) + " entries, not steps * batch = " +
+                          std::to_string(steps_ * batch_));
+  }
+  if (leaves_.empty()) throw InvalidArgument("a streamed batch needs at least one leaf of rows");
+  for (const StreamedLeaf& leaf : leaves_) {
+    for (size_t i = 0; i < index_.size(); ++i) {
+      if (index_[i] < 0 || index_[i] >= leaf.num_rows) {
+        throw InvalidArgument("the index table's row " + std::to_string(index_[i]) + " (step " +
+                              std::to_string(i / batch_) + ") is outside the " + std::to_string(leaf.num_rows) +
+                              " rows of the streamed data");
+      }
+    }
+  }
+}
+
+BatchStream::~BatchStream() { End(); }
+
+std::vector<ArraySpec> BatchStream::BatchSpecs() const {
+  std::vector<ArraySpec> specs;
+  for (const StreamedLeaf& leaf : leaves_) {
+    ArraySpec spec = leaf.row;
+    spec.dims.insert(spec.dims.begin(), batch_);
+    specs.push_back(std::move(spec));
+  }
+  specs.push_back(ArraySpec{{batch_}, PJRT_Buffer_Type_S32});
+  return specs;
+}
+
+int64_t BatchStream::BatchBytes(int64_t count) const {
+  int64_t total = 0;
+  for (const ArraySpec& spec : BatchSpecs()) total += static_cast<int64_t>(spec.num_bytes());
+  return total * count;
+}
+
+std::vector<BufferPtr> BatchStream::Gather(int64_t t, int64_t count) {
+  if (t < 0 || count < 1 || t + count > steps_) {
+    throw InvalidArgument("no streamed batches for steps " + std::to_string(t) + ".." + std::to_string(t + count - 1) +
+                          " of " + std::to_string(steps_));
+  }
+  const int64_t rows = count * batch_;
+  const int64_t* index = index_.data() + t * batch_;
+  std::vector<BufferPtr> buffers;
+  std::vector<char> staging;
+  const std::vector<ArraySpec> specs = BatchSpecs();
+  for (size_t leaf = 0; leaf < leaves_.size(); ++leaf) {
+    const size_t row_bytes = leaves_[leaf].row.num_bytes();
+    staging.resize(static_cast<size_t>(rows) * row_bytes);
+    for (int64_t i = 0; i < rows; ++i) {
+      std::memcpy(staging.data() + static_cast<size_t>(i) * row_bytes,
+                  leaves_[leaf].rows + static_cast<size_t>(index[i]) * row_bytes, row_bytes);
+    }
+    buffers.push_back(client_->BufferFromHost(staging.data(), Stacked(specs[leaf], count), {}, device_));
+  }
+  std::vector<int32_t> rows_read(index, index + rows);
+  buffers.push_back(client_->BufferFromHost(rows_read.data(), Stacked(specs.back(), count), {}, device_));
+  const std::lock_guard<std::mutex> lock(mutex_);
+  stats_.batches += count;
+  stats_.bytes += BatchBytes(count);
+  return buffers;
+}
+
+void BatchStream::Begin(std::vector<std::pair<int64_t, int64_t>> order, int depth) {
+  End();
+  const std::lock_guard<std::mutex> lock(mutex_);
+  order_ = std::move(order);
+  depth_ = std::max(depth, 1);
+  next_to_gather_ = next_to_take_ = 0;
+  stopping_ = false;
+  failure_ = nullptr;
+  stats_ = {};
+  worker_ = std::thread([this] { Work(); });
+}
+
+void BatchStream::Work() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    changed_.wait(lock, [this] {
+      return stopping_ || next_to_gather_ >= order_.size() || static_cast<int>(ready_.size()) < depth_;
+    });
+    if (stopping_ || next_to_gather_ >= order_.size()) return;
+    const auto [t, count] = order_[next_to_gather_];
+    lock.unlock();
+    try {
+      std::vector<BufferPtr> buffers = Gather(t, count);
+      lock.lock();
+      ready_.push_back(std::move(buffers));
+      ++next_to_gather_;
+    } catch (...) {
+      lock.lock();
+      failure_ = std::current_exception();
+      changed_.notify_all();
+      return;
+    }
+    changed_.notify_all();
+  }
+}
+
+std::vector<BufferPtr> BatchStream::Take(int64_t t, int64_t count) {
+  const auto start = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lock(mutex_);
+  const bool planned = next_to_take_ < order_.size() && order_[next_to_take_] == std::make_pair(t, count);
+  std::vector<BufferPtr> buffers;
+  if (planned && worker_.joinable()) {
+    changed_.wait(lock, [this] { return !ready_.empty() || failure_ != nullptr; });
+    if (ready_.empty()) std::rethrow_exception(failure_);
+    buffers = std::move(ready_.front());
+    ready_.pop_front();
+    ++next_to_take_;
+    changed_.notify_all();
+  } else {
+    ++stats_.misses;
+    lock.unlock();
+    buffers = Gather(t, count);
+    lock.lock();
+  }
+  stats_.seconds_waited += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return buffers;
+}
+
+StreamStats BatchStream::End() {
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  changed_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  const std::lock_guard<std::mutex> lock(mutex_);
+  ready_.clear();
+  order_.clear();
+  return stats_;
+}
+
+}  // namespace metagrad

@@ -1,0 +1,91 @@
+// Training data that stays in host memory: the batch of each step gathered
+// from host rows and copied to the device as the plan reaches it.
+//
+// A streamed leaf is a row-major host array of N rows (numpy, or a file
+// mapped with np.memmap); step t reads the rows index[t] of a (T, B) index
+// table, so every replay reads exactly the rows the first pass read. A
+// program of n steps (advance_<n>, segment_vjp_<n>) takes the n batches of
+// its steps stacked on a leading axis: per leaf (n, B, row...), and the rows'
+// indices as int32 (n, B) (programs.h, group B).
+//
+// A run knows its plan before it starts, so it hands the stream the order in
+// which it will take batches (Begin); a worker thread gathers and uploads
+// them in that order, at most `depth` ahead of the run. A batch taken out of
+// that order is gathered at once (counted as a miss).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "runtime/executable.h"
+
+namespace metagrad {
+
+struct StreamedLeaf {
+  const char* rows;  // N rows of row_spec, row-major; owned by the caller, alive while the stream is
+  int64_t num_rows;
+  ArraySpec row;     // one row's dims and type
+};
+
+struct StreamStats {
+  int64_t batches = 0;        // batches (of one step each) copied to the device
+  int64_t bytes = 0;          // their bytes, indices included
+  int64_t misses = 0;         // executions whose batches were not prefetched
+  double seconds_waited = 0;  // the run waiting for batches not yet on the device
+};
+
+class BatchStream {
+ public:
+  // `index`: T * B row numbers, step-major; each must lie in [0, num_rows) of every leaf.
+  BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> index, int64_t steps, int64_t batch,
+              std::shared_ptr<Client> client, int device);
+  ~BatchStream();
+  BatchStream(const BatchStream&) = delete;
+  BatchStream& operator=(const BatchStream&) = delete;
+
+  int64_t steps() const { return steps_; }
+  int64_t batch() const { return batch_; }
+  // The per-step specs of group B: each leaf's (B, row...), then int32 (B).
+  std::vector<ArraySpec> BatchSpecs() const;
+  // Device bytes of the batches of `count` steps.
+  int64_t BatchBytes(int64_t count) const;
+
+  // Starts prefetching the batches (first step, count) of `order`; a call
+  // that ends (or fails) calls End. `depth`: batches held ahead of the run.
+  void Begin(std::vector<std::pair<int64_t, int64_t>> order, int depth);
+  // The buffers of group B for steps t..t+count-1 (leaf-major, indices last).
+  std::vector<BufferPtr> Take(int64_t t, int64_t count);
+  // Stops the worker and drops what it prefetched; returns what the call streamed.
+  StreamStats End();
+
+ private:
+  std::vector<BufferPtr> Gather(int64_t t, int64_t count);
+  void Work();
+
+  const std::vector<StreamedLeaf> leaves_;
+  const std::vector<int64_t> index_;
+  const int64_t steps_, batch_;
+  const std::shared_ptr<Client> client_;
+  const int device_;
+
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<std::pair<int64_t, int64_t>> order_;
+  size_t next_to_gather_ = 0;  // into order_
+  size_t next_to_take_ = 0;    // into order_
+  std::deque<std::vector<BufferPtr>> ready_;  // order_[next_to_take_...], gathered
+  int depth_ = 0;
+  bool stopping_ = false;
+  std::exception_ptr failure_;
+  std::thread worker_;
+  StreamStats stats_;
+};
+
+}  // namespace metagrad
