@@ -225,3 +225,35 @@ def test_streamed_tasks_refuse_save_and_sharding(compiled, tmp_path):
         compiled["unroll"].save(str(tmp_path / "task"))
     with pytest.raises(NotImplementedError, match="streamed data runs on one device"):
         streamed_task().compile(Z, sharding=metagrad.Sharding(mesh={"batch": 2}))
+
+
+def _rows_file(tmp_path, rows):
+    path = tmp_path / "x.npy"
+    np.save(path, rows)
+    return path
+
+
+def test_a_slice_of_a_mapped_file_reads_its_own_rows(compiled, want, tmp_path):
+    """Rows read from the file at the slice's offset give what the same rows in memory give."""
+    padded = np.concatenate([np.full((37, D), np.nan, np.float32), X])
+    mapped = np.load(_rows_file(tmp_path, padded), mmap_mode="r")[37:]
+    task = streamed_task(x=mapped).compile(Z, fuse_forward=4)
+    _, grad = task.metagradient(Z, schedules.Budget(states=3))
+    assert_close(grad, want[1])
+
+
+def test_a_file_changed_while_streamed_fails_naming_it(tmp_path):
+    path = _rows_file(tmp_path, X)
+    task = streamed_task(x=np.load(path, mmap_mode="r")).compile(Z, fuse_forward=4)
+    task.metagradient(Z)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4 * D)
+    with pytest.raises(metagrad.CheckFailed, match=f"the streamed rows' file {path} changed while it was streamed "
+                                                   f"\\(its size went from"):
+        task.metagradient(Z)
+    shorter = np.load(_rows_file(tmp_path, X), mmap_mode="r")
+    with open(shorter.filename, "r+b") as f:  # under the mapping, before anything reads it
+        f.truncate(os.path.getsize(shorter.filename) - 4 * D)
+    with pytest.raises(ValueError, match=f"the streamed rows' file {shorter.filename} holds 4904 bytes; its 200 "
+                                         f"rows of float32\\[6\\] from byte 128 need 4928"):
+        streamed_task(x=shorter).compile(Z, fuse_forward=4)

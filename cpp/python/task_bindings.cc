@@ -113,17 +113,26 @@ void BindTaskRunner(nb::module_& m) {
   nb::class_<BatchStream>(m, "BatchStream",
                           "Training data in host memory, gathered one batch per step as a run reaches it.")
       .def("__init__",
-           [](BatchStream* self, std::vector<Rows> rows, std::vector<ArraySpec> row_specs, IndexTable index,
+           [](BatchStream* self, std::vector<nb::object> rows, std::vector<ArraySpec> row_specs, IndexTable index,
               std::shared_ptr<Client> client, int device) {
              if (rows.size() != row_specs.size()) throw InvalidArgument("one row spec per leaf of rows");
              std::vector<StreamedLeaf> leaves;
              for (size_t i = 0; i < rows.size(); ++i) {
-               if (rows[i].shape(1) != row_specs[i].num_bytes()) {
-                 throw InvalidArgument("rows of " + std::to_string(rows[i].shape(1)) + " bytes, their spec " +
-                                       row_specs[i].ToString() + " has " + std::to_string(row_specs[i].num_bytes()));
+               StreamedLeaf leaf;
+               leaf.row = row_specs[i];
+               if (nb::isinstance<nb::tuple>(rows[i])) {
+                 std::tie(leaf.path, leaf.offset, leaf.num_rows) =
+                     nb::cast<std::tuple<std::string, int64_t, int64_t>>(rows[i]);
+               } else {
+                 const Rows array = nb::cast<Rows>(rows[i]);
+                 if (array.shape(1) != leaf.row.num_bytes()) {
+                   throw InvalidArgument("rows of " + std::to_string(array.shape(1)) + " bytes, their spec " +
+                                         leaf.row.ToString() + " has " + std::to_string(leaf.row.num_bytes()));
+                 }
+                 leaf.rows = reinterpret_cast<const char*>(array.data());
+                 leaf.num_rows = static_cast<int64_t>(array.shape(0));
                }
-               leaves.push_back({reinterpret_cast<const char*>(rows[i].data()),
-                                 static_cast<int64_t>(rows[i].shape(0)), row_specs[i]});
+               leaves.push_back(std::move(leaf));
              }
              const int64_t steps = static_cast<int64_t>(index.shape(0)), batch = static_cast<int64_t>(index.shape(1));
              new (self) BatchStream(std::move(leaves), std::vector<int64_t>(index.data(), index.data() + steps * batch),
@@ -131,8 +140,9 @@ void BindTaskRunner(nb::module_& m) {
            },
            nb::arg("rows"), nb::arg("row_specs"), nb::arg("index"), nb::arg("client"), nb::arg("device") = 0,
            nb::keep_alive<1, 2>(),
-           "rows: per leaf, its N rows as a C-contiguous uint8 array (N, bytes per row), kept alive by the "
-           "stream; row_specs: one row's shape and dtype; index: int64 (T, B), the rows step t reads.")
+           "rows: per leaf, its N rows in memory as a C-contiguous uint8 array (N, bytes per row), kept alive by "
+           "the stream, or in a file as (path, byte offset, N); row_specs: one row's shape and dtype; index: int64 "
+           "(T, B), the rows step t reads.")
       .def_prop_ro("batch_specs", &BatchStream::BatchSpecs)
       .def("batch_bytes", &BatchStream::BatchBytes, nb::arg("count") = 1);
 

@@ -1,5 +1,10 @@
 #include "runtime/batch_stream.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -15,7 +20,15 @@ ArraySpec Stacked(ArraySpec spec, int64_t count) {
   return spec;
 }
 
+int64_t ModifiedNanoseconds(const struct stat& st) {
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+}
+
 }  // namespace
+
+BatchStream::File::~File() {
+  if (fd >= 0) close(fd);
+}
 
 BatchStream::BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> index, int64_t steps, int64_t batch,
                          std::shared_ptr<Client> client, int device)
@@ -31,6 +44,27 @@ BatchStream::BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> 
                           std::to_string(steps_ * batch_));
   }
   if (leaves_.empty()) throw InvalidArgument("a streamed batch needs at least one leaf of rows");
+  for (const StreamedLeaf& leaf : leaves_) {
+    if (leaf.path.empty()) {
+      files_.push_back(nullptr);
+      continue;
+    }
+    auto file = std::make_unique<File>();
+    file->fd = open(leaf.path.c_str(), O_RDONLY | O_CLOEXEC);
+    struct stat st {};
+    if (file->fd < 0 || fstat(file->fd, &st) != 0) {
+      throw InvalidArgument("cannot open the streamed rows' file " + leaf.path + ": " + std::strerror(errno));
+    }
+    file->size = static_cast<int64_t>(st.st_size);
+    file->modified_ns = ModifiedNanoseconds(st);
+    const int64_t needed = leaf.offset + leaf.num_rows * static_cast<int64_t>(leaf.row.num_bytes());
+    if (file->size < needed) {
+      throw InvalidArgument("the streamed rows' file " + leaf.path + " holds " + std::to_string(file->size) +
+                            " bytes; its " + std::to_string(leaf.num_rows) + " rows of " + leaf.row.ToString() +
+                            " from byte " + std::to_string(leaf.offset) + " need " + std::to_string(needed));
+    }
+    files_.push_back(std::move(file));
+  }
   for (const StreamedLeaf& leaf : leaves_) {
     for (size_t i = 0; i < index_.size(); ++i) {
       if (index_[i] < 0 || index_[i] >= leaf.num_rows) {
@@ -74,10 +108,7 @@ std::vector<BufferPtr> BatchStream::Gather(int64_t t, int64_t count) {
   for (size_t leaf = 0; leaf < leaves_.size(); ++leaf) {
     const size_t row_bytes = leaves_[leaf].row.num_bytes();
     staging.resize(static_cast<size_t>(rows) * row_bytes);
-    for (int64_t i = 0; i < rows; ++i) {
-      std::memcpy(staging.data() + static_cast<size_t>(i) * row_bytes,
-                  leaves_[leaf].rows + static_cast<size_t>(index[i]) * row_bytes, row_bytes);
-    }
+    ReadRows(leaf, index, rows, staging.data());
     buffers.push_back(client_->BufferFromHost(staging.data(), Stacked(specs[leaf], count), {}, device_));
   }
   std::vector<int32_t> rows_read(index, index + rows);
@@ -86,6 +117,56 @@ std::vector<BufferPtr> BatchStream::Gather(int64_t t, int64_t count) {
   stats_.batches += count;
   stats_.bytes += BatchBytes(count);
   return buffers;
+}
+
+void BatchStream::CheckUnchanged(size_t leaf) const {
+  const File& file = *files_[leaf];
+  struct stat st {};
+  if (fstat(file.fd, &st) != 0) {
+    throw StreamError("cannot read the streamed rows' file " + leaves_[leaf].path + ": " + std::strerror(errno));
+  }
+  if (static_cast<int64_t>(st.st_size) != file.size || ModifiedNanoseconds(st) != file.modified_ns) {
+    throw StreamError("the streamed rows' file " + leaves_[leaf].path + " changed while it was streamed (" +
+                      (static_cast<int64_t>(st.st_size) != file.size
+                           ? "its size went from " + std::to_string(file.size) + " to " + std::to_string(st.st_size) +
+                                 " bytes"
+                           : std::string("it was written to")) +
+                      "): replays would read rows that differ from the first pass's. Leave the file unchanged "
+                      "while a task streams it, and make the Stream again after changing it.");
+  }
+}
+
+void BatchStream::ReadRows(size_t leaf, const int64_t* index, int64_t rows, char* out) const {
+  const StreamedLeaf& source = leaves_[leaf];
+  const size_t row_bytes = source.row.num_bytes();
+  if (files_[leaf] == nullptr) {
+    for (int64_t i = 0; i < rows; ++i) {
+      std::memcpy(out + static_cast<size_t>(i) * row_bytes, source.rows + static_cast<size_t>(index[i]) * row_bytes,
+                  row_bytes);
+    }
+    return;
+  }
+  CheckUnchanged(leaf);
+  // One read per run of consecutive row numbers.
+  for (int64_t i = 0; i < rows;) {
+    int64_t run = 1;
+    while (i + run < rows && index[i + run] == index[i] + run) ++run;
+    size_t done = 0, want = static_cast<size_t>(run) * row_bytes;
+    const off_t at = static_cast<off_t>(source.offset + index[i] * static_cast<int64_t>(row_bytes));
+    while (done < want) {
+      const ssize_t got = pread(files_[leaf]->fd, out + static_cast<size_t>(i) * row_bytes + done, want - done,
+                                at + static_cast<off_t>(done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        throw StreamError("reading the streamed rows' file " + source.path + " failed at byte " +
+                          std::to_string(at + static_cast<off_t>(done)) + ": " +
+                          (got < 0 ? std::strerror(errno) : "the file ended"));
+      }
+      done += static_cast<size_t>(got);
+    }
+    i += run;
+  }
+  CheckUnchanged(leaf);  // a write during the read could have torn it
 }
 
 void BatchStream::Begin(std::vector<std::pair<int64_t, int64_t>> order, int depth) {

@@ -1,9 +1,12 @@
 // Training data that stays in host memory: the batch of each step gathered
 // from host rows and copied to the device as the plan reaches it.
 //
-// A streamed leaf is a row-major host array of N rows (numpy, or a file
-// mapped with np.memmap); step t reads the rows index[t] of a (T, B) index
-// table, so every replay reads exactly the rows the first pass read. A
+// A streamed leaf is N row-major rows in host memory, or in a file read with
+// pread (never mapped: a file truncated under a mapping would end the process
+// with SIGBUS); step t reads the rows index[t] of a (T, B) index table, so
+// every replay reads exactly the rows the first pass read. A file whose size
+// or modification time changes while it is streamed fails the read that
+// notices, before its rows reach a program. A
 // program of n steps (advance_<n>, segment_vjp_<n>) takes the n batches of
 // its steps stacked on a leading axis: per leaf (n, B, row...), and the rows'
 // indices as int32 (n, B) (programs.h, group B).
@@ -20,6 +23,8 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -29,9 +34,17 @@
 namespace metagrad {
 
 struct StreamedLeaf {
-  const char* rows;  // N rows of row_spec, row-major; owned by the caller, alive while the stream is
-  int64_t num_rows;
-  ArraySpec row;     // one row's dims and type
+  const char* rows = nullptr;  // N rows in memory, owned by the caller, alive while the stream is; or
+  std::string path;            // N rows in this file, from byte `offset`
+  int64_t offset = 0;
+  int64_t num_rows = 0;
+  ArraySpec row;  // one row's dims and type
+};
+
+// Streamed rows that cannot be read as they were when the stream opened them.
+class StreamError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
 };
 
 struct StreamStats {
@@ -66,10 +79,21 @@ class BatchStream {
   StreamStats End();
 
  private:
+  // An open file of rows, with the size and modification time it had when opened.
+  struct File {
+    int fd = -1;
+    int64_t size = 0;
+    int64_t modified_ns = 0;
+    ~File();
+  };
   std::vector<BufferPtr> Gather(int64_t t, int64_t count);
+  // Copies rows index[0..rows) of leaf `leaf` into `out`.
+  void ReadRows(size_t leaf, const int64_t* index, int64_t rows, char* out) const;
+  void CheckUnchanged(size_t leaf) const;
   void Work();
 
   const std::vector<StreamedLeaf> leaves_;
+  std::vector<std::unique_ptr<File>> files_;  // per leaf; nullptr for rows in memory
   const std::vector<int64_t> index_;
   const int64_t steps_, batch_;
   const std::shared_ptr<Client> client_;

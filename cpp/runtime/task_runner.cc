@@ -207,7 +207,12 @@ const std::vector<BufferPtr>& TaskRunner::StepIndex(int64_t t) {
 
 std::vector<BufferPtr> TaskRunner::StepInputs(int64_t t, int64_t count) {
   if (stream_ == nullptr) return StepIndex(t);
-  std::vector<BufferPtr> inputs = stream_->Take(t, count);
+  std::vector<BufferPtr> inputs;
+  try {
+    inputs = stream_->Take(t, count);
+  } catch (const StreamError& error) {
+    throw CheckFailed(error.what(), t);
+  }
   const std::vector<BufferPtr>& index = StepIndex(t);
   inputs.insert(inputs.end(), index.begin(), index.end());
   return inputs;

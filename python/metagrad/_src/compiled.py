@@ -134,7 +134,7 @@ class CompiledTask:
         self._data = self._upload(self.data, "data")
         self._task_layout = _task_layout(self.layout, self.sharding)
         self._stream = None if self.stream is None else _runtime.BatchStream(
-            [leaf.reshape(leaf.shape[0], -1).view(np.uint8) for leaf in self.stream.leaves],
+            self.stream.sources(),
             [runtime.ArraySpec(list(leaf.shape[1:]), leaf.dtype.name) for leaf in self.stream.leaves],
             self.stream.batches, self.client, self.devices[0])
         self._planning = Planning(self)

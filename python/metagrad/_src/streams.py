@@ -11,6 +11,7 @@ and ``output`` see the resident leaves only.
 
 from __future__ import annotations
 
+import mmap
 from typing import Any, NamedTuple
 
 import jax
@@ -76,6 +77,12 @@ class Stream:
     def __repr__(self) -> str:
         return f"Stream({self.num_rows} rows, {self.steps} steps of {self.batch_size})"
 
+    def sources(self) -> list:
+        """Each leaf as the runtime reads it: a file mapped with ``np.memmap`` (``np.load(..., mmap_mode="r")``)
+        as ``(path, byte offset, rows)``, read with pread and watched for changes; other arrays as their
+        rows' bytes in memory, ``uint8 (N, bytes per row)``."""
+        return [_file_rows(leaf) or leaf.reshape(leaf.shape[0], -1).view(np.uint8) for leaf in self.leaves]
+
     def batch_structs(self) -> Batch:
         """The abstract batch of one step."""
         rows = [jax.ShapeDtypeStruct((self.batch_size, *leaf.shape[1:]), leaf.dtype) for leaf in self.leaves]
@@ -129,6 +136,15 @@ def _row_array(leaf, path: str) -> np.ndarray:
         raise ValueError(f"Stream {path} is not C-contiguous: streamed rows are read in place "
                          f"(np.ascontiguousarray copies it)")
     return array
+
+
+def _file_rows(leaf: np.ndarray) -> tuple[str, int, int] | None:
+    mapping = getattr(leaf, "_mmap", None)
+    if not isinstance(leaf, np.memmap) or not getattr(leaf, "filename", None) or mapping is None:
+        return None
+    # np.memmap maps from the allocation boundary below its offset; slices keep the parent's offset.
+    start = leaf.offset - leaf.offset % mmap.ALLOCATIONGRANULARITY
+    return str(leaf.filename), start + leaf.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data, leaf.shape[0]
 
 
 def find(data: PyTree) -> tuple[str, Stream] | None:
