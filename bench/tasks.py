@@ -19,6 +19,11 @@
 
 Every step is pure: the batch is a function of the step index ``t`` (the
 index tables are fixed by a seed when the task is made).
+
+``make_task(kind, steps, streamed=True)`` makes the same task with its training
+rows in a :class:`metagrad.Stream` (the same batches, gathered on the host
+instead of on the device); ``rows`` replaces the training rows (a larger
+dataset, or a file mapped with ``np.load(..., mmap_mode="r")``).
 """
 
 from __future__ import annotations
@@ -106,17 +111,35 @@ def index_table(steps: int, n: int, batch: int, seed: int = 0) -> np.ndarray:
     return order[:steps * batch].reshape(steps, batch).astype(np.int32)
 
 
-def make_task(kind: str = "mlp", steps: int = 1000):
-    """``(task, z0)``: the benchmark task of ``kind`` with ``steps`` steps, z0 = ones."""
+def batches(kind: str, steps: int, n: int) -> np.ndarray:
+    """``(steps, batch)``: the rows each step of ``kind`` reads from ``n`` training rows."""
+    if kind == "transformer":
+        return index_table(steps, n, LM["batch"])
+    batch = CONFIGS["mlp" if kind == "mlp_table" else kind][2]
+    if kind == "mlp_table":
+        return index_table(steps, n, batch)
+    return ((np.arange(steps)[:, None] * batch + np.arange(batch)) % n).astype(np.int32)
+
+
+def make_task(kind: str = "mlp", steps: int = 1000, streamed: bool = False, rows=None):
+    """``(task, z0)``: the benchmark task of ``kind`` with ``steps`` steps, z0 = ones (one weight per
+    training row). ``streamed``: the training rows in a metagrad.Stream; ``rows``: other training rows
+    (a dict like ``digits()``'s ``x`` and ``y``, or the transformer's ``seqs``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown task kind {kind!r}: one of {', '.join(KINDS)}")
     if kind == "transformer":
-        return _transformer_task(steps)
+        return _transformer_task(steps, streamed, rows)
     table = kind == "mlp_table"
     init_params, apply, batch, lr = CONFIGS["mlp" if table else kind]
-    data = {k: jnp.asarray(v) for k, v in digits().items()}
-    if table:
-        data["batches"] = jnp.asarray(index_table(steps, N_TRAIN, batch))
+    train = rows if rows is not None else {"x": digits()["x"], "y": digits()["y"]}
+    n = len(train["y"])
+    data = {"x_val": jnp.asarray(digits()["x_val"]), "y_val": jnp.asarray(digits()["y_val"])}
+    if streamed:
+        data["train"] = metagrad.Stream(train, batches(kind, steps, n))
+    else:
+        data.update(x=jnp.asarray(train["x"]), y=jnp.asarray(train["y"]))
+        if table:
+            data["batches"] = jnp.asarray(index_table(steps, n, batch))
     momentum = 0.9
 
     def loss(params, x, y, weights):
@@ -128,8 +151,12 @@ def make_task(kind: str = "mlp", steps: int = 1000):
 
     def step(state, z, data, t):
         params, velocity = state
-        index = data["batches"][t] if table else (t * batch + jnp.arange(batch)) % N_TRAIN
-        grads = jax.grad(loss)(params, data["x"][index], data["y"][index], z[index])
+        if streamed:
+            x, y, index = data["train"].rows["x"], data["train"].rows["y"], data["train"].index
+        else:
+            index = data["batches"][t] if table else (t * batch + jnp.arange(batch)) % n
+            x, y = data["x"][index], data["y"][index]
+        grads = jax.grad(loss)(params, x, y, z[index])
         velocity = jax.tree_util.tree_map(lambda v, g: momentum * v + g, velocity, grads)
         params = jax.tree_util.tree_map(lambda p, v: p - lr * v, params, velocity)
         return params, velocity
@@ -140,7 +167,7 @@ def make_task(kind: str = "mlp", steps: int = 1000):
         return jnp.mean(_xent(apply(params, data["x_val"]), y))
 
     task = metagrad.Task(init=init, step=step, output=output, steps=steps, data=data)
-    return task, np.ones(N_TRAIN, np.float32)
+    return task, np.ones(n, np.float32)
 
 
 # --------------------------------------------------------------------------- #
@@ -221,14 +248,18 @@ def _sequence_loss(params, seqs):
     return -jnp.take_along_axis(logp, seqs[:, 1:, None], axis=-1)[..., 0].mean(-1)
 
 
-def _transformer_task(steps: int):
+def _transformer_task(steps: int, streamed: bool = False, rows=None):
     import optax
 
     # eps_root > 0: the reverse through sqrt(nu) stays finite where nu is 0
     # (embedding rows of tokens not yet seen).
     optimizer = optax.adamw(LM["lr"], b2=0.99, eps_root=1e-12, weight_decay=LM["weight_decay"])
-    data = {k: jnp.asarray(v) for k, v in tokens().items()}
-    data["batches"] = jnp.asarray(index_table(steps, LM["n_train"], LM["batch"]))
+    seqs = rows["seqs"] if rows is not None else tokens()["seqs"]
+    data = {"seqs_val": jnp.asarray(tokens()["seqs_val"])}
+    if streamed:
+        data["train"] = metagrad.Stream({"seqs": seqs}, batches("transformer", steps, len(seqs)))
+    else:
+        data.update(seqs=jnp.asarray(seqs), batches=jnp.asarray(batches("transformer", steps, len(seqs))))
 
     def loss(params, seqs, weights):
         return jnp.mean(weights * _sequence_loss(params, seqs))
@@ -239,8 +270,12 @@ def _transformer_task(steps: int):
 
     def step(state, z, data, t):
         params, opt_state = state
-        index = data["batches"][t]
-        grads = jax.grad(loss)(params, data["seqs"][index], z[index])
+        if streamed:
+            batch, index = data["train"].rows["seqs"], data["train"].index
+        else:
+            index = data["batches"][t]
+            batch = data["seqs"][index]
+        grads = jax.grad(loss)(params, batch, z[index])
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -249,4 +284,4 @@ def _transformer_task(steps: int):
         return jnp.mean(_sequence_loss(params, data["seqs_val"]))
 
     task = metagrad.Task(init=init, step=step, output=output, steps=steps, data=data)
-    return task, np.ones(LM["n_train"], np.float32)
+    return task, np.ones(len(seqs), np.float32)

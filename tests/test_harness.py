@@ -107,7 +107,7 @@ def _drop(entry, key):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda m: m.update(version=1), r"manifest version 1, this harness reads version 3"),
+    (lambda m: m.update(version=1), r"manifest version 1, this harness reads version 4"),
     (lambda m: _drop(m, "steps"), r'manifest has no "steps"'),
     (lambda m: m["layout"]["z"][0].update(dtype="float128"), r"layout.z\[0\].dtype 'float128' is not a supported"),
     (lambda m: m["programs"]["step"].update(file="../../etc/passwd"), r"programs.step.file must be a relative path"),

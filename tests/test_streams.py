@@ -2,6 +2,7 @@
 checked against jax.grad through a lax.scan over the same batches and against the same task
 with its data resident."""
 
+import json
 import os
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 import metagrad
 from metagrad import schedules
+from test_harness import run_bench
 
 N, D, B, T = 200, 6, 8, 30
 
@@ -220,9 +222,7 @@ def test_stream_arguments_are_checked():
         two.compile(Z)
 
 
-def test_streamed_tasks_refuse_save_and_sharding(compiled, tmp_path):
-    with pytest.raises(NotImplementedError, match="save\\(\\) does not write tasks with streamed data"):
-        compiled["unroll"].save(str(tmp_path / "task"))
+def test_streamed_tasks_refuse_sharding():
     with pytest.raises(NotImplementedError, match="streamed data runs on one device"):
         streamed_task().compile(Z, sharding=metagrad.Sharding(mesh={"batch": 2}))
 
@@ -257,3 +257,37 @@ def test_a_file_changed_while_streamed_fails_naming_it(tmp_path):
     with pytest.raises(ValueError, match=f"the streamed rows' file {shorter.filename} holds 4904 bytes; its 200 "
                                          f"rows of float32\\[6\\] from byte 128 need 4928"):
         streamed_task(x=shorter).compile(Z, fuse_forward=4)
+
+
+def test_a_saved_streamed_task_references_its_file_and_runs_in_the_harness(want, tmp_path):
+    """Rows read from a file are referenced by its path; rows in memory are carried in the directory."""
+    path = _rows_file(tmp_path, X)
+    task = streamed_task(x=np.load(path, mmap_mode="r")).compile(Z, fuse_forward=4)
+    schedule = schedules.Budget(states=3, leaf=4)
+    task.prepare(schedule).save(str(tmp_path / "task"))
+    rows = json.loads((tmp_path / "task" / "manifest.json").read_text())["stream"]["rows"]
+    assert rows == [{"file": str(path), "offset": 128, "rows": N},
+                    {"file": "arrays/stream_rows_1.bin", "offset": 0, "rows": N}]
+    loaded = metagrad.load(str(tmp_path / "task"))
+    value, grad = loaded.metagradient(Z, schedule)
+    assert_close(grad, want[1])
+    done = run_bench(tmp_path / "task", "--schedule", "revolve:3:4", "--repeat", "1", "--warmup", "0",
+                     "--dispatch-iters", "0", "--json", "--save-grad", str(tmp_path / "grads"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["metagradient"][0]["report"]
+    assert report["prefetch_misses"] == 0 and report["streamed_bytes"] > 0
+    assert np.fromfile(tmp_path / "grads" / "0" / "value.bin", np.float32)[0] == value
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(grad)):  # z's leaves: lr, weights
+        np.testing.assert_array_equal(np.fromfile(tmp_path / "grads" / "0" / f"grad_{i}.bin", np.float32),
+                                      np.ravel(leaf))
+
+
+def test_a_saved_task_whose_referenced_file_is_gone_is_refused_naming_it(tmp_path):
+    path = _rows_file(tmp_path, X)
+    streamed_task(x=np.load(path, mmap_mode="r")).compile(Z, fuse_forward=4).save(str(tmp_path / "task"))
+    os.remove(path)
+    with pytest.raises(ValueError, match=f"{path}: cannot be read as 200 rows of float32\\[6\\] from byte 128"):
+        metagrad.load(str(tmp_path / "task"))
+    done = run_bench(tmp_path / "task", "--schedule", "storeall", "--repeat", "1", "--warmup", "0",
+                     "--dispatch-iters", "0")
+    assert done.returncode == 1 and f"cannot open the streamed rows' file {path}" in done.stderr

@@ -469,6 +469,21 @@ TaskFiles ReadTask(const Options& o) {
   return files;
 }
 
+// The stream of a task with streamed data over its first T steps (nullptr without one).
+std::shared_ptr<BatchStream> OpenStream(const std::shared_ptr<Client>& client, const Manifest& m, int64_t T) {
+  if (m.layout.batch.empty()) return nullptr;
+  const int64_t batch = m.layout.batch.back().dims.at(0);
+  const std::string bytes = ReadFile(m.stream_batches);
+  const int64_t saved_steps = static_cast<int64_t>(bytes.size() / sizeof(int64_t)) / batch;
+  if (bytes.size() != static_cast<size_t>(saved_steps * batch) * sizeof(int64_t) || saved_steps < T) {
+    throw ManifestError(m.stream_batches + " holds " + std::to_string(bytes.size()) + " bytes, not an int64 index "
+                        "table of at least " + std::to_string(T) + " steps of " + std::to_string(batch) + " rows");
+  }
+  std::vector<int64_t> index(static_cast<size_t>(T * batch));
+  std::memcpy(index.data(), bytes.data(), index.size() * sizeof(int64_t));
+  return std::make_shared<BatchStream>(m.stream_rows, std::move(index), T, batch, client, 0);
+}
+
 struct CompiledPrograms {
   std::map<std::string, ExecutablePtr> executables;
   Obj seconds_per_program, temp_bytes;
@@ -819,7 +834,7 @@ int Run(const Options& o) {
   out.Str("fused_forward", fused_forward);
   text << "  forward: " << (fused_forward.empty() ? "one execution per step" : "fused, advance_" + fused_forward)
        << "\n";
-  TaskRunner runner(programs, manifest.layout, T, data);
+  TaskRunner runner(programs, manifest.layout, T, data, OpenStream(client, manifest, T));
 
   std::vector<Case> cases = MakeCases(o, programs, T);
   const Stat train = TimeRuns(o, runner, z, cases);
@@ -836,6 +851,8 @@ int Run(const Options& o) {
   if (o.dispatch_iters > 0 && manifest.sharded) {
     text << "  dispatch: not measured (single-device measurement; this task runs on " << manifest.layout.devices
          << " devices)\n";
+  } else if (o.dispatch_iters > 0 && !manifest.layout.batch.empty()) {
+    text << "  dispatch: not measured (the null step takes no streamed batches)\n";
   } else if (o.dispatch_iters > 0) {
     out.Child("dispatch", MeasureDispatch(*client, files, compiled.executables, z, data, o.dispatch_iters, text));
   }

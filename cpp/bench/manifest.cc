@@ -53,6 +53,30 @@ std::string Inside(const std::string& directory, const std::string& relative, co
   return full;
 }
 
+// The rows of a streamed task: per leaf of layout.batch but the last (the
+// rows' index), a file and where its rows start.
+void ReadStream(const Json& entry, Manifest& m) {
+  if (m.sharded) throw JsonError("stream: a task with streamed data runs on one device, this one is sharded");
+  const auto& rows = entry.Get("rows", "stream").AsArray("stream.rows");
+  if (m.layout.batch.size() < 2 || rows.size() != m.layout.batch.size() - 1) {
+    throw JsonError("stream.rows lists " + std::to_string(rows.size()) + " leaves for layout.batch's " +
+                    std::to_string(m.layout.batch.size()) + " (its rows, then their index)");
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const std::string what = "stream.rows[" + std::to_string(i) + "]";
+    StreamedLeaf leaf;
+    const std::string& file = rows[i].Get("file", what).AsString(what + ".file");
+    leaf.path = !file.empty() && file[0] == '/' ? file : Inside(m.directory, file, what + ".file");
+    leaf.offset = rows[i].Get("offset", what).AsInt(what + ".offset");
+    leaf.num_rows = rows[i].Get("rows", what).AsInt(what + ".rows");
+    if (leaf.offset < 0 || leaf.num_rows < 1) throw JsonError(what + " needs offset >= 0 and rows >= 1");
+    leaf.row = m.layout.batch[i];
+    leaf.row.dims.erase(leaf.row.dims.begin());  // one step's batch: (B, row...)
+    m.stream_rows.push_back(std::move(leaf));
+  }
+  m.stream_batches = Inside(m.directory, entry.Get("batches", "stream").AsString("stream.batches"), "stream.batches");
+}
+
 // One PartitionSpec per leaf: a list (per dimension) of lists of mesh axes.
 std::vector<PartitionSpec> ReadSpecs(const Json& sharding, const std::string& key, const std::vector<ArraySpec>& leaves,
                                      const Mesh& mesh) {
@@ -206,6 +230,7 @@ Manifest ReadManifest(const std::string& directory) {
     m.layout.phi = ReadSpec(layout.Get("phi", "layout"), "layout.phi");
     if (m.layout.phi.dims.size() > 1) throw JsonError("layout.phi must be a scalar or a vector");
     m.layout.outputs = m.layout.phi.dims.empty() ? 0 : m.layout.phi.dims[0];
+    if (layout.Find("batch") != nullptr) m.layout.batch = ReadLeaves(layout, "batch", nullptr);
     for (const ArraySpec& spec : m.layout.state) m.layout.differentiable.push_back(DTypeOf(spec.type).floating);
     m.z_global = m.layout.z;
     m.data_global = m.layout.data;
@@ -223,6 +248,11 @@ Manifest ReadManifest(const std::string& directory) {
     }
     for (const char* required : {"init", "step"}) {
       if (m.programs.count(required) == 0) throw JsonError(std::string("programs lists no '") + required + "'");
+    }
+    if (const Json* stream = root.Find("stream")) {
+      ReadStream(*stream, m);
+    } else if (!m.layout.batch.empty()) {
+      throw JsonError("layout.batch: the programs take streamed batches, but the manifest has no stream");
     }
     const Json& arrays = root.Get("arrays", "manifest");
     for (const auto& [key, files, count] : {std::make_tuple("z", &m.z_files, m.layout.z.size()),

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/batch_stream.h"
 #include "runtime/programs.h"
 #include "runtime/sharding.h"
 
@@ -46,6 +47,11 @@ struct Manifest {
   std::vector<std::string> z_files, data_files;  // arrays, inside the directory
   std::map<std::string, ProgramEntry> programs;
   std::map<std::string, std::string> versions;
+  // Streamed data (layout.batch non-empty): each leaf's rows in a file (one
+  // carried inside the directory, or a referenced file by its absolute path),
+  // and the index table, int64 (steps, batch), inside the directory.
+  std::vector<StreamedLeaf> stream_rows;
+  std::string stream_batches;
 };
 
 // Parses and validates `directory`/manifest.json; throws ManifestError.

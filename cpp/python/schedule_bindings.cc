@@ -110,7 +110,9 @@ void BindSchedule(nb::module_& m) {
       .def_rw("programs", &metagrad::CostTable::programs,
               "by program name ('init', 'step', 'advance_10', 'segment_vjp_10', ...)")
       .def_rw("to_host", &metagrad::CostTable::to_host, "copying one state to host memory")
-      .def_rw("from_host", &metagrad::CostTable::from_host, "copying one state back to the device");
+      .def_rw("from_host", &metagrad::CostTable::from_host, "copying one state back to the device")
+      .def_rw("stream", &metagrad::CostTable::stream,
+              "gathering one step's streamed batch and copying it to the device (zero without streamed data)");
   m.def("simulate_plan",
         [](nb::handle plan, const metagrad::CostTable& costs, const std::set<int>& host_slots) {
           const metagrad::PlanCost cost = metagrad::SimulatePlan(PlanFromPython(plan), costs, host_slots);
@@ -120,6 +122,7 @@ void BindSchedule(nb::module_& m) {
           d["peak_host_bytes"] = cost.peak_host_bytes;
           d["bytes_to_host"] = cost.bytes_to_host;
           d["bytes_from_host"] = cost.bytes_from_host;
+          d["bytes_streamed"] = cost.bytes_streamed;
           d["host_saves"] = cost.host_saves;
           d["executions"] = cost.executions;
           return d;

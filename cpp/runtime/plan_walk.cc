@@ -62,12 +62,14 @@ class Walker {
     }
   }
 
-  void Execute(const std::string& program) {
+  // One execution of `program`, which takes the streamed batches of `steps` steps.
+  void Execute(const std::string& program, int64_t steps = 0) {
     if (costs_ == nullptr) return;
     const ProgramCost& cost = CostOf(*costs_, program);
     const int64_t live = saved_ + (have_current_ && !current_saved_ ? costs_->state_bytes : 0) + cotangent_;
     walk_.cost.peak_bytes = std::max(walk_.cost.peak_bytes, live + cost.bytes);
-    walk_.cost.seconds += cost.seconds;
+    walk_.cost.seconds += std::max(cost.seconds, static_cast<double>(steps) * costs_->stream.seconds);
+    walk_.cost.bytes_streamed += steps * costs_->stream.bytes;
     ++walk_.cost.executions;
   }
 
@@ -116,7 +118,7 @@ class Walker {
     if (costs_ != nullptr) {
       for (const auto& [t, n] : ForwardChunks(a.step, a.count, fused_forward_)) {
         const std::string program = SizedProgram("advance", n);
-        Execute(program);
+        Execute(program, n);
         current_saved_ = false;
         current_slot_ = -1;
         if (executor_) executor_->Forward(program, t, n);
@@ -216,7 +218,7 @@ class Walker {
     position_ = -1;
     if (costs_ != nullptr) {
       const std::string program = SizedProgram("segment_vjp", a.count);
-      Execute(program);
+      Execute(program, a.count);
       if (executor_) executor_->Reverse(program, a.step, a.count);
     }
   }

@@ -41,6 +41,11 @@ struct CostTable {
   std::map<std::string, ProgramCost> programs;
   // Copying one state to host memory and back (seconds; bytes unused).
   ProgramCost to_host, from_host;
+  // Gathering one step's streamed batch on the host and copying it to the
+  // device (its seconds and bytes); zero without streamed data. A worker
+  // thread does it ahead of the programs, so an execution of n steps costs
+  // the longer of the program and n batches.
+  ProgramCost stream;
 };
 
 struct PlanStats {
@@ -56,6 +61,7 @@ struct PlanCost {
   int64_t peak_bytes = 0;       // on the device (see above)
   int64_t peak_host_bytes = 0;  // saved states in host memory
   int64_t bytes_to_host = 0, bytes_from_host = 0;
+  int64_t bytes_streamed = 0;  // streamed batches copied to the device
   int64_t host_saves = 0;  // saves into host slots
   int64_t executions = 0;
 };

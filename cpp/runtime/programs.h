@@ -40,7 +40,7 @@ namespace metagrad {
 
 // Version of a saved task's manifest.json (python/metagrad/_src/saved.py
 // writes it, cpp/bench/manifest.cc reads it; both take this constant).
-constexpr int64_t kManifestVersion = 3;  // 3: sharded tasks (per-shard program signatures)
+constexpr int64_t kManifestVersion = 4;  // 3: sharded tasks (per-shard program signatures); 4: streamed data
 
 class Executable;
 using ExecutablePtr = std::shared_ptr<Executable>;

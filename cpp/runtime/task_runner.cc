@@ -697,6 +697,14 @@ std::map<std::string, ProgramCost> TaskRunner::Calibrate(const std::vector<Buffe
   };
   samplers.emplace_back("step", forward(programs_.Find("step"), 1));
   for (int64_t n : advance_lengths_) samplers.emplace_back(SizedProgram("advance", n), forward(programs_.Sized("advance", n), n));
+  if (stream_ != nullptr) {
+    // One step's batch, gathered and copied as the prefetch does, at every step in turn.
+    costs["stream"].bytes = stream_->BatchBytes(1);
+    samplers.emplace_back("stream", ChainTimer([this, t = int64_t{0}]() mutable {
+      t = (t + 1) % steps_;
+      return StepInputs(t, 1);
+    }));
+  }
   std::vector<BufferPtr> host;
   if (!host_memory_kind.empty()) {
     // One state's copy each way, timed alone (the copies are asynchronous).

@@ -159,11 +159,12 @@ def default_host_budget(client) -> int:
 
 def cost_table(task_layout, costs: dict) -> _runtime.CostTable:
     """A CostTable from the runner's layout (per-device shards) and per-program costs
-    (``TaskRunner.calibrate``/``program_bytes``; ``to_host``/``from_host``: one state's copies)."""
+    (``TaskRunner.calibrate``/``program_bytes``; ``to_host``/``from_host``: one state's copies;
+    ``stream``: one step's streamed batch)."""
     table = _runtime.CostTable()
     table.state_bytes = task_layout.state_bytes
     table.cotangent_bytes = task_layout.cotangent_bytes
-    copies = ("to_host", "from_host")
+    copies = ("to_host", "from_host", "stream")
     for name in copies:
         if name in costs:
             setattr(table, name, costs[name])

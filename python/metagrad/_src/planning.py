@@ -140,7 +140,8 @@ class Planning:
         Whether any plan over ``first_leaves`` fits is settled from the programs' compiled memory
         alone; only then are they calibrated (once per set of programs), which runs them."""
         sizes = runner.program_bytes()
-        wanted = tuple(sorted(set(sizes) | ({"to_host", "from_host"} if host_budget else set())))
+        wanted = tuple(sorted(set(sizes) | ({"to_host", "from_host"} if host_budget else set())
+                              | ({"stream"} if self.task.stream is not None else set())))
         if wanted not in self._calibrations:
             planner.choose(planner.cost_table(self.task._task_layout, sizes), self.task.steps, first_leaves, budget,
                            self.task.data_bytes, host_budget)
@@ -153,7 +154,8 @@ class Planning:
         the same choice (and the same bits)."""
         entry = cache.client_key(self.task.client, "calibration", sorted(
             (name, hashlib.sha256(self.task.programs[name].artifact).hexdigest()) for name in sizes
-            if name in self.task.programs), sorted(sizes), host_kind, self.task.num_devices, _runtime.CALIBRATION_VERSION)
+            if name in self.task.programs), sorted(sizes), host_kind, self.task.num_devices, _runtime.CALIBRATION_VERSION,
+            self.task.stream and self.task.stream.described())
         stored = cache.get("calibration", entry)
         if stored is not None:
             try:

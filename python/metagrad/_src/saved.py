@@ -17,6 +17,13 @@ reads the same)::
     arrays/{data,z}_<i>.bin      raw little-endian arrays, C order, whole (not
                                  per shard)
 
+and for a task with streamed data (a ``Stream``) the manifest's ``stream``:
+its index table (``arrays/stream_batches.bin``, int64 (T, B)) and one entry
+per leaf of rows, ``{"file", "offset", "rows"}``. Rows that were in memory
+are carried (``arrays/stream_rows_<i>.bin``); rows read from a file are
+referenced by the file's absolute path, not copied: the task runs where that
+file is.
+
 Loading never executes anything from the directory: the manifest is JSON,
 pytree structures are rebuilt from plain data (see ``trees``), every path
 must stay inside the directory, and every error names the file (and field)
@@ -34,7 +41,7 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import cache, lowering, programs as programs_lib, runtime, sharding as sharding_lib, trees
+from metagrad._src import cache, lowering, programs as programs_lib, runtime, sharding as sharding_lib, streams, trees
 from metagrad._src.layout import Layout
 
 MANIFEST_VERSION = _runtime.MANIFEST_VERSION  # the constant the C++ reader checks too
@@ -93,8 +100,21 @@ def _write_into(compiled, path: str, exports: dict[str, bytes]) -> None:
     }
     if compiled.sharding is not None:
         manifest["sharding"] = {**compiled.sharding.to_json(), "devices": list(compiled.devices)}
+    if compiled.stream is not None:
+        manifest["stream"] = _stream_entry(compiled.stream, write)
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
+
+
+def _stream_entry(stream, write) -> dict:
+    rows = []
+    for i, (leaf, source) in enumerate(zip(stream.leaves, stream.sources())):
+        if isinstance(source, tuple):  # a file: referenced
+            rows.append({"file": os.path.abspath(source[0]), "offset": int(source[1]), "rows": int(source[2])})
+        else:  # rows in memory: carried
+            rows.append({"file": write(f"arrays/stream_rows_{i}.bin", np.ascontiguousarray(leaf).tobytes()),
+                         "offset": 0, "rows": int(leaf.shape[0])})
+    return {"rows": rows, "batches": write("arrays/stream_batches.bin", stream.batches.astype("<i8").tobytes())}
 
 
 class _Reader:
@@ -245,6 +265,15 @@ def read(path: str, client) -> dict:
 
     data = arrays("data", layout.data)
     z_leaves = arrays("z", layout.z)
+    stream = None
+    if "stream" in manifest:
+        if sharding is not None:
+            reader.fail(f"{reader.manifest_path}: stream", "a task with streamed data runs on one device, this one "
+                                                           "is sharded")
+        stream = _read_stream(reader, reader.field(manifest, "stream", dict, "manifest"), layout, steps)
+    elif layout.batch:
+        reader.fail(f"{reader.manifest_path}: layout.batch", "the programs take streamed batches, but the manifest "
+                                                             "has no stream")
     executables = {}
     options = sharding_lib.compile_options(client, sharding, devices)
     for name, program in loaded.items():
@@ -261,4 +290,35 @@ def read(path: str, client) -> dict:
                         f"is not program {name}: it returns {list(made)}, {name} returns {list(program.outputs)}")
     return {"layout": layout, "steps": steps, "backend": backend, "loop": loop, "exports": exports, "programs": loaded,
             "data": data, "z_example": layout.unflatten("z", z_leaves), "sharding": sharding, "devices": devices,
-            "client": client, "executables": executables}
+            "client": client, "executables": executables, "stream": stream}
+
+
+def _read_stream(reader: _Reader, entry: dict, layout: Layout, steps: int):
+    """The saved task's Stream: every leaf of rows read from its file (inside the directory, or a
+    referenced file named by its absolute path)."""
+    where = "stream"
+    row_specs = layout.batch[:-1]  # the last leaf of a batch is its rows' index
+    rows = reader.field(entry, "rows", list, where)
+    if len(rows) != len(row_specs) or not row_specs:
+        reader.fail(f"{reader.manifest_path}: {where}.rows", f"lists {len(rows)} leaves, layout.batch "
+                                                             f"{len(row_specs)}")
+    leaves = []
+    for i, (row, spec) in enumerate(zip(rows, row_specs)):
+        field = f"{where}.rows[{i}]"
+        file = reader.field(row, "file", str, field)
+        full = file if os.path.isabs(file) else reader.inside(file, f"{field}.file")
+        offset, count = reader.field(row, "offset", int, field), reader.field(row, "rows", int, field)
+        try:
+            leaves.append(np.memmap(full, dtype=spec.dtype, mode="r", offset=offset, shape=(count, *spec.shape[1:])))
+        except (OSError, ValueError) as error:
+            reader.fail(full, f"cannot be read as {count} rows of {spec.dtype}{list(spec.shape[1:])} from byte "
+                              f"{offset} ({error}); it is listed as {field}.file in {reader.manifest_path}")
+    batch = layout.batch[-1].shape[0]
+    raw = reader.read(reader.field(entry, "batches", str, where), f"{where}.batches")
+    if len(raw) != steps * batch * 8:
+        reader.fail(reader.inside(entry["batches"], f"{where}.batches"),
+                    f"holds {len(raw)} bytes, the index table of {steps} steps of {batch} rows needs {steps * batch * 8}")
+    try:
+        return streams.Stream(leaves, np.frombuffer(raw, "<i8").reshape(steps, batch))
+    except (TypeError, ValueError) as error:
+        reader.fail(f"{reader.manifest_path}: {where}", str(error))

@@ -83,6 +83,12 @@ class Stream:
         rows' bytes in memory, ``uint8 (N, bytes per row)``."""
         return [_file_rows(leaf) or leaf.reshape(leaf.shape[0], -1).view(np.uint8) for leaf in self.leaves]
 
+    def described(self) -> list:
+        """Where each leaf is read from (a file's path or memory) and its row's bytes: what the
+        cost of streaming a batch depends on, besides its shape."""
+        return [[source[0] if isinstance(source, tuple) else "memory", leaf[0].nbytes]
+                for source, leaf in zip(self.sources(), self.leaves)]
+
     def batch_structs(self) -> Batch:
         """The abstract batch of one step."""
         rows = [jax.ShapeDtypeStruct((self.batch_size, *leaf.shape[1:]), leaf.dtype) for leaf in self.leaves]
