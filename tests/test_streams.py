@@ -222,9 +222,29 @@ def test_stream_arguments_are_checked():
         two.compile(Z)
 
 
-def test_streamed_tasks_refuse_sharding():
-    with pytest.raises(NotImplementedError, match="streamed data runs on one device"):
-        streamed_task().compile(Z, sharding=metagrad.Sharding(mesh={"batch": 2}))
+@pytest.mark.parametrize("split", [True, False], ids=["rows-split", "replicated"])
+def test_a_sharded_task_streams_each_device_its_share_of_each_batch(want, split):
+    from jax.sharding import PartitionSpec as P
+
+    sharding = metagrad.Sharding(mesh={"batch": 2}, batch=P("batch") if split else P())
+    task = streamed_task().compile(Z, fuse_forward=4, sharding=sharding,
+                                   client=metagrad.runtime.get_client(cpu_device_count=4))
+    assert task._task_layout.batch[0].shape == [B // 2 if split else B, D]
+    for schedule in (schedules.Budget(states=3, leaf=4), schedules.StoreAll()):
+        value, grad, report = task.metagradient(Z, schedule, report=True)
+        np.testing.assert_allclose(value, want[0], rtol=1e-5)  # the devices' sums round in another order
+        assert_close(grad, want[1])
+        assert report.prefetch_misses == 0 and report.devices == 2
+        share = batch_bytes() // (2 if split else 1)  # per device
+        assert report.streamed_bytes == (report.forward_steps + report.reversed_steps) * share
+
+
+def test_a_batch_split_along_other_axes_is_refused():
+    from jax.sharding import PartitionSpec as P
+
+    with pytest.raises(ValueError, match="a streamed batch may be split along its rows \\(its first axis\\) only"):
+        streamed_task().compile(Z, sharding=metagrad.Sharding(mesh={"batch": 2}, batch=P(None, "batch")),
+                                client=metagrad.runtime.get_client(cpu_device_count=4))
 
 
 def _rows_file(tmp_path, rows):
@@ -266,7 +286,8 @@ def test_a_saved_streamed_task_references_its_file_and_runs_in_the_harness(want,
     schedule = schedules.Budget(states=3, leaf=4)
     task.prepare(schedule).save(str(tmp_path / "task"))
     rows = json.loads((tmp_path / "task" / "manifest.json").read_text())["stream"]["rows"]
-    assert rows == [{"file": str(path), "offset": 128, "rows": N},
+    assert rows == [{"file": str(path), "offset": 128, "rows": N, "bytes": path.stat().st_size,
+                     "modified_ns": path.stat().st_mtime_ns},
                     {"file": "arrays/stream_rows_1.bin", "offset": 0, "rows": N}]
     loaded = metagrad.load(str(tmp_path / "task"))
     value, grad = loaded.metagradient(Z, schedule)
@@ -285,6 +306,13 @@ def test_a_saved_streamed_task_references_its_file_and_runs_in_the_harness(want,
 def test_a_saved_task_whose_referenced_file_is_gone_is_refused_naming_it(tmp_path):
     path = _rows_file(tmp_path, X)
     streamed_task(x=np.load(path, mmap_mode="r")).compile(Z, fuse_forward=4).save(str(tmp_path / "task"))
+    np.save(path, X[::-1].copy())  # the same size, other rows
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(ValueError, match=f"{path}: changed after the task was saved"):
+        metagrad.load(str(tmp_path / "task"))
+    done = run_bench(tmp_path / "task", "--schedule", "storeall", "--repeat", "1", "--warmup", "0",
+                     "--dispatch-iters", "0")
+    assert done.returncode == 1 and f"{path} changed after the task was saved" in done.stderr
     os.remove(path)
     with pytest.raises(ValueError, match=f"{path}: cannot be read as 200 rows of float32\\[6\\] from byte 128"):
         metagrad.load(str(tmp_path / "task"))

@@ -481,7 +481,7 @@ std::shared_ptr<BatchStream> OpenStream(const std::shared_ptr<Client>& client, c
   }
   std::vector<int64_t> index(static_cast<size_t>(T * batch));
   std::memcpy(index.data(), bytes.data(), index.size() * sizeof(int64_t));
-  return std::make_shared<BatchStream>(m.stream_rows, std::move(index), T, batch, client, 0);
+  return std::make_shared<BatchStream>(m.stream_rows, std::move(index), T, batch, client);
 }
 
 struct CompiledPrograms {

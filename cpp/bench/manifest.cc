@@ -1,5 +1,7 @@
 #include "bench/manifest.h"
 
+#include <sys/stat.h>
+
 #include <climits>
 #include <cstdlib>
 #include <fstream>
@@ -70,6 +72,17 @@ void ReadStream(const Json& entry, Manifest& m) {
     leaf.offset = rows[i].Get("offset", what).AsInt(what + ".offset");
     leaf.num_rows = rows[i].Get("rows", what).AsInt(what + ".rows");
     if (leaf.offset < 0 || leaf.num_rows < 1) throw JsonError(what + " needs offset >= 0 and rows >= 1");
+    if (const Json* modified = rows[i].Find("modified_ns")) {  // a referenced file, as it was when saved
+      struct stat st {};
+      const int64_t bytes = rows[i].Get("bytes", what).AsInt(what + ".bytes");
+      if (stat(leaf.path.c_str(), &st) == 0 &&
+          (static_cast<int64_t>(st.st_size) != bytes ||
+           static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec != modified->AsInt(what))) {
+        throw JsonError(what + ".file " + leaf.path + " changed after the task was saved (" + std::to_string(bytes) +
+                        " bytes then, " + std::to_string(st.st_size) + " now, or written to since): save the task "
+                        "again");
+      }
+    }
     leaf.row = m.layout.batch[i];
     leaf.row.dims.erase(leaf.row.dims.begin());  // one step's batch: (B, row...)
     m.stream_rows.push_back(std::move(leaf));

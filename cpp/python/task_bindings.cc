@@ -114,7 +114,8 @@ void BindTaskRunner(nb::module_& m) {
                           "Training data in host memory, gathered one batch per step as a run reaches it.")
       .def("__init__",
            [](BatchStream* self, std::vector<nb::object> rows, std::vector<ArraySpec> row_specs, IndexTable index,
-              std::shared_ptr<Client> client, int device) {
+              std::shared_ptr<Client> client, std::vector<int> devices,
+              const std::vector<std::pair<std::string, int64_t>>& mesh, std::vector<PartitionSpec> specs) {
              if (rows.size() != row_specs.size()) throw InvalidArgument("one row spec per leaf of rows");
              std::vector<StreamedLeaf> leaves;
              for (size_t i = 0; i < rows.size(); ++i) {
@@ -135,14 +136,23 @@ void BindTaskRunner(nb::module_& m) {
                leaves.push_back(std::move(leaf));
              }
              const int64_t steps = static_cast<int64_t>(index.shape(0)), batch = static_cast<int64_t>(index.shape(1));
+             StreamDevices where{std::move(devices), {}, std::move(specs)};
+             for (const auto& [axis, size] : mesh) {
+               where.mesh.axes.push_back(axis);
+               where.mesh.sizes.push_back(size);
+             }
              new (self) BatchStream(std::move(leaves), std::vector<int64_t>(index.data(), index.data() + steps * batch),
-                                    steps, batch, std::move(client), device);
+                                    steps, batch, std::move(client), std::move(where));
            },
-           nb::arg("rows"), nb::arg("row_specs"), nb::arg("index"), nb::arg("client"), nb::arg("device") = 0,
+           nb::arg("rows"), nb::arg("row_specs"), nb::arg("index"), nb::arg("client"),
+           nb::arg("devices") = std::vector<int>{0},
+           nb::arg("mesh") = std::vector<std::pair<std::string, int64_t>>{}, nb::arg("specs") = std::vector<PartitionSpec>{},
            nb::keep_alive<1, 2>(),
            "rows: per leaf, its N rows in memory as a C-contiguous uint8 array (N, bytes per row), kept alive by "
            "the stream, or in a file as (path, byte offset, N); row_specs: one row's shape and dtype; index: int64 "
-           "(T, B), the rows step t reads.")
+           "(T, B), the rows step t reads; devices: the client's devices of the partitions; with several, their "
+           "mesh [(axis, size)] and one PartitionSpec per leaf of a step's batch (the rows' leaves, then their "
+           "index), splitting the rows' axis only.")
       .def_prop_ro("batch_specs", &BatchStream::BatchSpecs)
       .def("batch_bytes", &BatchStream::BatchBytes, nb::arg("count") = 1);
 

@@ -31,19 +31,39 @@ BatchStream::File::~File() {
 }
 
 BatchStream::BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> index, int64_t steps, int64_t batch,
-                         std::shared_ptr<Client> client, int device)
+                         std::shared_ptr<Client> client, StreamDevices devices)
     : leaves_(std::move(leaves)),
       index_(std::move(index)),
       steps_(steps),
       batch_(batch),
       client_(std::move(client)),
-      device_(device) {
+      devices_(std::move(devices)) {
   if (steps_ < 1 || batch_ < 1) throw InvalidArgument("a streamed batch needs steps >= 1 and rows >= 1 per step");
   if (static_cast<int64_t>(index_.size()) != steps_ * batch_) {
     throw InvalidArgument("the index table has " + std::to_string(index_.size()) + " entries, not steps * batch = " +
                           std::to_string(steps_ * batch_));
   }
   if (leaves_.empty()) throw InvalidArgument("a streamed batch needs at least one leaf of rows");
+  if (devices_.devices.empty()) throw InvalidArgument("a stream needs at least one device");
+  if (devices_.devices.size() > 1) {
+    if (devices_.mesh.num_devices() != static_cast<int64_t>(devices_.devices.size()) ||
+        devices_.specs.size() != leaves_.size() + 1) {
+      throw InvalidArgument("a stream over " + std::to_string(devices_.devices.size()) +
+                            " devices needs their mesh and one PartitionSpec per leaf of its batches and one for "
+                            "their index");
+    }
+    const std::vector<ArraySpec> global = GlobalSpecs();
+    for (size_t i = 0; i < global.size(); ++i) {
+      const std::string what = i < leaves_.size() ? "streamed leaf " + std::to_string(i) : "the streamed rows' index";
+      CheckPartitionSpec(global[i].dims, devices_.specs[i], devices_.mesh, what);
+      for (size_t dim = 1; dim < devices_.specs[i].size(); ++dim) {
+        if (!devices_.specs[i][dim].empty()) {
+          throw InvalidArgument(what + ": a streamed batch may be split along its rows only, not " +
+                                ToString(devices_.specs[i]));
+        }
+      }
+    }
+  }
   for (const StreamedLeaf& leaf : leaves_) {
     if (leaf.path.empty()) {
       files_.push_back(nullptr);
@@ -78,7 +98,7 @@ BatchStream::BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> 
 
 BatchStream::~BatchStream() { End(); }
 
-std::vector<ArraySpec> BatchStream::BatchSpecs() const {
+std::vector<ArraySpec> BatchStream::GlobalSpecs() const {
   std::vector<ArraySpec> specs;
   for (const StreamedLeaf& leaf : leaves_) {
     ArraySpec spec = leaf.row;
@@ -87,6 +107,21 @@ std::vector<ArraySpec> BatchStream::BatchSpecs() const {
   }
   specs.push_back(ArraySpec{{batch_}, PJRT_Buffer_Type_S32});
   return specs;
+}
+
+std::vector<ArraySpec> BatchStream::BatchSpecs() const {
+  std::vector<ArraySpec> specs = GlobalSpecs();
+  if (devices_.devices.size() == 1) return specs;
+  for (size_t i = 0; i < specs.size(); ++i) specs[i].dims = ShardDims(specs[i].dims, devices_.specs[i], devices_.mesh);
+  return specs;
+}
+
+std::vector<BufferPtr> BatchStream::Upload(size_t leaf, const void* host, int64_t count) const {
+  const ArraySpec global = Stacked(GlobalSpecs()[leaf], count);
+  if (devices_.devices.size() == 1) return {client_->BufferFromHost(host, global, {}, devices_.devices[0])};
+  PartitionSpec spec = devices_.specs[leaf];
+  if (count > 1) spec.insert(spec.begin(), std::vector<std::string>{});  // the steps' axis is whole
+  return UploadShards(*client_, host, global, spec, devices_.mesh, devices_.devices);
 }
 
 int64_t BatchStream::BatchBytes(int64_t count) const {
@@ -104,15 +139,13 @@ std::vector<BufferPtr> BatchStream::Gather(int64_t t, int64_t count) {
   const int64_t* index = index_.data() + t * batch_;
   std::vector<BufferPtr> buffers;
   std::vector<char> staging;
-  const std::vector<ArraySpec> specs = BatchSpecs();
   for (size_t leaf = 0; leaf < leaves_.size(); ++leaf) {
-    const size_t row_bytes = leaves_[leaf].row.num_bytes();
-    staging.resize(static_cast<size_t>(rows) * row_bytes);
+    staging.resize(static_cast<size_t>(rows) * leaves_[leaf].row.num_bytes());
     ReadRows(leaf, index, rows, staging.data());
-    buffers.push_back(client_->BufferFromHost(staging.data(), Stacked(specs[leaf], count), {}, device_));
+    for (BufferPtr& shard : Upload(leaf, staging.data(), count)) buffers.push_back(std::move(shard));
   }
-  std::vector<int32_t> rows_read(index, index + rows);
-  buffers.push_back(client_->BufferFromHost(rows_read.data(), Stacked(specs.back(), count), {}, device_));
+  const std::vector<int32_t> rows_read(index, index + rows);
+  for (BufferPtr& shard : Upload(leaves_.size(), rows_read.data(), count)) buffers.push_back(std::move(shard));
   const std::lock_guard<std::mutex> lock(mutex_);
   stats_.batches += count;
   stats_.bytes += BatchBytes(count);

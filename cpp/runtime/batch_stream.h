@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "runtime/executable.h"
+#include "runtime/sharding.h"
 
 namespace metagrad {
 
@@ -39,6 +40,15 @@ struct StreamedLeaf {
   int64_t offset = 0;
   int64_t num_rows = 0;
   ArraySpec row;  // one row's dims and type
+};
+
+// Where a stream's batches go: one device, or the partitions of a sharded
+// task, each batch split by one PartitionSpec per leaf of group B (each
+// leaf's rows, then their index) that may split only the rows' axis.
+struct StreamDevices {
+  std::vector<int> devices = {0};  // the client's devices, one per partition
+  Mesh mesh;                       // with several devices
+  std::vector<PartitionSpec> specs;
 };
 
 // Streamed rows that cannot be read as they were when the stream opened them.
@@ -58,22 +68,24 @@ class BatchStream {
  public:
   // `index`: T * B row numbers, step-major; each must lie in [0, num_rows) of every leaf.
   BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> index, int64_t steps, int64_t batch,
-              std::shared_ptr<Client> client, int device);
+              std::shared_ptr<Client> client, StreamDevices devices = {});
   ~BatchStream();
   BatchStream(const BatchStream&) = delete;
   BatchStream& operator=(const BatchStream&) = delete;
 
   int64_t steps() const { return steps_; }
   int64_t batch() const { return batch_; }
-  // The per-step specs of group B: each leaf's (B, row...), then int32 (B).
+  // The per-step specs of group B, per device: each leaf's (B, row...), then
+  // int32 (B), as the device's shard of them.
   std::vector<ArraySpec> BatchSpecs() const;
-  // Device bytes of the batches of `count` steps.
+  // Bytes per device of the batches of `count` steps.
   int64_t BatchBytes(int64_t count) const;
 
   // Starts prefetching the batches (first step, count) of `order`; a call
   // that ends (or fails) calls End. `depth`: batches held ahead of the run.
   void Begin(std::vector<std::pair<int64_t, int64_t>> order, int depth);
-  // The buffers of group B for steps t..t+count-1 (leaf-major, indices last).
+  // The buffers of group B for steps t..t+count-1: per leaf (indices last),
+  // one shard per device.
   std::vector<BufferPtr> Take(int64_t t, int64_t count);
   // Stops the worker and drops what it prefetched; returns what the call streamed.
   StreamStats End();
@@ -87,6 +99,10 @@ class BatchStream {
     ~File();
   };
   std::vector<BufferPtr> Gather(int64_t t, int64_t count);
+  // The whole per-step specs of group B (not sharded).
+  std::vector<ArraySpec> GlobalSpecs() const;
+  // Uploads leaf `leaf`'s batches of `count` steps, gathered in `host`.
+  std::vector<BufferPtr> Upload(size_t leaf, const void* host, int64_t count) const;
   // Copies rows index[0..rows) of leaf `leaf` into `out`.
   void ReadRows(size_t leaf, const int64_t* index, int64_t rows, char* out) const;
   void CheckUnchanged(size_t leaf) const;
@@ -97,7 +113,7 @@ class BatchStream {
   const std::vector<int64_t> index_;
   const int64_t steps_, batch_;
   const std::shared_ptr<Client> client_;
-  const int device_;
+  const StreamDevices devices_;
 
   std::mutex mutex_;
   std::condition_variable changed_;

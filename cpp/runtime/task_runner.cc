@@ -163,7 +163,6 @@ TaskRunner::TaskRunner(TaskPrograms programs, TaskLayout layout, int64_t steps, 
     }
   }
   if (stream_ != nullptr) {
-    if (layout_.devices != 1) throw InvalidArgument("streamed data runs on one device");
     if (stream_->steps() != steps_) {
       throw InvalidArgument("the streamed batches cover " + std::to_string(stream_->steps()) + " steps, the task has " +
                             std::to_string(steps_));

@@ -357,7 +357,8 @@ def build(name: str, forward: Forward, layout: Layout, backend: str, target: str
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
             lowered = jax.jit(fn, donate_argnums=donate, keep_unused=True).lower(*inputs)
     else:
-        in_specs, out_specs = sharding.program_specs(KINDS[kind_of(name)[0]], layout)
+        kind, steps = kind_of(name)
+        in_specs, out_specs = sharding.program_specs(KINDS[kind], layout, steps)
         lowered = sharding.lower(fn, inputs, in_specs, out_specs, donate)
         shard = lambda s, spec: jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)  # noqa: E731
         inputs = [shard(s, spec) for s, spec in zip(inputs, in_specs)]

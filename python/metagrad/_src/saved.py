@@ -22,7 +22,8 @@ its index table (``arrays/stream_batches.bin``, int64 (T, B)) and one entry
 per leaf of rows, ``{"file", "offset", "rows"}``. Rows that were in memory
 are carried (``arrays/stream_rows_<i>.bin``); rows read from a file are
 referenced by the file's absolute path, not copied: the task runs where that
-file is.
+file is, as it was when saved (its ``bytes`` and ``modified_ns``, checked
+when the task is loaded).
 
 Loading never executes anything from the directory: the manifest is JSON,
 pytree structures are rebuilt from plain data (see ``trees``), every path
@@ -110,7 +111,9 @@ def _stream_entry(stream, write) -> dict:
     rows = []
     for i, (leaf, source) in enumerate(zip(stream.leaves, stream.sources())):
         if isinstance(source, tuple):  # a file: referenced
-            rows.append({"file": os.path.abspath(source[0]), "offset": int(source[1]), "rows": int(source[2])})
+            status = os.stat(source[0])
+            rows.append({"file": os.path.abspath(source[0]), "offset": int(source[1]), "rows": int(source[2]),
+                         "bytes": status.st_size, "modified_ns": status.st_mtime_ns})
         else:  # rows in memory: carried
             rows.append({"file": write(f"arrays/stream_rows_{i}.bin", np.ascontiguousarray(leaf).tobytes()),
                          "offset": 0, "rows": int(leaf.shape[0])})
@@ -228,7 +231,7 @@ def read(path: str, client) -> dict:
         except ValueError as error:
             reader.fail(f"{reader.manifest_path}: {where}", str(error))
         if sharding is not None:  # programs take shards
-            in_specs, out_specs = sharding.program_specs(kind, layout)
+            in_specs, out_specs = sharding.program_specs(kind, layout, programs_lib.kind_of(name)[1])
             expected_inputs = [jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)
                                for s, spec in zip(expected_inputs, in_specs)]
             expected_outputs = [jax.ShapeDtypeStruct(sharding.shard_shape(s.shape, spec), s.dtype)
@@ -308,6 +311,12 @@ def _read_stream(reader: _Reader, entry: dict, layout: Layout, steps: int):
         file = reader.field(row, "file", str, field)
         full = file if os.path.isabs(file) else reader.inside(file, f"{field}.file")
         offset, count = reader.field(row, "offset", int, field), reader.field(row, "rows", int, field)
+        if "modified_ns" in row and os.path.exists(full):
+            status = os.stat(full)
+            if (status.st_size, status.st_mtime_ns) != (row.get("bytes"), row["modified_ns"]):
+                reader.fail(full, f"changed after the task was saved ({row.get('bytes')} bytes then, "
+                                  f"{status.st_size} now, or written to since): the task's rows may differ; save the "
+                                  f"task again (it is listed as {field}.file in {reader.manifest_path})")
         try:
             leaves.append(np.memmap(full, dtype=spec.dtype, mode="r", offset=offset, shape=(count, *spec.shape[1:])))
         except (OSError, ValueError) as error:

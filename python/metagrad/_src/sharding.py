@@ -11,7 +11,7 @@ on each (``cpp/runtime/sharding.h`` says where each block lives; uploads and
 downloads here use its functions, like the C++ harness).
 
 Per argument group of the program contract (``cpp/runtime/programs.h``): S,
-Z and X as given; D (cotangents) like S's differentiable leaves; A
+Z and X as given; B (streamed batches) by ``Sharding.batch``; D (cotangents) like S's differentiable leaves; A
 (metagradient accumulators) like Z; t, p and f replicated. With m outputs at
 once, D and A carry a whole leading m axis.
 """
@@ -48,6 +48,11 @@ class Sharding:
         replicated), or a rule ``leaf -> PartitionSpec`` called with each
         leaf's ``LeafSpec`` (``.path``, ``.shape``, ``.dtype``), handy for
         optimizer states that repeat the parameters' structure.
+      batch: the ``PartitionSpec`` of every leaf of a streamed batch (a
+        :class:`metagrad.Stream`'s rows, ``(B, ...)``, and their index):
+        ``P("data")`` gives each device its share of each step's rows (the
+        runtime reads and copies each share to its device); only the rows'
+        axis may be split. Default replicated: every device gets all B rows.
       partitioner: ``"shardy"`` (jax's default) or ``"gspmd"``.
       devices: the client's devices of the partitions, in order (indices into
         ``client.devices``; default the first ``prod(mesh)``).
@@ -57,6 +62,7 @@ class Sharding:
     data: Any = P()
     z: Any = P()
     state: Any = P()
+    batch: Any = P()
     partitioner: str = "shardy"
     devices: Sequence[int] | None = None
 
@@ -136,6 +142,7 @@ class TaskSharding:
     state: tuple[Spec, ...]
     z: tuple[Spec, ...]
     data: tuple[Spec, ...]
+    batch: tuple[Spec, ...] = ()  # per leaf of a streamed batch (layout.batch)
 
     @property
     def num_devices(self) -> int:
@@ -144,13 +151,14 @@ class TaskSharding:
     def to_json(self) -> dict:
         lists = lambda specs: [[list(axes) for axes in spec] for spec in specs]  # noqa: E731
         return {"mesh": [[name, size] for name, size in self.mesh], "partitioner": self.partitioner,
-                "state": lists(self.state), "z": lists(self.z), "data": lists(self.data)}
+                "state": lists(self.state), "z": lists(self.z), "data": lists(self.data),
+                **({"batch": lists(self.batch)} if self.batch else {})}
 
     @classmethod
     def from_json(cls, entry: dict) -> "TaskSharding":
         specs = lambda key: tuple(tuple(tuple(str(a) for a in axes) for axes in spec) for spec in entry[key])  # noqa
         return cls(tuple((str(name), int(size)) for name, size in entry["mesh"]), str(entry["partitioner"]),
-                   specs("state"), specs("z"), specs("data"))
+                   specs("state"), specs("z"), specs("data"), specs("batch") if "batch" in entry else ())
 
     def key(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
@@ -167,15 +175,21 @@ class TaskSharding:
             "S": lambda: list(self.state),
             "Z": lambda: list(self.z),
             "X": lambda: list(self.data),
-            "B": lambda: [()] * len(layout.batch),
+            "B": lambda: list(self.batch),
             "D": lambda: [m + spec for spec, leaf in zip(self.state, layout.state) if leaf.floating],
             "A": lambda: [m + spec for spec in self.z],
         }
         return table[group]() if group in table else [()]
 
-    def program_specs(self, kind: dict, layout) -> tuple[list[Spec], list[Spec]]:
-        """(input specs, output specs) of a program of this ``kind`` (``programs.KINDS``)."""
-        flat = lambda groups: [s for g in groups for s in self.group_specs(layout, g)]  # noqa: E731
+    def program_specs(self, kind: dict, layout, steps: int = 0) -> tuple[list[Spec], list[Spec]]:
+        """(input specs, output specs) of a program of this ``kind`` (``programs.KINDS``) that runs
+        ``steps`` steps (0: a kind that is not sized); programs of several steps take their
+        batches stacked on a whole leading axis."""
+        def specs(group):
+            found = self.group_specs(layout, group)
+            return [((),) + spec for spec in found] if group == "B" and steps > 1 else found
+
+        flat = lambda groups: [s for g in groups for s in specs(g)]  # noqa: E731
         return flat(kind["inputs"]), flat(kind["outputs"])
 
     # -- lowering --------------------------------------------------------------
@@ -247,7 +261,20 @@ def resolve(sharding: Sharding, layout, client) -> tuple[TaskSharding, tuple[int
     mesh = tuple((name, int(size)) for name, size in sharding.mesh.items())
     specs = {what: _leaf_specs(getattr(sharding, what), getattr(layout, what), layout.treedefs.get(what), mesh, what)
              for what in ("data", "z", "state")}
-    return TaskSharding(mesh, sharding.partitioner, specs["state"], specs["z"], specs["data"]), devices
+    return TaskSharding(mesh, sharding.partitioner, specs["state"], specs["z"], specs["data"],
+                        _batch_specs(sharding.batch, layout.batch, mesh)), devices
+
+
+def _batch_specs(given, leaves, mesh) -> tuple[Spec, ...]:
+    """Sharding.batch for each leaf of a streamed batch: the rows' axis split, or nothing."""
+    spec = _spec_data(given, "Sharding.batch")
+    if any(spec[1:]):
+        raise ValueError(f"Sharding.batch is {given}: a streamed batch may be split along its rows (its first "
+                         f"axis) only")
+    specs = tuple(spec[:len(leaf.shape)] for leaf in leaves)
+    for spec, leaf in zip(specs, leaves):
+        _runtime.check_partition_spec(list(leaf.shape), [list(a) for a in spec], list(mesh), leaf.path)
+    return specs
 
 
 OVERSUBSCRIBE_ENV = _runtime.CPU_OVERSUBSCRIBE_ENV  # read by CheckCpuCores (C++)
