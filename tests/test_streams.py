@@ -113,13 +113,7 @@ def test_fused_scan_programs_take_their_steps_batches_stacked(compiled, want):
 
 
 def test_streamed_equals_the_same_task_with_its_data_resident(compiled):
-    def resident_step(state, z, data, t):
-        index = data["index"][t]
-        return _sgd_momentum(state, z, data["x"][index], data["y"][index], index)
-
-    resident = metagrad.Task(init=init, step=resident_step, output=output, steps=T,
-                             data={"x": X, "y": Y, "index": INDEX.astype(np.int32), "val": VAL}).compile(
-                                 Z, fuse_forward=4)
+    resident = _resident_task().compile(Z, fuse_forward=4)
     schedule = schedules.Budget(states=4, leaf=4)
     _, want_grad = resident.metagradient(Z, schedule)
     _, grad = compiled["unroll"].metagradient(Z, schedule)
@@ -319,3 +313,44 @@ def test_a_saved_task_whose_referenced_file_is_gone_is_refused_naming_it(tmp_pat
     done = run_bench(tmp_path / "task", "--schedule", "storeall", "--repeat", "1", "--warmup", "0",
                      "--dispatch-iters", "0")
     assert done.returncode == 1 and f"cannot open the streamed rows' file {path}" in done.stderr
+
+
+def test_saved_states_in_host_memory_with_streamed_batches(compiled):
+    import re
+
+    task = compiled["unroll"]
+    with pytest.raises(metagrad.DeviceMemoryError, match="to at least") as info:
+        task.metagradient(Z, metagrad.Auto(memory=1, leaves=(1,), host_memory=0))
+    budget = int(re.search(r"at least (\d+)", str(info.value)).group(1)) - 1  # too little with every state on it
+    value, grad, report = task.metagradient(Z, metagrad.Auto(memory=budget, leaves=(1,), host_memory=2**30),
+                                            report=True)
+    want_value, want_grad = task.metagradient(Z, schedules.StoreAll())
+    assert "in host memory" in report.schedule and report.peak_host_bytes > 0
+    assert report.peak_device_bytes + report.data_bytes <= budget and report.prefetch_misses == 0
+    assert value == want_value
+    for name in grad:
+        np.testing.assert_array_equal(grad[name], want_grad[name])
+
+
+def _resident_task():
+    def resident_step(state, z, data, t):
+        index = data["index"][t]
+        return _sgd_momentum(state, z, data["x"][index], data["y"][index], index)
+
+    return metagrad.Task(init=init, step=resident_step, output=output, steps=T,
+                         data={"x": X, "y": Y, "index": INDEX.astype(np.int32), "val": VAL})
+
+
+def test_mgd_over_per_example_weights_of_a_streamed_dataset(compiled):
+    def descend(task):
+        return metagrad.mgd.run(lambda z: task.metagradient(z, schedules.Budget(states=4, leaf=4)), Z, steps=4,
+                                direction="minimize", step_rule=metagrad.mgd.sign_step(0.02),
+                                projection=metagrad.mgd.leafwise({"weights": metagrad.mgd.box(0.0, 2.0),
+                                                                  "lr": metagrad.mgd.box(0.05, 0.05)}),  # lr held
+                                progress=False)
+
+    streamed = descend(compiled["unroll"])
+    resident = descend(_resident_task().compile(Z, fuse_forward=4))
+    assert streamed.values[-1] < streamed.values[0]
+    np.testing.assert_allclose(streamed.values, resident.values, rtol=1e-5)
+    np.testing.assert_allclose(streamed.z["weights"], resident.z["weights"], atol=1e-6)
