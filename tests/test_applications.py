@@ -18,7 +18,7 @@ import pytest
 import metagrad
 from metagrad import baselines
 from metagrad._src import cli
-from metagrad.applications import attribution, common, data_selection, lr_schedule, poisoning, smoothness
+from metagrad.applications import attribution, common, data_selection, lr_schedule, poisoning, smoothness, weights
 from metagrad.applications import attributors as A
 from metagrad.applications import digits as D
 from metagrad.applications.data_selection import auroc
@@ -197,19 +197,7 @@ def test_compare_picks_the_strongest_baseline_not_a_reference():
 # --------------------------------------------------------------------------- #
 
 def test_keep_top_keeps_exactly_k_by_score_ties_by_position():
-    np.testing.assert_array_equal(data_selection.keep_top([0.5, 0.9, 0.5, 0.1, 0.5], 3), [1, 1, 1, 0, 0])
-
-
-def test_loss_ranking_drops_the_highest_loss_examples():
-    y_noisy, flipped = D.flip_labels(SPLIT["y_train"], 0.25, seed=0)
-    task = D.make_task(CFG, SPLIT, role="weights", y_train=y_noisy)
-    scores = data_selection.loss_scores(CFG, task, SPLIT["x_train"], y_noisy)
-    # one ordinary run, then each example's loss on its own (possibly flipped) label
-    params = baselines.train(task, jnp.ones(60))["params"]
-    losses = np.asarray(D.per_example_loss(CFG, params, SPLIT["x_train"], y_noisy))
-    np.testing.assert_allclose(-scores, losses, rtol=1e-5, atol=1e-6)
-    kept = data_selection.keep_top(scores, 45)
-    assert losses[kept == 0].min() >= losses[kept == 1].max()
+    np.testing.assert_array_equal(weights.keep_top([0.5, 0.9, 0.5, 0.1, 0.5], 3), [1, 1, 1, 0, 0])
 
 
 def test_knn_scores_are_the_probability_of_the_given_label():
@@ -343,8 +331,8 @@ def test_lds_of_exact_predictions_is_one():
     scores = rng.normal(size=(2, 30))
     zs = (rng.random((12, 30)) > 0.2).astype(np.float32)
     actual = (zs - 1.0) @ scores.T
-    np.testing.assert_allclose(attribution.lds(scores, zs, actual), [1.0, 1.0])
-    np.testing.assert_allclose(attribution.lds(-scores, zs, actual), [-1.0, -1.0])
+    np.testing.assert_allclose(weights.linear_datamodeling_score(scores, zs, actual), [1.0, 1.0])
+    np.testing.assert_allclose(weights.linear_datamodeling_score(-scores, zs, actual), [-1.0, -1.0])
 
 
 # --------------------------------------------------------------------------- #

@@ -38,8 +38,9 @@ import numpy as np
 from metagrad.applications import attributors as A
 from metagrad.applications import digits as D
 from metagrad.applications.common import (ArgumentError, Metagradient, Timer, bar, check_split, compare, log,
-                                          merge_params, plot_comparison, plt, resolve_engine, seed_groups, spearman,
-                                          spread, write_result)
+                                          merge_params, plot_comparison, plt, resolve_engine, seed_groups, spread,
+                                          write_result)
+from metagrad.applications.weights import linear_datamodeling_score
 
 NAME = "attribution"
 DEFAULTS = dict(test_examples=8, subsets=50, fractions=(0.01, 0.05), seeds=2, eval_seeds=4, n_train=1000, n_val=300,
@@ -137,13 +138,6 @@ def baseline_scores(cfg: D.TrainConfig, split: dict, test_idx, seed: int, every:
     return out
 
 
-def lds(scores, zs, actual) -> np.ndarray:
-    """``[m]``: per test example, the Spearman correlation over subsets between the predicted changes
-    ``(zs - 1) @ scores_j`` and the ``actual`` changes ``[subsets, m]``."""
-    predicted = (np.asarray(zs, np.float64) - 1.0) @ np.asarray(scores, np.float64).T
-    return np.array([spearman(predicted[:, j], actual[:, j]) for j in range(actual.shape[1])])
-
-
 def _family(name: str) -> str:
     return name.split(" (")[0]
 
@@ -183,7 +177,7 @@ def study(cfg: D.TrainConfig, split: dict, test_idx, p: dict, engine: str, progr
                                                                 p["trak_dim"])})
     scores_seconds = clock()
     frac0 = p["fractions"][0]
-    same_run = {name: {frac: np.mean([lds(sc[name], subsets[frac], actual(frac, [i]))
+    same_run = {name: {frac: np.mean([linear_datamodeling_score(sc[name], subsets[frac], actual(frac, [i]))
                                       for i, sc in enumerate(per_seed)], axis=0) for frac in p["fractions"]}
                 for name in per_seed[0]}
     # each family's hyperparameter: the best same-run LDS on the fit seeds at the first fraction
@@ -198,7 +192,8 @@ def study(cfg: D.TrainConfig, split: dict, test_idx, p: dict, engine: str, progr
         mean_scores = np.mean([sc[name] for sc in per_seed], axis=0)
         row = {}
         for frac in p["fractions"]:
-            row[f"LDS {frac:g}"] = spread(lds(mean_scores, subsets[frac], actual(frac, unseen_pos)))
+            row[f"LDS {frac:g}"] = spread(linear_datamodeling_score(mean_scores, subsets[frac],
+                                                                     actual(frac, unseen_pos)))
         for frac in p["fractions"]:
             row[f"same-run LDS {frac:g}"] = spread(same_run[name][frac])
         row["variant"] = name

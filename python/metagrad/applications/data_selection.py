@@ -34,17 +34,16 @@ import os
 
 import numpy as np
 
-from metagrad import mgd
-from metagrad.applications import digits as D
-from metagrad.applications.common import (ArgumentError, Metagradient, Timer, check_split, compare, log, merge_params,
-                                          plot_comparison, plt, resolve_engine, seed_groups, spread, write_result)
+from metagrad.applications import digits as D, weights
+from metagrad.applications.common import (ArgumentError, Timer, check_split, compare, log, merge_params,
+                                          plot_comparison, plt, resolve_engine, seed_groups, write_result)
+from metagrad.applications.weights import MGD
 
 NAME = "data-selection"
 DEFAULTS = dict(steps=40, n_train=1000, n_val=300, noise=0.2, keep=0.8, lr=0.05, seeds=4, eval_seeds=8,
                 train_steps=200, hidden=128, batch_size=100, knn=10, seed=0)
 TOY = dict(steps=2, n_train=120, n_val=40, noise=0.2, keep=0.8, lr=0.1, seeds=1, eval_seeds=2, train_steps=6,
            hidden=8, batch_size=20, knn=3, seed=0)
-MGD = "MGD"
 REFERENCES = ("all data", "clean only (oracle)")
 
 
@@ -77,20 +76,6 @@ def config(p: dict) -> D.TrainConfig:
                          logit_scale=0.5, momentum=0.9, weight_decay=5e-4)
 
 
-def keep_top(scores, k: int) -> np.ndarray:
-    """0/1 weights keeping the ``k`` highest ``scores`` (ties broken by position)."""
-    z = np.zeros(len(scores), np.float32)
-    z[np.argsort(-np.asarray(scores, np.float64), kind="stable")[:k]] = 1.0
-    return z
-
-
-def loss_scores(cfg: D.TrainConfig, task, x, y_noisy) -> np.ndarray:
-    """Minus each example's loss (on its possibly flipped label) after one ordinary run of ``task``."""
-    params = D.train_many(task, np.ones((1, len(y_noisy)), np.float32))
-    one = {k: v[0] for k, v in params.items()}
-    return -np.asarray(D.per_example_loss(cfg, one, x, y_noisy), np.float64)
-
-
 def knn_scores(split: dict, y_noisy, k: int) -> np.ndarray:
     """A ``k``-nearest-neighbour classifier on the clean validation set: the probability of each given label."""
     from sklearn.neighbors import KNeighborsClassifier
@@ -110,69 +95,50 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
     y_noisy, flipped = D.flip_labels(split["y_train"], p["noise"], seed=p["seed"])
     cfg = config(p)
     fit_seeds, unseen_seeds = seed_groups(p)
-
-    def tasks_for(seeds):
-        return [D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="weights", y_train=y_noisy)
-                for s in seeds]
-
-    tasks = tasks_for(fit_seeds)
     n = p["n_train"]
     k = int(round(p["keep"] * n))
-    z0 = np.full(n, k / n, np.float32)
-    meta = Metagradient(tasks, z0, engine=engine)
-    log(f"[{NAME}] engine={meta.engine} n_train={n} flipped={int(flipped.sum())} keep={k} T={cfg.steps} "
-        f"MGD steps={p['steps']} on seeds {fit_seeds}, reported on unseen seeds {unseen_seeds}", progress)
 
-    aurocs, first = [], {}
+    def evaluate(state, seed):
+        metrics = D.evaluate(cfg, state["params"], split["x_test"], split["y_test"])
+        return {"test_acc": metrics["acc"], "test_loss": metrics["loss"]}
+
+    task = weights.WeightedTask(
+        lambda seed: D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", y_train=y_noisy),
+        n, evaluate, lambda state, seed: D.per_example_loss(cfg, state["params"], split["x_train"], y_noisy))
+    log(f"[{NAME}] n_train={n} flipped={int(flipped.sum())} keep={k} T={cfg.steps} MGD steps={p['steps']} on seeds "
+        f"{fit_seeds}, reported on unseen seeds {unseen_seeds}", progress)
+    aurocs = []
 
     def callback(i, z, value, grad):
-        if i == 0:
-            first["grad"] = grad
         # at step 0 all weights tie; rank by the metagradient itself (upweighting hurts -> flipped)
         aurocs.append(auroc(flipped, grad) if i == 0 else auroc(flipped, -z))
         return {"auroc": aurocs[-1]}
 
-    hist = mgd.run(meta, z0, steps=p["steps"], direction="minimize", step_rule=mgd.sign_step(p["lr"]),
-                   projection=mgd.top_k(k, soft=True), callback=callback, progress=progress,
-                   label=f"[{NAME}] mgd")
-    mgd_seconds = clock()
-
-    # scores: higher = keep
-    scores = {
-        MGD: hist.z,
-        "loss ranking": loss_scores(cfg, tasks[0], split["x_train"], y_noisy),
-        "first metagradient": -first["grad"],
-        "val kNN": knn_scores(split, y_noisy, p["knn"]),
-        "random": np.random.default_rng([p["seed"], 1]).random(n),
-    }
-    selections = {name: keep_top(s, k) for name, s in scores.items()}
-    selections["all data"] = np.ones(n, np.float32)
-    selections["clean only (oracle)"] = (~flipped).astype(np.float32)
-    names = list(selections)
-    trained = D.train_grid(tasks_for(unseen_seeds), np.stack([selections[m] for m in names]))
-    ev = D.evaluate_grid(cfg, trained, split["x_test"], split["y_test"])
-    methods = {m: {"test_acc": spread(ev["acc"][i]), "test_loss": spread(ev["loss"][i]),
-                   "kept_fraction": float(selections[m].mean()),
-                   "flipped_kept": int(selections[m][flipped].sum()),
-                   "clean_dropped": int((1 - selections[m])[~flipped].sum())}
-               for i, m in enumerate(names)}
-    for m, s in scores.items():
+    selection = weights.select(task, keep=p["keep"], fit_seeds=fit_seeds, eval_seeds=unseen_seeds,
+                               primary="test_acc", steps=p["steps"], lr=p["lr"],
+                               scores={"val kNN": knn_scores(split, y_noisy, p["knn"])},
+                               references={"clean only (oracle)": ~flipped}, callback=callback, progress=progress,
+                               seed=p["seed"], engine=engine)
+    methods = selection.comparison["methods"]
+    for m, z in selection.selections.items():
+        methods[m].update(kept_fraction=float(z.mean()), flipped_kept=int(z[flipped].sum()),
+                          clean_dropped=int((1 - z)[~flipped].sum()))
+    for m, s in selection.scores.items():
         methods[m]["detection_auroc"] = auroc(flipped, -np.asarray(s, np.float64))
-    loss_rank = methods["loss ranking"]["test_acc"]["mean"]
-    met = methods[MGD]["test_acc"]["mean"] >= loss_rank
+    met = methods[MGD]["test_acc"]["mean"] >= methods["loss ranking"]["test_acc"]["mean"]
     comparison = compare(methods, primary="test_acc", higher_is_better=True, mgd=MGD, references=REFERENCES,
                          unit=f"{len(unseen_seeds)} unseen training seeds",
                          target="MGD's test accuracy >= the loss-ranking filter's at the same kept fraction",
                          target_met=met)
-    result = {"application": NAME, "engine": meta.engine, "params": p, "comparison": comparison,
+    hist = selection.history
+    result = {"application": NAME, "engine": selection.engine, "params": p, "comparison": comparison,
               "metrics": {"seeds": {"fit": fit_seeds, "unseen": unseen_seeds}, "kept": k,
                           "flipped": int(flipped.sum()),
                           "val_loss_start": hist.values[0], "val_loss_last": hist.values[-1],
                           "mgd_detection_auroc_by_step": aurocs},
               "targets": {comparison["target"]: met},
               "history": hist.summary(),
-              "seconds": {"total": clock(), "mgd": mgd_seconds, "metagradients": meta.seconds,
-                          "compile": meta.compile_seconds}}
+              "seconds": {"total": clock(), **selection.seconds}}
     if out is not None:
         write_result(out, result)
         _plot(out, hist, aurocs, comparison, hist.z, flipped)
