@@ -354,3 +354,18 @@ def test_mgd_over_per_example_weights_of_a_streamed_dataset(compiled):
     assert streamed.values[-1] < streamed.values[0]
     np.testing.assert_allclose(streamed.values, resident.values, rtol=1e-5)
     np.testing.assert_allclose(streamed.z["weights"], resident.z["weights"], atol=1e-6)
+
+
+def test_calls_on_two_threads_share_the_stream_one_at_a_time(compiled, want):
+    """Runners of one task (other schedules, other programs) share its stream: a call waits for the other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    task = compiled["unroll"]
+    plans = [schedules.Budget(states=3, leaf=4), schedules.Replay(k=3), schedules.StoreAll()] * 2
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda s: task.metagradient(Z, s, report=True), plans))
+    for value, grad, report in results:
+        np.testing.assert_allclose(value, want[0], rtol=1e-6)
+        assert_close(grad, want[1])
+        assert report.prefetch_misses == 0
+        assert report.streamed_bytes == (report.forward_steps + report.reversed_steps) * batch_bytes()

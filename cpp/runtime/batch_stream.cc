@@ -96,7 +96,14 @@ BatchStream::BatchStream(std::vector<StreamedLeaf> leaves, std::vector<int64_t> 
   }
 }
 
-BatchStream::~BatchStream() { End(); }
+BatchStream::~BatchStream() {
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  changed_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
 
 std::vector<ArraySpec> BatchStream::GlobalSpecs() const {
   std::vector<ArraySpec> specs;
@@ -203,7 +210,7 @@ void BatchStream::ReadRows(size_t leaf, const int64_t* index, int64_t rows, char
 }
 
 void BatchStream::Begin(std::vector<std::pair<int64_t, int64_t>> order, int depth) {
-  End();
+  call_ = std::unique_lock<std::mutex>(call_mutex_);
   const std::lock_guard<std::mutex> lock(mutex_);
   order_ = std::move(order);
   depth_ = std::max(depth, 1);
@@ -221,12 +228,12 @@ void BatchStream::Work() {
       return stopping_ || next_to_gather_ >= order_.size() || static_cast<int>(ready_.size()) < depth_;
     });
     if (stopping_ || next_to_gather_ >= order_.size()) return;
-    const auto [t, count] = order_[next_to_gather_];
+    const std::pair<int64_t, int64_t> batches = order_[next_to_gather_];
     lock.unlock();
     try {
-      std::vector<BufferPtr> buffers = Gather(t, count);
+      std::vector<BufferPtr> buffers = Gather(batches.first, batches.second);
       lock.lock();
-      ready_.push_back(std::move(buffers));
+      ready_.emplace_back(batches, std::move(buffers));
       ++next_to_gather_;
     } catch (...) {
       lock.lock();
@@ -240,17 +247,24 @@ void BatchStream::Work() {
 
 std::vector<BufferPtr> BatchStream::Take(int64_t t, int64_t count) {
   const auto start = std::chrono::steady_clock::now();
+  const std::pair<int64_t, int64_t> wanted(t, count);
   std::unique_lock<std::mutex> lock(mutex_);
-  const bool planned = next_to_take_ < order_.size() && order_[next_to_take_] == std::make_pair(t, count);
   std::vector<BufferPtr> buffers;
-  if (planned && worker_.joinable()) {
-    changed_.wait(lock, [this] { return !ready_.empty() || failure_ != nullptr; });
-    if (ready_.empty()) std::rethrow_exception(failure_);
-    buffers = std::move(ready_.front());
-    ready_.pop_front();
-    ++next_to_take_;
-    changed_.notify_all();
-  } else {
+  if (worker_.joinable() && next_to_take_ < order_.size() && order_[next_to_take_] == wanted) {
+    const size_t position = next_to_take_;
+    changed_.wait(lock, [&] {
+      return !ready_.empty() || failure_ != nullptr || stopping_ || next_to_take_ != position;
+    });
+    if (next_to_take_ == position && !ready_.empty() && ready_.front().first == wanted) {
+      buffers = std::move(ready_.front().second);
+      ready_.pop_front();
+      ++next_to_take_;
+      changed_.notify_all();
+    } else if (next_to_take_ == position && ready_.empty() && failure_ != nullptr) {
+      std::rethrow_exception(failure_);
+    }
+  }
+  if (buffers.empty()) {  // not prefetched: gathered now
     ++stats_.misses;
     lock.unlock();
     buffers = Gather(t, count);
@@ -267,10 +281,15 @@ StreamStats BatchStream::End() {
   }
   changed_.notify_all();
   if (worker_.joinable()) worker_.join();
-  const std::lock_guard<std::mutex> lock(mutex_);
-  ready_.clear();
-  order_.clear();
-  return stats_;
+  StreamStats stats;
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    ready_.clear();
+    order_.clear();
+    stats = stats_;
+  }
+  if (call_.owns_lock()) call_.unlock();
+  return stats;
 }
 
 }  // namespace metagrad

@@ -14,7 +14,8 @@
 // A run knows its plan before it starts, so it hands the stream the order in
 // which it will take batches (Begin); a worker thread gathers and uploads
 // them in that order, at most `depth` ahead of the run. A batch taken out of
-// that order is gathered at once (counted as a miss).
+// that order is gathered at once (counted as a miss). One call streams at a
+// time: Begin waits for the previous call's End.
 #pragma once
 
 #include <condition_variable>
@@ -81,13 +82,15 @@ class BatchStream {
   // Bytes per device of the batches of `count` steps.
   int64_t BatchBytes(int64_t count) const;
 
-  // Starts prefetching the batches (first step, count) of `order`; a call
-  // that ends (or fails) calls End. `depth`: batches held ahead of the run.
+  // Starts prefetching the batches (first step, count) of `order` for a call
+  // on this thread, once no other call streams; the call, however it ends,
+  // calls End on this thread. `depth`: batches held ahead of the run.
   void Begin(std::vector<std::pair<int64_t, int64_t>> order, int depth);
   // The buffers of group B for steps t..t+count-1: per leaf (indices last),
   // one shard per device.
   std::vector<BufferPtr> Take(int64_t t, int64_t count);
-  // Stops the worker and drops what it prefetched; returns what the call streamed.
+  // Stops the worker and drops what it prefetched; returns what the call
+  // streamed, and lets the next call begin.
   StreamStats End();
 
  private:
@@ -115,12 +118,15 @@ class BatchStream {
   const std::shared_ptr<Client> client_;
   const StreamDevices devices_;
 
+  std::mutex call_mutex_;  // held from Begin to End
+  std::unique_lock<std::mutex> call_;
   std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<std::pair<int64_t, int64_t>> order_;
   size_t next_to_gather_ = 0;  // into order_
   size_t next_to_take_ = 0;    // into order_
-  std::deque<std::vector<BufferPtr>> ready_;  // order_[next_to_take_...], gathered
+  // order_[next_to_take_...], gathered, each with its (first step, count)
+  std::deque<std::pair<std::pair<int64_t, int64_t>, std::vector<BufferPtr>>> ready_;
   int depth_ = 0;
   bool stopping_ = false;
   std::exception_ptr failure_;

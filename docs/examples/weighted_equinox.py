@@ -2,7 +2,7 @@
 30% of its training labels flipped (docs/guide.md, section 5).
 
     python docs/examples/weighted_equinox.py --out bench/results/weighted_equinox.json   # the documented run
-    python docs/examples/weighted_equinox.py --toy    # seconds (tests/test_weights.py runs it)
+    python docs/examples/weighted_equinox.py --toy    # seconds (tests/test_own_task.py runs it)
 """
 
 import argparse

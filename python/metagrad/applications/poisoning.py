@@ -35,19 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import mgd
-from metagrad.applications import digits as D
-from metagrad.applications.common import (ArgumentError, Metagradient, Timer, bar, check_split, compare, log,
-                                          merge_params, plot_comparison, plt, resolve_engine, seed_groups, spread,
-                                          write_result)
+from metagrad.applications import digits as D, inputs
+from metagrad.applications.common import (ArgumentError, Timer, bar, check_split, compare, log, merge_params,
+                                          plot_comparison, plt, resolve_engine, seed_groups, write_result)
+from metagrad.applications.inputs import MGD
 
 NAME = "poisoning"
 DEFAULTS = dict(steps=150, fraction=0.03, n_train=1000, n_val=300, lr=0.02, seeds=8, eval_seeds=8, train_steps=400,
                 hidden=128, batch_size=100, cancel_steps=300, seed=0)
 TOY = dict(steps=2, fraction=0.05, n_train=120, n_val=40, lr=0.05, seeds=1, eval_seeds=2, train_steps=6, hidden=8,
            batch_size=20, cancel_steps=5, seed=0)
-MGD = "MGD"
-STEP_SIZES = (0.05, 0.1, 0.2, 0.5, 1.0)  # one-metagradient attack: eps tried on the fit seeds
 TARGET_FLIPS = (0.1, 0.3, 0.6)  # GradCancel: fraction of labels flipped to make its target model
 
 
@@ -121,32 +118,15 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
 
     fit_tasks = tasks_for(fit_seeds)
     z0 = split["x_train"][:n_poison].copy()
-    meta = Metagradient(fit_tasks, z0, engine=engine)
-    log(f"[{NAME}] engine={meta.engine} poison {n_poison}/{p['n_train']} examples, T={cfg.steps}, "
-        f"MGD steps={p['steps']} on seeds {fit_seeds}, reported on unseen seeds {unseen_seeds}", progress)
-
-    first = {}
-
-    def callback(i, z, value, grad):
-        if i == 0:
-            first["grad"] = grad
-
-    hist = mgd.run(meta, z0, steps=p["steps"], direction="maximize", step_rule=mgd.sign_step(p["lr"]),
-                   projection=mgd.pixel_range(0.0, 1.0), callback=callback, progress=progress,
-                   label=f"[{NAME}] mgd")
-    mgd_seconds = clock()
+    log(f"[{NAME}] poison {n_poison}/{p['n_train']} examples, T={cfg.steps}, MGD steps={p['steps']} on seeds "
+        f"{fit_seeds}, reported on unseen seeds {unseen_seeds}", progress)
 
     def fit_val_loss(images):
-        """phi on the fit seeds for each candidate poison (leading axis): the attacks' common objective."""
+        """phi on the fit seeds for each candidate poison (leading axis): GradCancel's tuning objective."""
         trained = D.train_grid(fit_tasks, np.stack(images).astype(np.float32))
         return D.evaluate_grid(cfg, trained, split["x_val"], split["y_val"])["loss"].mean(axis=1)
 
     clock_base = Timer()
-    # one metagradient: the step size that hurts the fit seeds most
-    one_step = [np.clip(z0 + eps * np.sign(first["grad"]), 0.0, 1.0) for eps in STEP_SIZES]
-    one_step_phi = fit_val_loss(one_step)
-    z_one = one_step[int(np.argmax(one_step_phi))]
-
     # GradCancel: targets trained (fit seed 0) with a fraction of the labels flipped
     clean_params = {k: v[0] for k, v in D.train_many(fit_tasks[0], z0[None]).items()}
     cancel, cancel_targets = [], []
@@ -159,27 +139,33 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
         cancel_targets.append(D.evaluate(cfg, target, split["x_test"], split["y_test"])["acc"])
     cancel_phi = fit_val_loss(cancel)
     best_cancel = int(np.argmax(cancel_phi))
-
     y_flip = y_train.copy()
     y_flip[:n_poison] = most_confusing_labels(cfg, clean_params, z0, y_train[:n_poison])
     baseline_seconds = clock_base()
 
-    # every attack on the unseen seeds: accuracy drop paired per seed with the clean run
-    images = {"clean": z0, MGD: hist.z, "one metagradient": z_one, "GradCancel": cancel[best_cancel]}
-    names = list(images)
-    unseen = tasks_for(unseen_seeds)
-    acc = dict(zip(names, D.evaluate_grid(cfg, D.train_grid(unseen, np.stack([images[m] for m in names])),
-                                          split["x_test"], split["y_test"])["acc"]))
-    acc["label flip"] = D.evaluate_grid(cfg, D.train_grid(tasks_for(unseen_seeds, y_flip), z0[None]),
-                                        split["x_test"], split["y_test"])["acc"][0]
-    methods = {m: {"accuracy_drop": spread(acc["clean"] - acc[m]), "test_acc": spread(acc[m])}
+    def make(labels):
+        return lambda seed: tasks_for([seed], labels)[0]
+
+    def evaluate(state, seed):
+        return {"test_acc": D.evaluate(cfg, state["params"], split["x_test"], split["y_test"])["acc"]}
+
+    attacked = inputs.attack(inputs.InputTask(make(y_train), z0, evaluate), box=(0.0, 1.0), fit_seeds=fit_seeds,
+                             eval_seeds=unseen_seeds, primary="test_acc", steps=p["steps"], lr=p["lr"],
+                             others={"GradCancel": (make(y_train), cancel[best_cancel]),
+                                     "label flip": (make(y_flip), z0)}, progress=progress, engine=engine)
+    hist = attacked.history
+    images = {**attacked.inputs, "GradCancel": cancel[best_cancel]}
+    found = attacked.comparison["methods"]
+    methods = {m: {"accuracy_drop": found[m]["test_acc drop"], "test_acc": found[m]["test_acc"]}
                for m in (MGD, "one metagradient", "GradCancel", "label flip")}
-    methods["one metagradient"]["tuning"] = {"eps": list(STEP_SIZES), "fit_val_loss": one_step_phi.tolist()}
+    methods["one metagradient"]["tuning"] = {"eps": list(inputs.STEP_SIZES),
+                                             "fit_val_loss": found["one metagradient"]["tuning"]["fit output"]}
     methods["GradCancel"]["tuning"] = {"target_flip_fraction": list(TARGET_FLIPS),
                                        "target_test_acc": cancel_targets, "fit_val_loss": cancel_phi.tolist()}
     for m in methods:
         if m != "label flip":
             methods[m]["mean_abs_pixel_change"] = float(np.mean(np.abs(images[m] - z0)))
+    clean_acc = attacked.comparison["clean"]["test_acc"]
     strongest = max((m for m in methods if m != MGD), key=lambda m: methods[m]["accuracy_drop"]["mean"])
     drop_mgd, drop_base = methods[MGD]["accuracy_drop"]["mean"], methods[strongest]["accuracy_drop"]["mean"]
     ratio = drop_mgd / drop_base if drop_base > 0 else float("inf")
@@ -187,18 +173,17 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
                          unit=f"{len(unseen_seeds)} unseen training seeds",
                          target="MGD's accuracy drop >= 3x the strongest non-MGD attack's", target_met=ratio >= 3)
     comparison["drop_ratio_mgd_over_strongest"] = ratio
-    result = {"application": NAME, "engine": meta.engine, "params": p, "comparison": comparison,
+    result = {"application": NAME, "engine": attacked.engine, "params": p, "comparison": comparison,
               "metrics": {"seeds": {"fit": fit_seeds, "unseen": unseen_seeds}, "n_poison": n_poison,
-                          "test_acc_clean": spread(acc["clean"]),
+                          "test_acc_clean": clean_acc,
                           "val_loss_start": hist.values[0], "val_loss_last": hist.values[-1]},
               "targets": {comparison["target"]: ratio >= 3},
               "history": hist.summary(),
-              "seconds": {"total": clock(), "mgd": mgd_seconds, "baselines": baseline_seconds,
-                          "metagradients": meta.seconds, "compile": meta.compile_seconds}}
+              "seconds": {"total": clock(), "baselines": baseline_seconds, **attacked.seconds}}
     if out is not None:
         write_result(out, result)
         _plot(out, hist, comparison, images, y_train[:n_poison])
-    log(f"[{NAME}] accuracy drop on {len(unseen_seeds)} unseen seeds (clean {acc['clean'].mean():.4f}): "
+    log(f"[{NAME}] accuracy drop on {len(unseen_seeds)} unseen seeds (clean {clean_acc['mean']:.4f}): "
         + ", ".join(f"{m} {v['accuracy_drop']['mean']:.4f}+-{v['accuracy_drop']['sem']:.4f}"
                     for m, v in methods.items())
         + f"; MGD / strongest ({strongest}) = {ratio:.2f} | {clock():.1f}s", progress)

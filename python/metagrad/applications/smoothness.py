@@ -33,9 +33,11 @@ import os
 import jax
 import numpy as np
 
+from metagrad import Task
 from metagrad.applications import digits as D
 from metagrad.applications.common import (ArgumentError, Metagradient, Timer, bar, check_split, log, merge_params, plt,
                                           resolve_engine, spearman, write_result)
+from metagrad.applications.weights import Runs
 
 NAME = "smoothness"
 DEFAULTS = dict(h=0.05, sign_directions=4, directions=16, n_train=1000, n_val=300, train_steps=200, batch_size=100,
@@ -89,6 +91,53 @@ def metasmoothness(params0, params1, params2) -> float:
     flat = [np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(q)])
             for q in (params0, params1, params2)]
     return sign_agreement(flat[1] - flat[0], flat[2] - flat[1])
+
+
+def diagnose(task: Task, z, *, h: float = 0.05, sign_directions: int = 4, directions: int = 16,
+             seed: int = 0) -> dict:
+    """The metasmoothness diagnostic on any task at metaparameter ``z`` (a pytree of float arrays).
+
+    ``S_state``: :func:`sign_agreement` of the final training state's two successive changes along
+    ``sign_directions`` random sign directions of size ``h`` (every floating leaf of the state, the
+    optimizer's included); ``S_outputs``: the same for the task's output (each of m outputs a coordinate).
+    Then whether the metagradient predicts: over ``directions`` Gaussian directions ``u``, the first-order
+    prediction ``h g . u`` of the output's mean against its actual change, by Pearson and Spearman
+    correlation and sign agreement. Trains ``1 + 2 * sign_directions + directions`` times in the runtime.
+    """
+    from jax.flatten_util import ravel_pytree
+
+    if sign_directions < 1 or directions < 3:
+        raise ValueError(f"diagnose needs sign_directions >= 1 and directions >= 3 (a correlation over them), got "
+                         f"{sign_directions} and {directions}")
+    flat, unravel = ravel_pytree(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), z))
+    flat = np.asarray(flat, np.float32)
+    runs = Runs(lambda _: task, unravel(flat))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=(sign_directions, flat.size)).astype(np.float32)
+    gaussian = rng.normal(size=(directions, flat.size)).astype(np.float32)
+
+    def trained(v):
+        point = unravel(flat + v)
+        return runs.train(0, point), runs.outputs(0, point)
+
+    base_state, base_out = trained(np.zeros_like(flat))
+    s_state, s_out = [], []
+    for v in signs:
+        (state1, out1), (state2, out2) = trained(h * v), trained(2 * h * v)
+        s_state.append(metasmoothness(_floating(base_state), _floating(state1), _floating(state2)))
+        s_out.append(sign_agreement(out1 - base_out, out2 - out1))
+    value, grad = runs.compiled(0).metagradient(unravel(flat))
+    g = np.asarray(ravel_pytree(grad)[0], np.float64).reshape(-1, flat.size).mean(axis=0)  # m outputs: their mean
+    predicted = h * (gaussian.astype(np.float64) @ g)
+    actual = np.array([trained(h * u)[1].mean() - base_out.mean() for u in gaussian])
+    return {"S_state": float(np.mean(s_state)), "S_outputs": float(np.mean(s_out)),
+            "pred_pearson": float(np.corrcoef(predicted, actual)[0, 1]), "pred_spearman": spearman(predicted, actual),
+            "pred_sign_agreement": float(np.mean(np.sign(predicted) == np.sign(actual))),
+            "output": base_out.tolist(), "predicted": predicted.tolist(), "actual": actual.tolist()}
+
+
+def _floating(state):
+    return [leaf for leaf in jax.tree_util.tree_leaves(state) if np.issubdtype(np.asarray(leaf).dtype, np.floating)]
 
 
 def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:

@@ -61,41 +61,50 @@ class WeightedTask:
             raise ValueError(f"WeightedTask.n must be the number of training examples (an int >= 2), got {self.n!r}")
 
 
-class _Runs:
-    """One compiled task per seed (compiled once), trained for real with given weights."""
+class Runs:
+    """A task per training seed, each compiled once (for metaparameters like ``z_example``) and trained
+    for real with a given ``z``: by the runtime, or by JAX (``engine="jax"``)."""
 
-    def __init__(self, weighted: WeightedTask, engine: str = "metagrad"):
-        self.weighted, self.engine = weighted, engine
-        self.z0 = np.ones(weighted.n, np.float32)
+    def __init__(self, make: Callable[[int], Task], z_example: PyTree, engine: str = "metagrad"):
+        self.make, self.engine = make, engine
+        self.z_example = _float32(z_example)
         self._compiled: dict = {}
         self._tasks: dict = {}
 
     def task(self, seed: int) -> Task:
         if seed not in self._tasks:
-            task = self.weighted.make(seed)
+            task = self.make(seed)
             if not isinstance(task, Task):
-                raise TypeError(f"WeightedTask.make({seed}) returned a {type(task).__name__}, not a metagrad.Task")
+                raise TypeError(f"make({seed}) returned a {type(task).__name__}, not a metagrad.Task")
             self._tasks[seed] = task
         return self._tasks[seed]
 
     def compiled(self, seed: int):
         if seed not in self._compiled:
-            self._compiled[seed] = self.task(seed).compile(self.z0)
+            self._compiled[seed] = self.task(seed).compile(self.z_example)
         return self._compiled[seed]
 
     def train(self, seed: int, z) -> PyTree:
-        z = np.asarray(z, np.float32)
+        z = _float32(z)
         if self.engine == "jax":
             return baselines.train(self.task(seed), z)
         return self.compiled(seed).train(z, progress=False)
 
     def outputs(self, seed: int, z) -> np.ndarray:
-        """The task's output after training with weights ``z``, as a vector."""
+        """The task's output after training with ``z``, as a vector."""
         task = self.task(seed)
         found = streams.find(task.data)
         data = task.data if found is None else streams.unreadable(task.data, found[0])
-        value = _jitted_output(task.output)(self.train(seed, z), np.asarray(z, np.float32), data)
+        value = _jitted_output(task.output)(self.train(seed, z), _float32(z), data)
         return np.atleast_1d(np.asarray(value, np.float64))
+
+
+def _float32(tree) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def _runs(weighted: WeightedTask, engine: str = "metagrad") -> Runs:
+    return Runs(weighted.make, np.ones(weighted.n, np.float32), engine)
 
 
 _OUTPUTS: dict = {}
@@ -188,7 +197,7 @@ def select(weighted: WeightedTask, *, keep: float, fit_seeds: Sequence[int], eva
         raise ValueError(f"eval_seeds must be seeds MGD never saw; {sorted(set(fit) & set(unseen))} are fit seeds")
     n = weighted.n
     k = int(round(keep * n))
-    runs, clock = _Runs(weighted, resolve_engine(engine)), Timer()
+    runs, clock = _runs(weighted, resolve_engine(engine)), Timer()
     z0 = np.full(n, k / n, np.float32)
     meta = Metagradient([runs.task(s) for s in fit], z0, engine=engine)
     first = {}
@@ -242,7 +251,7 @@ def _vector(values, n: int, what: str) -> np.ndarray:
 
 def train(weighted: WeightedTask, seed: int, z=None) -> PyTree:
     """The final training state of seed ``seed`` with weights ``z`` (default: all 1), trained by the runtime."""
-    return _Runs(weighted).train(seed, np.ones(weighted.n) if z is None else z)
+    return _runs(weighted).train(seed, np.ones(weighted.n) if z is None else z)
 
 
 def gradient_scores(per_example_loss: Callable, params: PyTree, train_rows: tuple, test_rows: tuple, *,
@@ -277,10 +286,10 @@ def attribute(weighted: WeightedTask, seeds: Sequence[int] = (0,)) -> np.ndarray
     each training example's weight at ``z = 1``, averaged over ``seeds``. Row j, times the change of the
     weights, predicts the change of output j: removing the examples ``S`` changes it by about
     ``-scores[j, S].sum()``."""
-    runs = _Runs(weighted)
+    runs = _runs(weighted)
     rows = []
     for s in _seeds(seeds, "seeds"):
-        _, grad = runs.compiled(s).metagradient(runs.z0)
+        _, grad = runs.compiled(s).metagradient(runs.z_example)
         grad = np.asarray(grad, np.float64)
         rows.append(grad.reshape(-1, weighted.n))
     return np.mean(rows, axis=0)
@@ -329,7 +338,7 @@ def lds(weighted: WeightedTask, scores: Mapping[str, Any], *, seeds: Sequence[in
     removed = np.zeros((subsets, n), np.float32)
     for r in range(subsets):
         removed[r, rng.choice(n, max(1, int(round(fraction * n))), replace=False)] = 1.0
-    runs = _Runs(weighted)
+    runs = _runs(weighted)
     changes = []
     for s in bar(_seeds(seeds, "seeds"), desc="lds: retraining", enabled=progress):
         base = runs.outputs(s, np.ones(n))

@@ -1,5 +1,6 @@
-"""Data selection and attribution on a user's own task (metagrad.applications.weights), at toy size, on a
-data set that is not digits; and the documented Equinox example."""
+"""The applications on a user's own task, at toy size, on a data set that is not digits: data selection and
+attribution (metagrad.applications.weights), poisoning (inputs), the metasmoothness diagnostic
+(smoothness.diagnose); and the documented Equinox example."""
 
 import pathlib
 import runpy
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import metagrad
-from metagrad.applications import breast_cancer, weights
+from metagrad.applications import breast_cancer, inputs, smoothness, weights
 from metagrad.applications.digits import batch_table, flip_labels
 
 N, STEPS, BATCH = 40, 6, 10
@@ -140,7 +141,7 @@ def test_errors_name_what_the_task_lacks():
                        scores={"bad": np.ones(3)}, progress=False)
     with pytest.raises(ValueError, match="WeightedTask.n must be the number of training examples"):
         weights.WeightedTask(lambda seed: None, 1)
-    with pytest.raises(TypeError, match=r"WeightedTask.make\(0\) returned a NoneType, not a metagrad.Task"):
+    with pytest.raises(TypeError, match=r"make\(0\) returned a NoneType, not a metagrad.Task"):
         weights.attribute(weights.WeightedTask(lambda seed: None, N))
     with pytest.raises(ValueError, match=r"scores\['m'\] has 2 rows, the task has 3 outputs"):
         weights.lds(weighted(output=held_out_losses), {"m": np.ones((2, N))}, seeds=[0], subsets=3, progress=False)
@@ -154,3 +155,67 @@ def test_the_documented_equinox_example_runs_at_toy_size():
     assert set(result["selection"]["methods"]) == {"MGD", "loss ranking", "first metagradient", "random", "all data",
                                                    "clean only (oracle)"}
     assert set(result["attribution"]["methods"]) == {"metagradient", "grad dot", "influence"}
+
+
+# -- poisoning: the first K training rows are the metaparameter -------------------------------------------
+
+K = 4
+BOX = (float(SPLIT["x_train"][:K].min()) - 1.0, float(SPLIT["x_train"][:K].max()) + 1.0)
+
+
+def poisoned_step(params, z, data, t):
+    x = jnp.concatenate([z, data["x"][K:]])
+    i = data["batches"][t]
+    grads = jax.grad(lambda p: jnp.mean(xent(p, x[i], data["y"][i])))(params)
+    return jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)
+
+
+def poisoning_make(labels):
+    def make(seed):
+        w0 = np.random.default_rng(seed).normal(scale=0.1, size=(30, 2)).astype(np.float32)
+        return metagrad.Task(init=init, step=poisoned_step, output=validation_loss, steps=STEPS,
+                             data={"x": SPLIT["x_train"], "y": labels, "x_val": SPLIT["x_val"], "y_val": SPLIT["y_val"],
+                                   "w0": w0, "batches": batch_table(N, BATCH, STEPS, seed)})
+    return make
+
+
+def accuracy(params, seed):
+    return {"accuracy": float(np.mean(np.argmax(logits(params, SPLIT["x_test"]), -1) == SPLIT["y_test"]))}
+
+
+def test_attack_raises_the_output_in_the_box_and_reports_the_drop_on_unseen_seeds():
+    clean = SPLIT["x_train"][:K]
+    flipped = SPLIT["y_train"].copy()
+    flipped[:K] = 1 - flipped[:K]
+    task = inputs.InputTask(poisoning_make(SPLIT["y_train"]), clean, accuracy)
+    result = inputs.attack(task, box=BOX, fit_seeds=[0], eval_seeds=[10, 11], primary="accuracy", steps=3, lr=0.2,
+                           others={"label flip": (poisoning_make(flipped), clean)}, progress=False)
+    assert set(result.inputs) == {"clean", "MGD", "one metagradient"}
+    for name in ("MGD", "one metagradient"):
+        z = result.inputs[name]
+        assert z.shape == clean.shape and z.min() >= BOX[0] and z.max() <= BOX[1], name
+    assert result.history.values[-1] > result.history.values[0]  # ascent on the fit seed's validation loss
+    methods = result.comparison["methods"]
+    assert set(methods) == {"MGD", "one metagradient", "label flip"}
+    # The drop is paired per unseen seed against the clean run, by real training.
+    for name, (make, z) in {"MGD": (task.make, result.inputs["MGD"]),
+                            "label flip": (poisoning_make(flipped), clean)}.items():
+        runs = weights.Runs(make, clean)
+        drops = [accuracy(weights.Runs(task.make, clean).train(s, clean), s)["accuracy"]
+                 - accuracy(runs.train(s, z), s)["accuracy"] for s in (10, 11)]
+        np.testing.assert_allclose(methods[name]["accuracy drop"]["values"], drops, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match=r"the clean inputs lie in .*, outside the box \(0.0, 1.0\)"):
+        inputs.attack(task, box=(0.0, 1.0), fit_seeds=[0], eval_seeds=[1], primary="accuracy")
+    with pytest.raises(ValueError, match=r"eval_seeds must be seeds the attack never saw; \[0\] are fit seeds"):
+        inputs.attack(task, box=BOX, fit_seeds=[0], eval_seeds=[0], primary="accuracy")
+
+
+def test_the_smoothness_diagnostic_runs_on_any_task():
+    task = weighted().make(0)
+    report = smoothness.diagnose(task, np.ones(N, np.float32), h=0.05, sign_directions=2, directions=5)
+    assert -1 <= report["S_state"] <= 1 and -1 <= report["S_outputs"] <= 1
+    assert len(report["predicted"]) == len(report["actual"]) == 5
+    # A few steps of logistic regression respond almost linearly to the weights: the metagradient predicts.
+    assert report["S_state"] > 0.9 and report["pred_pearson"] > 0.9
+    with pytest.raises(ValueError, match="directions >= 3"):
+        smoothness.diagnose(task, np.ones(N, np.float32), directions=2)
