@@ -1,6 +1,6 @@
 """The applications on a user's own task, at toy size, on a data set that is not digits: data selection and
-attribution (metagrad.applications.weights), poisoning (inputs), the metasmoothness diagnostic
-(smoothness.diagnose); and the documented Equinox example."""
+attribution (metagrad.applications.weights), poisoning (inputs), learning-rate schedules (rates), the
+metasmoothness diagnostic (smoothness.diagnose); and the documented Equinox example."""
 
 import pathlib
 import runpy
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import metagrad
-from metagrad.applications import breast_cancer, inputs, smoothness, weights
+from metagrad.applications import breast_cancer, inputs, rates, smoothness, weights
 from metagrad.applications.digits import batch_table, flip_labels
 
 N, STEPS, BATCH = 40, 6, 10
@@ -219,3 +219,44 @@ def test_the_smoothness_diagnostic_runs_on_any_task():
     assert report["S_state"] > 0.9 and report["pred_pearson"] > 0.9
     with pytest.raises(ValueError, match="directions >= 3"):
         smoothness.diagnose(task, np.ones(N, np.float32), directions=2)
+
+
+# -- learning-rate schedules: z is the log rate at knots -----------------------------------------------------
+
+def scheduled_step(params, z, data, t):
+    i = data["batches"][t]
+    grads = jax.grad(lambda p: jnp.mean(xent(p, data["x"][i], data["y"][i])))(params)
+    return jax.tree_util.tree_map(lambda p, g: p - rates.rate_at(z, t, STEPS) * g, params, grads)
+
+
+def scheduled_make(seed):
+    return metagrad.Task(init=init, step=scheduled_step, output=validation_loss, steps=STEPS,
+                         data=weighted().make(seed).data)
+
+
+def test_rate_at_interpolates_the_log_rate_between_knots():
+    from metagrad.applications.lr_schedule import knots_to_steps
+
+    z = np.log(np.array([0.1, 1.0, 0.01], np.float32))
+    got = [float(rates.rate_at(jnp.asarray(z), t, 9)) for t in range(9)]
+    np.testing.assert_allclose(got, knots_to_steps(z, 9), rtol=1e-5)
+
+
+def test_tune_compares_mgds_schedule_with_every_tuned_family_on_unseen_seeds():
+    def loss(params, seed):
+        return {"loss": float(np.mean(xent(params, SPLIT["x_test"], SPLIT["y_test"])))}
+
+    result = rates.tune(scheduled_make, loss, steps=STEPS, knots=3, fit_seeds=[0], eval_seeds=[10, 11],
+                        primary="loss", mgd_steps=2, peaks=[0.1, 0.5, 2.0], progress=False)
+    assert set(result.schedules) == {"MGD", *rates.FAMILIES, rates.FLAT}
+    assert result.history.steps_done == 2
+    methods = result.comparison["methods"]
+    for family in rates.FAMILIES:
+        assert methods[family]["peak"] in (0.1, 0.5, 2.0)
+    # Every schedule's figures are real trainings of the user's task with that schedule, step by step.
+    runs = weights.Runs(scheduled_make, np.zeros(STEPS, np.float32))
+    for name in ("MGD", "constant"):
+        want = [loss(runs.train(s, np.log(result.schedules[name])), s)["loss"] for s in (10, 11)]
+        np.testing.assert_allclose(methods[name]["loss"]["values"], want, rtol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match=r"knots must be in \[2, steps=6\]"):
+        rates.tune(scheduled_make, loss, steps=STEPS, knots=7, fit_seeds=[0], eval_seeds=[1], primary="loss")
