@@ -369,3 +369,22 @@ def test_calls_on_two_threads_share_the_stream_one_at_a_time(compiled, want):
         assert_close(grad, want[1])
         assert report.prefetch_misses == 0
         assert report.streamed_bytes == (report.forward_steps + report.reversed_steps) * batch_bytes()
+
+
+def test_a_saved_sharded_streamed_task_runs_in_load_and_the_harness(want, tmp_path):
+    from jax.sharding import PartitionSpec as P
+
+    client = metagrad.runtime.get_client(cpu_device_count=4)
+    task = streamed_task().compile(Z, fuse_forward=4, client=client,
+                                   sharding=metagrad.Sharding(mesh={"batch": 2}, batch=P("batch")))
+    schedule = schedules.Budget(states=3, leaf=4)
+    task.prepare(schedule).save(str(tmp_path / "task"))
+    value, grad = metagrad.load(str(tmp_path / "task"), client=client).metagradient(Z, schedule)
+    np.testing.assert_allclose(value, want[0], rtol=1e-5)
+    assert_close(grad, want[1])
+    done = run_bench(tmp_path / "task", "--schedule", "revolve:3:4", "--repeat", "1", "--warmup", "0",
+                     "--dispatch-iters", "0", "--json", "--save-grad", str(tmp_path / "grads"))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["info"]["devices"] == 2 and out["metagradient"][0]["report"]["prefetch_misses"] == 0
+    assert np.fromfile(tmp_path / "grads" / "0" / "value.bin", np.float32)[0] == value

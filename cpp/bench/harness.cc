@@ -471,8 +471,8 @@ TaskFiles ReadTask(const Options& o) {
 
 // The stream of a task with streamed data over its first T steps (nullptr without one).
 std::shared_ptr<BatchStream> OpenStream(const std::shared_ptr<Client>& client, const Manifest& m, int64_t T) {
-  if (m.layout.batch.empty()) return nullptr;
-  const int64_t batch = m.layout.batch.back().dims.at(0);
+  if (m.batch_global.empty()) return nullptr;
+  const int64_t batch = m.batch_global.back().dims.at(0);
   const std::string bytes = ReadFile(m.stream_batches);
   const int64_t saved_steps = static_cast<int64_t>(bytes.size() / sizeof(int64_t)) / batch;
   if (bytes.size() != static_cast<size_t>(saved_steps * batch) * sizeof(int64_t) || saved_steps < T) {
@@ -481,7 +481,9 @@ std::shared_ptr<BatchStream> OpenStream(const std::shared_ptr<Client>& client, c
   }
   std::vector<int64_t> index(static_cast<size_t>(T * batch));
   std::memcpy(index.data(), bytes.data(), index.size() * sizeof(int64_t));
-  return std::make_shared<BatchStream>(m.stream_rows, std::move(index), T, batch, client);
+  StreamDevices devices;
+  if (m.sharded) devices = StreamDevices{m.sharding.devices, m.sharding.mesh, m.sharding.batch};
+  return std::make_shared<BatchStream>(m.stream_rows, std::move(index), T, batch, client, devices);
 }
 
 struct CompiledPrograms {

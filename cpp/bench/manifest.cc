@@ -58,11 +58,10 @@ std::string Inside(const std::string& directory, const std::string& relative, co
 // The rows of a streamed task: per leaf of layout.batch but the last (the
 // rows' index), a file and where its rows start.
 void ReadStream(const Json& entry, Manifest& m) {
-  if (m.sharded) throw JsonError("stream: a task with streamed data runs on one device, this one is sharded");
   const auto& rows = entry.Get("rows", "stream").AsArray("stream.rows");
-  if (m.layout.batch.size() < 2 || rows.size() != m.layout.batch.size() - 1) {
+  if (m.batch_global.size() < 2 || rows.size() != m.batch_global.size() - 1) {
     throw JsonError("stream.rows lists " + std::to_string(rows.size()) + " leaves for layout.batch's " +
-                    std::to_string(m.layout.batch.size()) + " (its rows, then their index)");
+                    std::to_string(m.batch_global.size()) + " (its rows, then their index)");
   }
   for (size_t i = 0; i < rows.size(); ++i) {
     const std::string what = "stream.rows[" + std::to_string(i) + "]";
@@ -83,7 +82,7 @@ void ReadStream(const Json& entry, Manifest& m) {
                         "again");
       }
     }
-    leaf.row = m.layout.batch[i];
+    leaf.row = m.batch_global[i];
     leaf.row.dims.erase(leaf.row.dims.begin());  // one step's batch: (B, row...)
     m.stream_rows.push_back(std::move(leaf));
   }
@@ -166,6 +165,10 @@ void ReadSharding(const Json& entry, Manifest& m) {
   layout.z = Shards(layout.z, s.z, s.mesh);
   layout.data = Shards(layout.data, s.data, s.mesh);
   layout.accumulators = Shards(layout.accumulators, s.z, s.mesh, layout.outputs > 0);
+  if (!layout.batch.empty()) {
+    s.batch = ReadSpecs(entry, "batch", layout.batch, s.mesh);
+    layout.batch = Shards(layout.batch, s.batch, s.mesh);
+  }
 }
 
 ProgramEntry ReadProgram(const Manifest& m, const std::string& name, const Json& entry) {
@@ -247,6 +250,7 @@ Manifest ReadManifest(const std::string& directory) {
     for (const ArraySpec& spec : m.layout.state) m.layout.differentiable.push_back(DTypeOf(spec.type).floating);
     m.z_global = m.layout.z;
     m.data_global = m.layout.data;
+    m.batch_global = m.layout.batch;
     if (const Json* sharding = root.Find("sharding")) {
       m.sharded = true;
       ReadSharding(*sharding, m);

@@ -32,6 +32,7 @@ struct TaskSharding {
   bool use_shardy_partitioner = true;
   std::vector<int> devices;  // of the partitions, in order (indices in the client's devices)
   std::vector<PartitionSpec> state, z, data;
+  std::vector<PartitionSpec> batch;  // per leaf of a streamed batch (layout.batch)
 };
 
 struct Manifest {
@@ -41,6 +42,7 @@ struct Manifest {
   std::string backend;
   TaskLayout layout;                      // per shard: what the programs take
   std::vector<ArraySpec> z_global, data_global;  // the whole arrays, as stored
+  std::vector<ArraySpec> batch_global;           // one step's whole streamed batch
   bool sharded = false;
   TaskSharding sharding;
   std::vector<std::string> z_paths, data_paths;  // pytree paths of the leaves, for messages

@@ -331,9 +331,6 @@ class CompiledTask:
         The C++ harness (``metagrad-bench``) and :func:`metagrad.load` run it
         without the user's code.
         """
-        if self.stream is not None and self.sharding is not None:
-            raise NotImplementedError("save() does not write sharded tasks with streamed data yet: save the task "
-                                      "compiled without sharding, or compile it again where it runs")
         self._ensure([*BASE_PROGRAMS, *(programs.sized("advance", n) for n in self.fuse_forward)])
         exports = self.exports
         if self.forward is not None:  # saved exports carry their VJPs (see programs.export_forward)

@@ -203,7 +203,7 @@ def read(path: str, client) -> dict:
             devices = tuple(int(d) for d in entry["devices"])
             if len(devices) != sharding.num_devices:
                 raise ValueError(f"{len(devices)} devices for a mesh of {sharding.num_devices}")
-            for what in ("state", "z", "data"):
+            for what in ("state", "z", "data", "batch"):
                 specs, leaves = getattr(sharding, what), getattr(layout, what)
                 if len(specs) != len(leaves):
                     raise ValueError(f"{len(specs)} {what} specs for {len(leaves)} leaves")
@@ -270,9 +270,6 @@ def read(path: str, client) -> dict:
     z_leaves = arrays("z", layout.z)
     stream = None
     if "stream" in manifest:
-        if sharding is not None:
-            reader.fail(f"{reader.manifest_path}: stream", "a task with streamed data runs on one device, this one "
-                                                           "is sharded")
         stream = _read_stream(reader, reader.field(manifest, "stream", dict, "manifest"), layout, steps)
     elif layout.batch:
         reader.fail(f"{reader.manifest_path}: layout.batch", "the programs take streamed batches, but the manifest "
