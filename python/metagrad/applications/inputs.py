@@ -17,7 +17,7 @@ import numpy as np
 
 from metagrad import Task, mgd
 from metagrad.applications.common import Metagradient, Timer, bar, compare, resolve_engine, spread, summary
-from metagrad.applications.weights import MGD, Runs, _seeds
+from metagrad.applications.weights import MGD, Runs, seed_split
 
 PyTree = Any
 STEP_SIZES = (0.05, 0.1, 0.2, 0.5, 1.0)  # the one-metagradient attack's step, as a fraction of the box, tried
@@ -79,10 +79,7 @@ def attack(task: InputTask, *, box: tuple[float, float], fit_seeds: Sequence[int
     lo, hi = (float(b) for b in box)
     if not lo < hi:
         raise ValueError(f"box must be (lo, hi) with lo < hi, got {box!r}")
-    fit, unseen = _seeds(fit_seeds, "fit_seeds"), _seeds(eval_seeds, "eval_seeds")
-    if set(fit) & set(unseen):
-        raise ValueError(f"eval_seeds must be seeds the attack never saw; {sorted(set(fit) & set(unseen))} are fit "
-                         f"seeds")
+    fit, unseen = seed_split(fit_seeds, eval_seeds, "the attack")
     clean = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), task.clean)
     for leaf in jax.tree_util.tree_leaves(clean):
         if leaf.min() < lo or leaf.max() > hi:

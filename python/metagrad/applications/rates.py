@@ -21,7 +21,7 @@ import optax
 from metagrad import Task, mgd
 from metagrad.applications.common import Metagradient, Timer, bar, compare, resolve_engine, spread, summary
 from metagrad.applications.lr_schedule import FAMILIES, HI, LO, knots_to_steps, schedule
-from metagrad.applications.weights import MGD, Runs, _seeds
+from metagrad.applications.weights import MGD, Runs, seed_split
 
 FLAT = "flat start (MGD's z0)"
 
@@ -70,10 +70,7 @@ def tune(make: Callable[[int], Task], evaluate: Callable, *, steps: int, knots: 
         raise ValueError(f"knots must be in [2, steps={steps}], got {knots!r}")
     if not start > 0 or not lr > 0:
         raise ValueError(f"start and lr must be > 0, got {start!r} and {lr!r}")
-    fit, unseen = _seeds(fit_seeds, "fit_seeds"), _seeds(eval_seeds, "eval_seeds")
-    if set(fit) & set(unseen):
-        raise ValueError(f"eval_seeds must be seeds no schedule was tuned on; {sorted(set(fit) & set(unseen))} "
-                         f"are fit seeds")
+    fit, unseen = seed_split(fit_seeds, eval_seeds, "the tuning")
     peaks = np.geomspace(0.03, 3.0, 12) if peaks is None else np.asarray(peaks, np.float64)
     clock, engine = Timer(), resolve_engine(engine)
     z0 = np.full(knots, np.log(start), np.float32)

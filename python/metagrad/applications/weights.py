@@ -116,11 +116,19 @@ def _jitted_output(output: Callable) -> Callable:
     return _OUTPUTS[output]
 
 
-def _seeds(seeds, what: str) -> list[int]:
+def check_seeds(seeds, what: str) -> list[int]:
     values = [int(s) for s in seeds]
     if not values or any(isinstance(s, bool) for s in seeds):
         raise ValueError(f"{what} must be a non-empty sequence of integer seeds, got {seeds!r}")
     return values
+
+
+def seed_split(fit_seeds, eval_seeds, who: str) -> tuple[list[int], list[int]]:
+    """``(fit, unseen)`` seeds, checked: no evaluation seed among the fit seeds ``who`` looked at."""
+    fit, unseen = check_seeds(fit_seeds, "fit_seeds"), check_seeds(eval_seeds, "eval_seeds")
+    if set(fit) & set(unseen):
+        raise ValueError(f"eval_seeds must be seeds {who} never saw; {sorted(set(fit) & set(unseen))} are fit seeds")
+    return fit, unseen
 
 
 def keep_top(scores, k: int) -> np.ndarray:
@@ -192,9 +200,7 @@ def select(weighted: WeightedTask, *, keep: float, fit_seeds: Sequence[int], eva
                         "data, to compare the selections")
     if not 0 < keep < 1:
         raise ValueError(f"keep must be the fraction of examples kept, in (0, 1), got {keep!r}")
-    fit, unseen = _seeds(fit_seeds, "fit_seeds"), _seeds(eval_seeds, "eval_seeds")
-    if set(fit) & set(unseen):
-        raise ValueError(f"eval_seeds must be seeds MGD never saw; {sorted(set(fit) & set(unseen))} are fit seeds")
+    fit, unseen = seed_split(fit_seeds, eval_seeds, "MGD")
     n = weighted.n
     k = int(round(keep * n))
     runs, clock = _runs(weighted, resolve_engine(engine)), Timer()
@@ -288,7 +294,7 @@ def attribute(weighted: WeightedTask, seeds: Sequence[int] = (0,)) -> np.ndarray
     ``-scores[j, S].sum()``."""
     runs = _runs(weighted)
     rows = []
-    for s in _seeds(seeds, "seeds"):
+    for s in check_seeds(seeds, "seeds"):
         _, grad = runs.compiled(s).metagradient(runs.z_example)
         grad = np.asarray(grad, np.float64)
         rows.append(grad.reshape(-1, weighted.n))
@@ -340,7 +346,7 @@ def lds(weighted: WeightedTask, scores: Mapping[str, Any], *, seeds: Sequence[in
         removed[r, rng.choice(n, max(1, int(round(fraction * n))), replace=False)] = 1.0
     runs = _runs(weighted)
     changes = []
-    for s in bar(_seeds(seeds, "seeds"), desc="lds: retraining", enabled=progress):
+    for s in bar(check_seeds(seeds, "seeds"), desc="lds: retraining", enabled=progress):
         base = runs.outputs(s, np.ones(n))
         changes.append([runs.outputs(s, 1.0 - mask) - base for mask in removed])
     actual = np.mean(changes, axis=0)  # (subsets, m)
