@@ -26,7 +26,7 @@ from tasks import make_task
 
 def measure(kind: str, steps: int, repeat: int) -> dict:
     task, z = make_task(kind, steps)
-    compiled = task.compile(z)
+    compiled = task.compile(z).prepare(metagrad.Auto())  # nothing left to build in the background
     runs = {"default": lambda: compiled.metagradient(z, report=True),
             "StoreAll": lambda: compiled.metagradient(z, metagrad.StoreAll(), report=True)}
     first = {}

@@ -257,6 +257,8 @@ def worker(spec: dict) -> dict:
         else:
             schedule = metagrad.Auto(memory=param) if method in ("auto", "auto_scan") else _schedule(param)
             kwargs = {} if schedule is None else {"schedule": schedule}
+            if isinstance(schedule, (metagrad.Auto, type(None))):  # nothing left to build in the background
+                compiled.prepare(schedule or metagrad.Auto())
             run = lambda: compiled.metagradient(z, report=True, **kwargs)  # noqa: E731
     elif method == "train_jax":
         run = lambda: jax.block_until_ready(baselines.train(task, z))  # noqa: E731

@@ -1,5 +1,9 @@
 """The way to a first metagradient: what compile builds, Auto's first call, and where the time goes."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -30,7 +34,20 @@ def cold_cache(tmp_path, monkeypatch):
     compiled_lib.forget_compiled()
 
 
-def test_auto_first_call_runs_single_step_reverses_and_the_second_builds_the_fused_ones(cold_cache):
+def calls_until_built(compiled, z, limit: float = 600.0):
+    """Call ``metagradient`` until Auto plans over the fused reverses built in the background;
+    returns the first such call's ``(value, grad, report, seconds)``."""
+    deadline = time.monotonic() + limit
+    while True:
+        start = time.perf_counter()
+        value, grad, report = compiled.metagradient(z, report=True)
+        if "build in the background" not in report.schedule:
+            return value, grad, report, time.perf_counter() - start
+        assert time.monotonic() < deadline, "the background build did not finish"
+        time.sleep(0.1)
+
+
+def test_auto_runs_single_step_reverses_until_the_fused_ones_built_in_the_background_are_ready(cold_cache):
     task, z = make_task("weights", "adam", steps=STEPS)
     compiled = task.compile(z)
     assert set(compiled.programs) == set(compiled_lib.FIRST_PROGRAMS)
@@ -41,19 +58,51 @@ def test_auto_first_call_runs_single_step_reverses_and_the_second_builds_the_fus
     assert first.executions == 1 + STEPS + 1 + STEPS + 1  # init, steps, output_vjp, step_vjps, init_vjp
     assert set(compiled.programs) == set(compiled_lib.FIRST_PROGRAMS)  # nothing more was built
 
-    value2, grad2, second = compiled.metagradient(z, report=True)
-    assert "leaf=10" in second.schedule and "first call" not in second.schedule
+    value2, grad2, second = compiled.metagradient(z, report=True)  # starts the build, does not wait for it
+    assert "leaf=1)" in second.schedule and "build in the background" in second.schedule
+    assert second.setup_seconds == {}
+
+    value3, grad3, adopted, _ = calls_until_built(compiled, z)
+    assert "leaf=10" in adopted.schedule and "first call" not in adopted.schedule
     assert {"segment_vjp_10", "advance_10"} <= set(compiled.programs)
-    assert second.setup_seconds["compile"] > 0 and second.compile_seconds["segment_vjp_10"] > 0
-    assert second.executions < first.executions
+    assert adopted.setup_seconds["calibrate"] > 0 and adopted.executions < first.executions
+    assert compiled.setup.compile_seconds["segment_vjp_10"] > 0  # the build's time, gathered by the task
 
     want_value, want_grad = baselines.scan_metagradient(task, z)
-    for v, g in ((value, grad), (value2, grad2)):
+    for v, g in ((value, grad), (value2, grad2), (value3, grad3)):
         np.testing.assert_allclose(v, float(want_value), rtol=1e-5)
         assert relative_error(g, want_grad) < 1e-3  # Adam, float32: as in test_metagradient
 
-    _, _, third = compiled.metagradient(z, report=True)  # everything built and calibrated: no set-up
-    assert third.schedule == second.schedule and third.setup_seconds == {} and third.compile_seconds == {}
+    _, _, after = compiled.metagradient(z, report=True)  # everything built and calibrated: no set-up
+    assert after.schedule == adopted.schedule and after.setup_seconds == {} and after.compile_seconds == {}
+
+
+EXITING = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from metagrad._src import enzyme_worker
+    from models import make_task
+    task, z = make_task("weights", "adam", steps=40)
+    compiled = task.compile(z)
+    compiled.metagradient(z)
+    compiled.metagradient(z)  # starts the background build; the interpreter exits while Enzyme works on it
+    while enzyme_worker._WORKER._process is None or enzyme_worker._WORKER._process.poll() is not None:
+        time.sleep(0.01)
+""")
+
+
+def test_an_exit_during_a_background_build_ends_it_cleanly(cold_cache, tmp_path):
+    """At exit the build stops between programs and its Enzyme process is ended: that must not
+    read as Enzyme failing (backend='auto' would fall back to JAX's reverse and cache it)."""
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING)
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", str(script), os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "autodiff" not in done.stderr and "Traceback" not in done.stderr
+    task, z = make_task("weights", "adam", steps=STEPS)
+    compiled = task.compile(z).prepare(metagrad.Auto())  # what the exiting process cached, and the rest
+    assert not any(program.fallback for program in compiled.programs.values())
 
 
 def test_auto_with_explicit_leaves_and_prepared_tasks_plan_over_fused_reverses_at_once(cold_cache):
@@ -94,9 +143,8 @@ def test_setup_phases_add_up_to_the_measured_setup_time(cold_cache):
     assert abs(compiled.setup.total - compile_wall) <= 0.1 * compile_wall
 
     compiled.metagradient(z)
-    start = time.perf_counter()
-    _, _, report = compiled.metagradient(z, report=True)  # builds and calibrates the fused programs
-    call_setup = time.perf_counter() - start - report.seconds_total
+    _, _, report, call_seconds = calls_until_built(compiled, z)  # calibrates the fused programs built
+    call_setup = call_seconds - report.seconds_total
     assert report.setup_seconds["calibrate"] > 0
     assert abs(sum(report.setup_seconds.values()) - call_setup) <= 0.1 * call_setup
     assert compiled.setup.total > compile_wall  # the task's record gathers every call's set-up
@@ -135,10 +183,11 @@ def test_a_loaded_task_without_enzyme_plans_over_single_step_reverses(cold_cache
         raise ModuleNotFoundError("No module named 'enzyme_ad'")
 
     monkeypatch.setattr(compiled_lib.lowering, "lower", no_enzyme)
-    with pytest.warns(UserWarning, match=r"Auto: the fused reverse programs cannot be built here \(No module named "
-                                         r"'enzyme_ad'\); planning over single-step reverses"):
-        value, grad, report = loaded.metagradient(z, report=True)
-    assert report.schedule.endswith("(single-step reverses: no fused ones could be built)")
+    with pytest.warns(UserWarning, match=r"Auto: the fused reverses of 10 steps could not be built "
+                                         r"\(ModuleNotFoundError: No module named 'enzyme_ad'\); planning without "
+                                         r"them. Call prepare\(metagrad.Auto\(\)\) before save\(\)"):
+        value, grad, report, _ = calls_until_built(loaded, z)
+    assert report.schedule.endswith("(single-step reverses: the fused ones could not be built)")
     want_value, want_grad = loaded.metagradient(z, metagrad.StoreAll())
     assert value == want_value and relative_error(grad, want_grad) == 0
     with pytest.raises(ModuleNotFoundError):  # lengths the user named are built or the call fails
@@ -207,3 +256,33 @@ def test_an_interrupted_build_ends_the_enzyme_build_behind_it(cold_cache, monkey
                        target=runtime.stablehlo_target(runtime.get_client()), forward=forward,
                        ready=interrupt_on_first)
     assert ended.is_set() and time.perf_counter() - start < 30
+
+
+def test_an_enzyme_build_ended_by_interrupt_is_not_taken_for_enzymes_failure(cold_cache):
+    """backend='auto' falls back to JAX's reverse where Enzyme fails, and caches that; a build
+    the caller abandoned (Ctrl-C, exit) is no such verdict."""
+    from metagrad._src import layout as layout_lib, lowering, programs, runtime
+
+    task, z = make_task("weights", "sgdm", steps=3)
+    layout = layout_lib.describe(task, z)
+    forward = programs.forward_of_task(task, layout)
+    exports = programs.export_forward(forward, layout)
+    target = runtime.stablehlo_target(runtime.get_client())
+    enzyme_worker._WORKER.close()  # the next build starts the child: a build long enough to interrupt
+    errors = []
+
+    def build():
+        try:
+            lowering.lower(exports, layout, ["step_vjp"], backend="auto", target=target, forward=forward)
+        except Exception as error:  # noqa: BLE001 (checked below)
+            errors.append(error)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    while not enzyme_worker._WORKER._lock.locked():
+        time.sleep(0.001)
+    enzyme_worker.interrupt()
+    thread.join(timeout=120)
+    assert [type(error) for error in errors] == [enzyme_worker.Interrupted]
+    built = lowering.lower(exports, layout, ["step_vjp"], backend="auto", target=target, forward=forward)
+    assert not built["step_vjp"].fallback  # nothing of the abandoned build was cached

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import operator
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,8 +12,8 @@ import jax
 import numpy as np
 
 from metagrad import _runtime
-from metagrad._src import (cache, ffi, lowering, module_checks, planner, programs, runtime, saved, setup_time,
-                           streams, trees)
+from metagrad._src import (background, cache, ffi, lowering, module_checks, planner, programs, runtime, saved,
+                           setup_time, streams, trees)
 from metagrad._src import sharding as sharding_lib
 from metagrad._src.layout import Layout, describe
 from metagrad._src.planner import Auto
@@ -31,6 +32,9 @@ Report = _runtime.Report
 FIRST_PROGRAMS = (*programs.needed_by("run"), *programs.needed_by("metagradient"))
 CHECK_PROGRAMS = programs.needed_by("check_finite")
 BASE_PROGRAMS = tuple(name for name, kind in programs.KINDS.items() if not kind["sized"])
+# One build at a time in the process: tasks compiled from the same functions share their programs
+# (see _MEMORY), and a call that needs a program a background build is making waits for it.
+_BUILDING = threading.Lock()
 
 
 def _task_layout(layout: Layout, sharding: TaskSharding | None) -> _runtime.TaskLayout:
@@ -159,14 +163,26 @@ class CompiledTask:
     def _z_buffers(self, z) -> list:
         return self._upload(_host_leaves(z, self.layout.z, "z"), "z")
 
+    def _missing(self, names) -> list[str]:
+        """The programs of ``names`` this task has not built yet."""
+        return [name for name in names if name not in self.programs]
+
     def _ensure(self, names) -> None:
-        """Lower and compile programs ``names`` that this task does not have yet."""
-        missing = [name for name in names if name not in self.programs]
-        if not missing:
+        """Lower and compile programs ``names`` that this task does not have yet (waiting for a
+        build on another thread to finish first)."""
+        if not self._missing(names):
             return
+        with _BUILDING:
+            missing = self._missing(names)
+            if missing:
+                self._build(missing)
+
+    def _build(self, missing) -> None:
         def compile_now(name: str, program: Program) -> None:
+            if background.stopping():
+                raise background.Stopped()
             self.executables[name] = cache.compile_program(program, self.client, self._options)
-            self.programs[name] = program
+            self.programs[name] = program  # after its executable: a program listed here can run
 
         lowering.lower(self.exports, self.layout, missing, backend=self.backend,
                        target=runtime.stablehlo_target(self.client), loop=self.loop, forward=self.forward,
@@ -177,15 +193,20 @@ class CompiledTask:
         """The runner with the fused reverse programs of ``fused_lengths``, the fused forward
         programs of ``forward_lengths`` (None: the task's ``fuse_forward``) and, with ``checks``,
         the finiteness checks: each built on first use."""
-        forward_lengths = self.fuse_forward if forward_lengths is None else forward_lengths
-        names = (*FIRST_PROGRAMS, *(programs.sized("segment_vjp", n) for n in fused_lengths),
-                 *(programs.sized("advance", n) for n in forward_lengths), *(CHECK_PROGRAMS if checks else ()))
+        names = self._runner_programs(fused_lengths, forward_lengths, checks)
         key = tuple(sorted(names))
         if key not in self._runners:
             self._ensure(names)
             chosen = {name: self.executables[name] for name in names}
             self._runners[key] = _runtime.TaskRunner(chosen, self._task_layout, self.steps, self._data, self._stream)
         return self._runners[key]
+
+    def _runner_programs(self, fused_lengths: tuple[int, ...] = (), forward_lengths: tuple[int, ...] | None = None,
+                         checks: bool = False) -> tuple[str, ...]:
+        """The programs of the runner ``_runner`` makes for these arguments."""
+        forward_lengths = self.fuse_forward if forward_lengths is None else forward_lengths
+        return (*FIRST_PROGRAMS, *(programs.sized("segment_vjp", n) for n in fused_lengths),
+                *(programs.sized("advance", n) for n in forward_lengths), *(CHECK_PROGRAMS if checks else ()))
 
     def _built_forward(self) -> tuple[int, ...]:
         """The lengths of the fused forward programs built so far."""
@@ -303,8 +324,6 @@ class CompiledTask:
             planned = self._planning.plan(schedule, z_buffers)
             runner = self._runner(planned.fused, planned.forward, checks=check_finite)
         self.setup.add(setup)
-        if isinstance(schedule, (Auto, type(None))):
-            self._planning.calls += 1
         with steps_bar("metagradient", progress) as bar:
             value, grad, stats = runner.metagradient(z_buffers, planned.plan, stride, check_finite, bar,
                                                      set(planned.host_slots),

@@ -118,6 +118,11 @@ def _serve() -> None:
         _write(replies, reply)
 
 
+class Interrupted(Exception):
+    """The build was abandoned by its caller (Ctrl-C, or the interpreter exiting): no verdict on
+    whether Enzyme can build the program."""
+
+
 class Worker:
     """The client side: one child process, started on first use, restarted after a crash."""
 
@@ -125,6 +130,7 @@ class Worker:
         self._process: subprocess.Popen | None = None
         self._stderr = None
         self._lock = threading.Lock()
+        self._interrupted = False  # the child was ended by interrupt(), not by a crash
 
     def _start(self) -> None:
         env = dict(os.environ)
@@ -150,6 +156,7 @@ class Worker:
     def build(self, request: dict):
         """The Program Enzyme built for ``request``; raises EnzymeFailed."""
         with self._lock:
+            self._interrupted = False
             if self._process is None or self._process.poll() is not None:
                 self._start()
             try:
@@ -164,6 +171,8 @@ class Worker:
                 code = self._process.wait()
                 self._drain_log()
                 self._process = None
+                if self._interrupted:
+                    raise Interrupted(f"the build of {request['name']} was interrupted")
                 how = signal.Signals(-code).name if code < 0 else f"exit code {code}"
                 raise EnzymeFailed(f"Enzyme crashed ({how}) while building {request['name']}", None,
                                    -code if code < 0 else None)
@@ -177,6 +186,7 @@ class Worker:
         and the next request starts a fresh child."""
         process = self._process
         if process is not None and process.poll() is None:
+            self._interrupted = True
             process.kill()
 
     def close(self) -> None:

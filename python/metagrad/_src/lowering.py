@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 
 from metagrad import _runtime
-from metagrad._src import cache, enzyme_worker, module_checks, programs, setup_time
+from metagrad._src import background, cache, enzyme_worker, module_checks, programs, setup_time
 from metagrad._src.layout import Layout
 from metagrad._src.programs import Program
 from metagrad._src.version import VERSION
@@ -182,6 +182,8 @@ def lower(exports: dict[str, bytes], layout: Layout, names, *, backend: str, tar
         forward = programs.forward_of_exports(exports)
 
     def one(name: str) -> Program:
+        if background.stopping():
+            raise background.Stopped()
         entry = program_key(exports, layout, name, backend, target, loop, sharding)
         program = _decode(name, cache.get("programs", entry))
         if program is None:

@@ -1,15 +1,20 @@
 """Planning for a compiled task: the plan a schedule runs, and Auto's search for it.
 
-``Auto`` asks for the fastest plan that fits its budgets. Its first call plans
-over single-step reverses (the fused ones are the slowest programs to build);
-from the second on, it builds the fused reverses of its block lengths, settles
-from their compiled memory alone whether any plan fits, calibrates them (once
-per set of programs, kept in the disk cache so that another process makes the
-same choice) and searches (``planner.choose``), then tries the lengths between
-where its first choice has shorter blocks than the longest. Any plan, fixed or
-chosen, is predicted (``simulate_plan``) and checked against the device's
-memory before it runs. ``CompiledTask`` owns one ``Planning``; it asks the task
-for runners and programs and keeps its own caches.
+``Auto`` asks for the fastest plan that fits its budgets. With its default block
+lengths, no call waits for the fused reverses (an unrolled copy of the step per
+fused step, the slowest programs to build): the first call plans over
+single-step reverses, the second starts building the fused ones in the
+background (``background``), and every call plans over what is built. The
+first call after a build has finished settles from the new programs' compiled
+memory alone whether any plan over them fits, calibrates them (once per set of
+programs, kept in the disk cache so that another process makes the same
+choice) and searches (``planner.choose``); where that choice has shorter blocks
+than the longest, the lengths between are built the same way and tried.
+Explicit lengths (``Auto(leaves=...)``), ``prepare`` and the cost queries build
+what they need at once. Any plan, fixed or chosen, is predicted
+(``simulate_plan``) and checked against the device's memory before it runs.
+``CompiledTask`` owns one ``Planning``; it asks the task for runners and
+programs and keeps its own caches.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from metagrad import _runtime
-from metagrad._src import cache, planner, programs, setup_time
+from metagrad._src import background, cache, enzyme_worker, planner, setup_time
 from metagrad._src.planner import Auto
 
 
@@ -55,12 +61,15 @@ def check_schedule(schedule):
 
 class Planning:
     """The planning of one compiled task (``task``): its caches of calibrations and of Auto's
-    choices, and how many metagradients Auto planned so far."""
+    choices, its background builds, and how many metagradients Auto planned so far."""
 
     def __init__(self, task):
         self.task = task
         self._calibrations: dict = {}  # program costs by the set of program names calibrated
-        self._choices: dict = {}  # Auto's (choice, costs) by (Auto.leaves, budgets)
+        self._choices: dict = {}  # Auto's final (choice, costs) by (Auto.leaves, budgets)
+        self._builds: dict = {}  # background builds by the fused reverse lengths they build
+        self._unbuildable: set = set()  # fused reverse lengths whose build failed: planned without
+        self._lock = threading.Lock()  # one thread plans at a time
         self.calls = 0  # metagradients Auto planned
 
     def host_memory_kind(self) -> str | None:
@@ -82,14 +91,39 @@ class Planning:
         host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.task.client)
         return budget, (host_memory // self.task.num_devices if host_kind else 0), host_kind
 
-    def _first_plan_is_single_step(self, auto: Auto) -> bool:
-        """Whether this call plans over single-step reverses alone: the first metagradient with
-        Auto's default lengths, while their fused reverses are not built. It runs without
-        them: an unrolled copy of the step per fused step, they are the slowest programs to
-        build. The calls after it build them and choose among all."""
-        default = self.fused(self.auto_leaves(auto))
-        return (auto.leaves is None and self.calls == 0
-                and not all(programs.sized("segment_vjp", n) in self.task.programs for n in default))
+    def _built(self, lengths: tuple[int, ...], wait: bool) -> bool:
+        """Whether the runner over the fused reverses of ``lengths`` (and the task's fused
+        forwards) is built. With ``wait`` it is built now (raising what the build raises);
+        without, a background build is started where none is under way, and one that failed
+        is warned of once and its lengths planned without from then on."""
+        build = self._builds.get(lengths)
+        if build is not None and (wait or build.done()):
+            del self._builds[lengths]
+            self.task.setup.add(build.setup)
+            try:
+                build.result()
+            except (background.Stopped, enzyme_worker.Interrupted):
+                pass  # abandoned, not failed: the next call builds them again
+            except Exception as error:
+                if not wait:
+                    self._unbuildable.add(lengths)
+                    advice = (" Call prepare(metagrad.Auto()) before save() to keep them in the saved task."
+                              if isinstance(error, ImportError) else "")
+                    warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, lengths))} steps could not be "
+                                  f"built ({type(error).__name__}: {error}); planning without them.{advice}",
+                                  stacklevel=6)
+                    return False
+        if wait:
+            self.task._runner(lengths)
+            return True
+        if lengths in self._unbuildable:
+            return False
+        if not self.task._missing(self.task._runner_programs(lengths)):
+            return True
+        if lengths not in self._builds:
+            self._builds[lengths] = background.Build(lambda: self.task._runner(lengths),
+                                                     f"fused reverses of {', '.join(map(str, lengths))} steps")
+        return False
 
     def _choose_single_step(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
         """The plan over single-step reverses that fits Auto's budgets, with the programs built
@@ -106,31 +140,41 @@ class Planning:
 
     def costs(self, auto: Auto, z_buffers) -> dict:
         """The program costs (and host copies) Auto plans from under ``auto``'s budgets."""
-        return self._choose(auto, z_buffers)[3]
+        with self._lock:
+            return self._choose(auto, z_buffers, wait=True)[3]
 
-    def _choose(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int, dict]:
-        """The plan Auto picks, its device budget, its host budget per device, and the
-        program costs it was chosen from."""
+    def _choose(self, auto: Auto, z_buffers, wait: bool) -> tuple[planner.Choice, int, int, dict] | None:
+        """The plan Auto picks, its device budget, its host budget per device, and the program
+        costs it was chosen from; None while (without ``wait``) its fused reverses are built in
+        the background. While the lengths between build, the choice over the others."""
         leaves = self.auto_leaves(auto)
         budget, host_budget, host_kind = self._budgets(auto)
         key = (auto.leaves, budget, host_budget)  # leaves=None also tries GAP_LEAVES: not the same as the defaults
         if key not in self._choices:
-            costs = self._costs(self.task._runner(self.fused(leaves)), leaves, budget, host_budget, host_kind, z_buffers)
+            first = self.fused(leaves)
+            if not self._built(first, wait):
+                return None
+            costs = self._costs(self.task._runner(first), leaves, budget, host_budget, host_kind, z_buffers)
             table = planner.cost_table(self.task._task_layout, costs)
             choice = planner.choose(table, self.task.steps, leaves, budget, self.task.data_bytes, host_budget)
             gaps = () if auto.leaves else planner.gap_leaves(self.task.loop, choice.schedule.leaf, leaves, self.task.steps)
             if gaps:
+                both = self.fused(leaves + gaps)
                 try:
-                    runner = self.task._runner(self.fused(leaves + gaps))
+                    built = self._built(both, wait)
                 except ImportError as error:  # a loaded task builds no program where enzyme-ad is not installed
                     warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, gaps))} steps, which may run "
                                   f"faster within this budget, cannot be built here ({error}); planning without "
                                   "them. Call prepare(metagrad.Auto()) before save() to keep them in the saved task.",
-                                  stacklevel=4)
-                else:
-                    costs = self._costs(runner, leaves, budget, host_budget, host_kind, z_buffers)
+                                  stacklevel=5)
+                    self._unbuildable.add(both)
+                    built = False
+                if built:
+                    costs = self._costs(self.task._runner(both), leaves, budget, host_budget, host_kind, z_buffers)
                     choice = planner.choose_with_gaps(planner.cost_table(self.task._task_layout, costs), self.task.steps,
                                                       leaves, gaps, budget, self.task.data_bytes, host_budget)
+                elif both not in self._unbuildable:
+                    return choice, budget, host_budget, costs  # meanwhile
             self._choices[key] = choice, costs
         choice, costs = self._choices[key]
         return choice, budget, host_budget, costs
@@ -168,36 +212,45 @@ class Planning:
                            "The task's state is too large for this device.", self.task.num_devices)
         with setup_time.phase("calibrate"):
             costs = runner.calibrate(z_buffers, host_memory_kind=host_kind)
-        cache.put("calibration", entry, json.dumps({n: [c.seconds, c.bytes] for n, c in costs.items()}).encode())
+        if not background.running():  # timings beside a compile are skewed: not kept for other processes
+            cache.put("calibration", entry, json.dumps({n: [c.seconds, c.bytes] for n, c in costs.items()}).encode())
         return costs
+
+    def _plan_auto(self, auto: Auto, z_buffers) -> Planned:
+        """The plan ``auto`` runs now: its choice over the fused reverses built, or over
+        single-step reverses before they are (see the module's docstring)."""
+        lengths = self.fused(self.auto_leaves(auto))
+        chosen, forward, note = None, None, ""
+        if auto.leaves is None and self.calls == 0 and self.task._missing(self.task._runner_programs(lengths)):
+            note = " (first call: single-step reverses; the next call starts building the fused ones)"
+        else:
+            try:
+                chosen = self._choose(auto, z_buffers, wait=auto.leaves is not None)
+            except ImportError:  # a loaded task, where enzyme-ad is not installed
+                if auto.leaves is not None:
+                    raise
+            if chosen is None:
+                note = (" (single-step reverses: the fused ones could not be built)" if lengths in self._unbuildable
+                        else " (single-step reverses while the fused ones build in the background)")
+        if chosen is None:
+            choice, budget, host_budget = self._choose_single_step(auto, z_buffers)
+            forward = self.task._built_forward()
+        else:
+            choice, budget, host_budget, _ = chosen
+        described = f"Auto(memory={budget}) -> {choice.schedule!r}"
+        if choice.host_slots:
+            described += (f" with {len(choice.host_slots)} of its slots in host memory "
+                          f"(host_memory={host_budget * self.task.num_devices})")
+        return Planned(described + note, choice.plan, (), forward, choice.seconds, choice.peak_bytes, budget,
+                       choice.host_slots, choice.peak_host_bytes, host_budget)
 
     def plan(self, schedule, z_buffers) -> Planned:
         """The plan ``schedule`` runs, its prediction, checked against the device's memory."""
         schedule = check_schedule(schedule if schedule is not None else Auto())
         if isinstance(schedule, Auto):
-            forward, single_step = None, ""
-            if self._first_plan_is_single_step(schedule):
-                single_step = " (first call: single-step reverses; the fused ones are built by the next call)"
-            else:
-                try:
-                    choice, budget, host_budget, _ = self._choose(schedule, z_buffers)
-                except ImportError as error:  # a loaded task, where enzyme-ad is not installed
-                    if schedule.leaves is not None:
-                        raise
-                    warnings.warn(f"Auto: the fused reverse programs cannot be built here ({error}); planning over "
-                                  "single-step reverses. Call prepare(metagrad.Auto()) before save() to keep them "
-                                  "in the saved task.", stacklevel=4)
-                    single_step = " (single-step reverses: no fused ones could be built)"
-            if single_step:
-                choice, budget, host_budget = self._choose_single_step(schedule, z_buffers)
-                forward = self.task._built_forward()
-            described = f"Auto(memory={budget}) -> {choice.schedule!r}"
-            if choice.host_slots:
-                described += (f" with {len(choice.host_slots)} of its slots in host memory "
-                              f"(host_memory={host_budget * self.task.num_devices})")
-            described += single_step
-            planned = Planned(described, choice.plan, (), forward, choice.seconds, choice.peak_bytes, budget,
-                               choice.host_slots, choice.peak_host_bytes, host_budget)
+            with self._lock:
+                planned = self._plan_auto(schedule, z_buffers)
+                self.calls += 1
         else:
             plan = schedule.plan(self.task.steps, state_bytes=self.task._task_layout.state_bytes)
             planned = Planned(repr(schedule), plan, (), None, 0.0, None, 0)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from metagrad import Task, baselines
+from metagrad import Auto, Task, baselines
 
 __all__ = ["ENGINES", "ArgumentError", "merge_params", "check_split", "Metagradient", "resolve_engine",
            "write_result", "plt", "Timer", "log", "bar", "seed_groups", "spearman", "spread", "compare", "fmt_spread",
@@ -101,7 +101,8 @@ class Metagradient:
     def _compiled_task(self, i: int):
         if i not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[i] = self.tasks[i].compile(self.z_example, backend=self.backend)
+            # Every call on the plan Auto settles on (not single steps while it builds): repeatable MGD
+            self._compiled[i] = self.tasks[i].compile(self.z_example, backend=self.backend).prepare(Auto())
             self.compile_seconds += time.perf_counter() - t0
         return self._compiled[i]
 

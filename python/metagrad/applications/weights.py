@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from metagrad import Task, baselines, mgd
+from metagrad import Auto, Task, baselines, mgd
 from metagrad._src import streams
 from metagrad.applications.common import (Metagradient, Timer, bar, compare, plot_comparison, plt, resolve_engine,
                                           spearman, spread, summary, write_result)
@@ -81,7 +81,8 @@ class Runs:
 
     def compiled(self, seed: int):
         if seed not in self._compiled:
-            self._compiled[seed] = self.task(seed).compile(self.z_example)
+            # Every call on the plan Auto settles on (not single steps while it builds): repeatable MGD
+            self._compiled[seed] = self.task(seed).compile(self.z_example).prepare(Auto())
         return self._compiled[seed]
 
     def train(self, seed: int, z) -> PyTree:
