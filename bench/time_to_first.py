@@ -34,6 +34,7 @@ import time
 from common import BENCH_DIR, RESULTS_DIR, write_results
 
 RUNGS = ("mlp", "cnn", "lm1", "lm2", "lm4", "lm8", "flax")
+LATER_CALLS_LIMIT = 2000  # --calls: the cold process calls on until Auto adopts its fused programs, at most this often
 TARGET = 1.5  # metagrad's cold time to a first metagradient / JAX's compile and first call
 WARM_TARGET = 0.10  # a second process with the cache / the first
 
@@ -89,16 +90,24 @@ def metagrad_first(rung: str, steps: int, calls: int = 1) -> dict:
     compiled = task.compile(z)
     compile_seconds = time.perf_counter() - start
     compile_setup = dict(compiled.setup.seconds)  # compiled.setup goes on to gather the calls' set-up
+    compile_setup_programs = set(compiled.setup.compile_seconds)
     value, grad, report = compiled.metagradient(z, report=True)
     seconds = time.perf_counter() - start
-    later = []
-    for _ in range(calls - 1):  # Auto's next calls: the second builds and calibrates the fused programs
-        begin = time.perf_counter()
+    first_setup = {k: compiled.setup.seconds.get(k, 0.0) for k in compiled.setup.seconds}
+    later, adopted = [], 0
+    while len(later) < calls - 1 or (adopted == 0 and len(later) < LATER_CALLS_LIMIT and calls > 1):
+        begin = time.perf_counter()  # Auto's next calls: the second starts the background build
         _, _, after = compiled.metagradient(z, report=True)
-        later.append({"seconds": time.perf_counter() - begin, "run_seconds": after.seconds_total,
-                      "setup": dict(after.setup_seconds), "xla_per_program": dict(after.compile_seconds),
-                      "schedule": after.schedule})
-    return {"seconds": seconds, "later_calls": later, "compile_seconds": compile_seconds, "call_seconds": seconds - compile_seconds,
+        later.append({"seconds": time.perf_counter() - begin, "started": begin - start, "run_seconds": after.seconds_total,
+                      "setup": dict(after.setup_seconds), "schedule": after.schedule})
+        if not adopted and "(" not in after.schedule.split(" -> ")[-1]:
+            adopted = len(later) + 1  # the call (counting the first) that planned over the fused programs
+    background = {k: v - first_setup.get(k, 0.0) for k, v in compiled.setup.seconds.items()}
+    background = {k: v - sum(c["setup"].get(k, 0.0) for c in later) for k, v in background.items()}
+    return {"seconds": seconds, "later_calls": later, "adopted_at_call": adopted, "background_setup": background,
+            "background_xla_per_program": {k: v for k, v in compiled.setup.compile_seconds.items()
+                                           if k not in report.compile_seconds and k not in compile_setup_programs},
+            "compile_seconds": compile_seconds, "call_seconds": seconds - compile_seconds,
             "compile_setup": compile_setup, "call_setup": dict(report.setup_seconds),
             "xla_per_program": {**compiled.setup.compile_seconds, **report.compile_seconds},
             "run_seconds": report.seconds_total, "schedule": report.schedule, "value": float(value),
@@ -180,9 +189,46 @@ def markdown(rows: list[dict], steps: int, rungs: str, load, repeat: int) -> lis
         md += ["", f"Growth from 1 to 8 layers: JAX {growth['jax']:.2f}x, metagrad {growth['metagrad']:.2f}x "
                    f"({'no steeper' if growth['metagrad'] <= growth['jax'] else 'steeper'})."]
     md += ["", f"Target: total / JAX <= {TARGET}x; warm cache <= {WARM_TARGET:.0%} of the cold process. The first "
-               "call plans over single-step reverses (`Auto`'s first call); the fused reverses are built by the "
-               "second call, whose time is not in this table. The warm total includes the first call's run, which "
+               "call plans over single-step reverses (`Auto`'s first call); the second starts building the fused "
+               "reverses in the background (no call waits for them), which this table does not include. The warm total includes the first call's run, which "
                "no cache shortens; `warm compile / cold` compares `task.compile` alone."]
+    return md
+
+
+def later_markdown(rows: list[dict], calls: int) -> list[str]:
+    """The cold process's calls after the first, as runs of calls on the same plan."""
+    md = ["", f"The cold process's later calls (`--calls {calls}`: after the first, calls follow one another until "
+              f"`Auto` plans over the fused programs its second call started building in the background, and at "
+              f"least {calls} calls in all). Calls on the same plan are one line (median seconds, range):", "",
+          "| model | calls | seconds (median, range) | run | set-up phases (s) | plan |",
+          "|---|---|---:|---:|---|---|"]
+    for r in rows:
+        m = r["metagrad"]
+        calls_ = [{**m, "setup": m["call_setup"], "seconds": m["call_seconds"]}, *m["later_calls"]]
+        groups = []  # runs of consecutive calls on one plan; a call with set-up starts its own
+        for i, c in enumerate(calls_, start=1):
+            if groups and groups[-1]["schedule"] == c["schedule"] and not c["setup"] and not groups[-1]["setup"]:
+                groups[-1]["calls"].append((i, c))
+            else:
+                groups.append({"schedule": c["schedule"], "setup": c["setup"], "calls": [(i, c)]})
+        for g in groups:
+            numbers = [i for i, _ in g["calls"]]
+            seconds = sorted(c["seconds"] for _, c in g["calls"])
+            runs = sorted(c["run_seconds"] for _, c in g["calls"])
+            span = f"{numbers[0]}" if len(numbers) == 1 else f"{numbers[0]}-{numbers[-1]}"
+            spread = "" if len(seconds) == 1 else f" ({seconds[0]:.2f}-{seconds[-1]:.2f})"
+            md.append(f"| {r['rung']} | {span} | {seconds[len(seconds) // 2]:.2f}{spread} | {runs[len(runs) // 2]:.2f} | "
+                      f"{', '.join(f'{k} {v:.1f}' for k, v in g['setup'].items() if v >= 0.05) or '-'} | "
+                      f"{g['schedule'].split(' -> ')[-1]} |")
+    md += ["", "| model | fused plan from call | seconds from the start to that call | background build's set-up (s) "
+               "| its XLA compiles (s) |", "|---|---:|---:|---|---|"]
+    for r in rows:
+        m = r["metagrad"]
+        at = m["adopted_at_call"]
+        when = f"{m['later_calls'][at - 2]['started']:.1f}" if at else "-"
+        md.append(f"| {r['rung']} | {at or 'not within the calls'} | {when} | "
+                  f"{', '.join(f'{k} {v:.1f}' for k, v in m['background_setup'].items() if v >= 0.05) or '-'} | "
+                  f"{', '.join(f'{k} {v:.1f}' for k, v in m['background_xla_per_program'].items()) or '-'} |")
     return md
 
 
@@ -192,7 +238,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps T (the Flax model has its own, 50)")
     parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs of each method (median)")
     parser.add_argument("--calls", type=int, default=1,
-                        help="metagradients in the cold process: the later ones get a table of their own")
+                        help="metagradients in the cold process, at least (above 1: and on until Auto plans over "
+                             "the fused programs built in the background); the later ones get tables of their own")
     parser.add_argument("--out", default="time_to_first", help="results name under bench/results/")
     parser.add_argument("--render", help="rewrite the table and plot from this results JSON, running nothing")
     args = parser.parse_args()
@@ -225,16 +272,7 @@ def main() -> None:
 
     md = markdown(rows, args.steps, args.rungs, load, args.repeat)
     if args.calls > 1:
-        md += ["", f"The cold process's later calls (`--calls {args.calls}`):", "",
-               "| model | call | seconds | run | set-up phases (s) | XLA per program (s) | plan |",
-               "|---|---:|---:|---:|---|---|---|",
-               *(f"| {r['rung']} | {i} | {c['seconds']:.2f} | {c['run_seconds']:.2f} | "
-                 f"{', '.join(f'{k} {v:.1f}' for k, v in c['setup'].items()) or '-'} | "
-                 f"{', '.join(f'{k} {v:.1f}' for k, v in c['xla_per_program'].items()) or '-'} | "
-                 f"{c['schedule'].split(' -> ')[-1]} |"
-                 for r in rows for i, c in enumerate([{**r['metagrad'], 'setup': r['metagrad']['call_setup'],
-                                                       'xla_per_program': {}, 'seconds': r['metagrad']['call_seconds']},
-                                                      *r['metagrad']['later_calls']], start=1))]
+        md += later_markdown(rows, args.calls)
         md[2] = md[2].replace(f"--repeat {args.repeat}`", f"--repeat {args.repeat} --calls {args.calls} --out {args.out}`")
     write_results(args.out, md, {"steps": args.steps, "repeat": args.repeat, "calls": args.calls, "load_before": load,
                                  "rows": rows})

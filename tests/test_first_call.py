@@ -183,7 +183,7 @@ def test_a_loaded_task_without_enzyme_plans_over_single_step_reverses(cold_cache
         raise ModuleNotFoundError("No module named 'enzyme_ad'")
 
     monkeypatch.setattr(compiled_lib.lowering, "lower", no_enzyme)
-    with pytest.warns(UserWarning, match=r"Auto: the fused reverses of 10 steps could not be built "
+    with pytest.warns(UserWarning, match=r"Auto: the fused reverses of 10 steps cannot be built here "
                                          r"\(ModuleNotFoundError: No module named 'enzyme_ad'\); planning without "
                                          r"them. Call prepare\(metagrad.Auto\(\)\) before save\(\)"):
         value, grad, report, _ = calls_until_built(loaded, z)

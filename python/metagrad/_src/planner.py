@@ -88,9 +88,10 @@ class Auto:
         where the plan chosen has shorter blocks than the longest (a tight
         budget), Auto also tries the lengths between (``GAP_LEAVES``: 3, and 30
         for ``loop="scan"``), compiled then, and runs one only if its plan is
-        predicted faster. With the default, the first call of a compiled task
-        whose fused reverses are not built yet plans over single-step reverses
-        alone (a first result without compiling them); the next call builds them.
+        predicted faster. With the default, no call waits for a fused reverse:
+        the first call of a compiled task plans over single-step reverses, the
+        second starts building the fused ones in the background, and each call
+        plans over those built (``CompiledTask.prepare`` builds them now).
       host_memory: bytes of host memory for saved states, all devices together
         (default: none on the CPU plugin, half the host's available RAM
         elsewhere); 0 keeps every state on the device.

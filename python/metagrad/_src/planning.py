@@ -49,6 +49,10 @@ class Planned:
 
 
 
+def _steps(lengths) -> str:
+    return ", ".join(map(str, lengths))
+
+
 def check_schedule(schedule):
     if isinstance(schedule, type):
         raise TypeError(f"schedule must be a schedule instance, got the class {schedule.__name__}: write "
@@ -91,11 +95,12 @@ class Planning:
         host_memory = auto.host_memory if auto.host_memory is not None else planner.default_host_budget(self.task.client)
         return budget, (host_memory // self.task.num_devices if host_kind else 0), host_kind
 
-    def _built(self, lengths: tuple[int, ...], wait: bool) -> bool:
+    def _built(self, lengths: tuple[int, ...], wait: bool, what: str) -> bool:
         """Whether the runner over the fused reverses of ``lengths`` (and the task's fused
-        forwards) is built. With ``wait`` it is built now (raising what the build raises);
-        without, a background build is started where none is under way, and one that failed
-        is warned of once and its lengths planned without from then on."""
+        forwards) is built. With ``wait`` it is built now (raising what the build raises).
+        Without, a background build is started where none is under way; one that failed is
+        warned of once (``what``: the programs, for the warning), and its lengths planned
+        without from then on."""
         build = self._builds.get(lengths)
         if build is not None and (wait or build.done()):
             del self._builds[lengths]
@@ -103,15 +108,10 @@ class Planning:
             try:
                 build.result()
             except (background.Stopped, enzyme_worker.Interrupted):
-                pass  # abandoned, not failed: the next call builds them again
+                pass  # abandoned, not failed: built again below, or by the next call
             except Exception as error:
                 if not wait:
-                    self._unbuildable.add(lengths)
-                    advice = (" Call prepare(metagrad.Auto()) before save() to keep them in the saved task."
-                              if isinstance(error, ImportError) else "")
-                    warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, lengths))} steps could not be "
-                                  f"built ({type(error).__name__}: {error}); planning without them.{advice}",
-                                  stacklevel=6)
+                    self._unbuilt(lengths, what, error)
                     return False
         if wait:
             self.task._runner(lengths)
@@ -121,9 +121,16 @@ class Planning:
         if not self.task._missing(self.task._runner_programs(lengths)):
             return True
         if lengths not in self._builds:
-            self._builds[lengths] = background.Build(lambda: self.task._runner(lengths),
-                                                     f"fused reverses of {', '.join(map(str, lengths))} steps")
+            self._builds[lengths] = background.Build(lambda: self.task._runner(lengths), what)
         return False
+
+    def _unbuilt(self, lengths: tuple[int, ...], what: str, error: Exception) -> None:
+        """Plan without the fused reverses of ``lengths`` from now on, and say why."""
+        self._unbuildable.add(lengths)
+        advice = (" Call prepare(metagrad.Auto()) before save() to keep them in the saved task."
+                  if isinstance(error, ImportError) else "")
+        warnings.warn(f"Auto: {what} cannot be built here ({type(error).__name__}: {error}); planning without "
+                      f"them.{advice}", stacklevel=7)
 
     def _choose_single_step(self, auto: Auto, z_buffers) -> tuple[planner.Choice, int, int]:
         """The plan over single-step reverses that fits Auto's budgets, with the programs built
@@ -143,16 +150,17 @@ class Planning:
         with self._lock:
             return self._choose(auto, z_buffers, wait=True)[3]
 
-    def _choose(self, auto: Auto, z_buffers, wait: bool) -> tuple[planner.Choice, int, int, dict] | None:
-        """The plan Auto picks, its device budget, its host budget per device, and the program
-        costs it was chosen from; None while (without ``wait``) its fused reverses are built in
-        the background. While the lengths between build, the choice over the others."""
+    def _choose(self, auto: Auto, z_buffers, wait: bool) -> tuple[planner.Choice, int, int, dict, str] | None:
+        """The plan Auto picks, its device budget, its host budget per device, the program costs
+        it was chosen from and a note for the report; None while (without ``wait``) its fused
+        reverses are built in the background. While the lengths between are, the choice without
+        them (and a note that says so)."""
         leaves = self.auto_leaves(auto)
         budget, host_budget, host_kind = self._budgets(auto)
         key = (auto.leaves, budget, host_budget)  # leaves=None also tries GAP_LEAVES: not the same as the defaults
         if key not in self._choices:
             first = self.fused(leaves)
-            if not self._built(first, wait):
+            if not self._built(first, wait, f"the fused reverses of {_steps(first)} steps"):
                 return None
             costs = self._costs(self.task._runner(first), leaves, budget, host_budget, host_kind, z_buffers)
             table = planner.cost_table(self.task._task_layout, costs)
@@ -160,24 +168,21 @@ class Planning:
             gaps = () if auto.leaves else planner.gap_leaves(self.task.loop, choice.schedule.leaf, leaves, self.task.steps)
             if gaps:
                 both = self.fused(leaves + gaps)
+                what = f"the fused reverses of {_steps(gaps)} steps, which may run faster within this budget,"
                 try:
-                    built = self._built(both, wait)
+                    built = self._built(both, wait, what)
                 except ImportError as error:  # a loaded task builds no program where enzyme-ad is not installed
-                    warnings.warn(f"Auto: the fused reverses of {', '.join(map(str, gaps))} steps, which may run "
-                                  f"faster within this budget, cannot be built here ({error}); planning without "
-                                  "them. Call prepare(metagrad.Auto()) before save() to keep them in the saved task.",
-                                  stacklevel=5)
-                    self._unbuildable.add(both)
+                    self._unbuilt(both, what, error)
                     built = False
                 if built:
                     costs = self._costs(self.task._runner(both), leaves, budget, host_budget, host_kind, z_buffers)
                     choice = planner.choose_with_gaps(planner.cost_table(self.task._task_layout, costs), self.task.steps,
                                                       leaves, gaps, budget, self.task.data_bytes, host_budget)
-                elif both not in self._unbuildable:
-                    return choice, budget, host_budget, costs  # meanwhile
+                elif both not in self._unbuildable:  # until they are built, the choice without them
+                    return choice, budget, host_budget, costs, " (while the lengths between build in the background)"
             self._choices[key] = choice, costs
         choice, costs = self._choices[key]
-        return choice, budget, host_budget, costs
+        return choice, budget, host_budget, costs, ""
 
     def _costs(self, runner, first_leaves, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
         """The cost of each program of ``runner`` (and, with a host budget, of one state's copies).
@@ -224,11 +229,7 @@ class Planning:
         if auto.leaves is None and self.calls == 0 and self.task._missing(self.task._runner_programs(lengths)):
             note = " (first call: single-step reverses; the next call starts building the fused ones)"
         else:
-            try:
-                chosen = self._choose(auto, z_buffers, wait=auto.leaves is not None)
-            except ImportError:  # a loaded task, where enzyme-ad is not installed
-                if auto.leaves is not None:
-                    raise
+            chosen = self._choose(auto, z_buffers, wait=auto.leaves is not None)
             if chosen is None:
                 note = (" (single-step reverses: the fused ones could not be built)" if lengths in self._unbuildable
                         else " (single-step reverses while the fused ones build in the background)")
@@ -236,7 +237,7 @@ class Planning:
             choice, budget, host_budget = self._choose_single_step(auto, z_buffers)
             forward = self.task._built_forward()
         else:
-            choice, budget, host_budget, _ = chosen
+            choice, budget, host_budget, _, note = chosen
         described = f"Auto(memory={budget}) -> {choice.schedule!r}"
         if choice.host_slots:
             described += (f" with {len(choice.host_slots)} of its slots in host memory "
