@@ -107,6 +107,8 @@ def _token_file(folder: str) -> str:
 def speed(kind: str, steps: int, repeat: int, folder: str) -> dict:
     import numpy as np
 
+    import metagrad
+
     from tasks import make_task
 
     forms = {}
@@ -114,9 +116,8 @@ def speed(kind: str, steps: int, repeat: int, folder: str) -> dict:
         rows = ({"seqs": np.load(_token_file(folder), mmap_mode="r")} if kind == "transformer" and streamed
                 else None)
         task, z = make_task(kind, steps, streamed=streamed, rows=rows)
-        compiled = task.compile(z)
-        compiled.metagradient(z)
-        compiled.metagradient(z)  # Auto's second call builds, calibrates and chooses
+        compiled = task.compile(z).prepare(metagrad.Auto())  # every program the default plan may use
+        compiled.metagradient(z)  # calibrates and chooses
         compiled.train(z)
         forms[streamed] = (compiled, z)
     samples = {form: {"train": [], "metagradient": [], "wait": [], "predicted": []} for form in forms}

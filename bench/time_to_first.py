@@ -100,7 +100,7 @@ def metagrad_first(rung: str, steps: int, calls: int = 1) -> dict:
         _, _, after = compiled.metagradient(z, report=True)
         later.append({"seconds": time.perf_counter() - begin, "started": begin - start, "run_seconds": after.seconds_total,
                       "setup": dict(after.setup_seconds), "schedule": after.schedule})
-        if not adopted and "(" not in after.schedule.split(" -> ")[-1]:
+        if not adopted and not any(note in after.schedule for note in ("(first call", "build in the background")):
             adopted = len(later) + 1  # the call (counting the first) that planned over the fused programs
     background = {k: v - first_setup.get(k, 0.0) for k, v in compiled.setup.seconds.items()}
     background = {k: v - sum(c["setup"].get(k, 0.0) for c in later) for k, v in background.items()}

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from metagrad import Auto, Task, baselines, mgd
+from metagrad import Task, baselines, mgd
 from metagrad._src import streams
 from metagrad.applications.common import (Metagradient, Timer, bar, compare, plot_comparison, plt, resolve_engine,
                                           spearman, spread, summary, write_result)
@@ -81,8 +81,7 @@ class Runs:
 
     def compiled(self, seed: int):
         if seed not in self._compiled:
-            # Every call on the plan Auto settles on (not single steps while it builds): repeatable MGD
-            self._compiled[seed] = self.task(seed).compile(self.z_example).prepare(Auto())
+            self._compiled[seed] = self.task(seed).compile(self.z_example)
         return self._compiled[seed]
 
     def train(self, seed: int, z) -> PyTree:
