@@ -279,8 +279,9 @@ def test_an_enzyme_build_ended_by_interrupt_is_not_taken_for_enzymes_failure(col
 
     thread = threading.Thread(target=build)
     thread.start()
-    while not enzyme_worker._WORKER._lock.locked():
-        time.sleep(0.001)
+    worker = enzyme_worker._WORKER
+    while not (worker._lock.locked() and worker._process is not None and worker._process.poll() is None):
+        time.sleep(0.001)  # the child is started for this build (it imports jax before it reads the request)
     enzyme_worker.interrupt()
     thread.join(timeout=120)
     assert [type(error) for error in errors] == [enzyme_worker.Interrupted]
