@@ -36,7 +36,7 @@ def main(argv=None):
 
     base, z = make_task("mlp", args.steps)
     apply = CONFIGS["mlp"][1]
-    schedule = metagrad.Budget(states=32, leaf=10)
+    schedule = metagrad.Budget(states=32, block=10)
     rows = []
     for m in [int(x) for x in args.ms.split(",")]:
         def losses(state, z, data, m=m):

@@ -109,23 +109,23 @@ def write_results(name: str, markdown: list[str], payload: dict) -> None:
     print("\n".join(markdown))
 
 
-def save_task(compiled, path: str, *, leaves=()) -> None:
-    """``compiled.save(path)`` with the fused reverse programs of each block length in ``leaves``."""
+def save_task(compiled, path: str, *, blocks=()) -> None:
+    """``compiled.save(path)`` with the fused reverse programs of each block length in ``blocks``."""
     import metagrad
 
-    for leaf in leaves:
-        if leaf > 1:
-            compiled.prepare(metagrad.Replay(k=2, leaf=leaf))
+    for block in blocks:
+        if block > 1:
+            compiled.prepare(metagrad.Replay(k=2, block=block))
     compiled.save(path)
 
 
-def fused_lengths(steps: int, leaf: int) -> tuple[int, ...]:
-    """Fused reverse lengths a plan with this leaf uses."""
-    if leaf <= 1:
+def fused_lengths(steps: int, block: int) -> tuple[int, ...]:
+    """Fused reverse lengths a plan over blocks of ``block`` steps uses."""
+    if block <= 1:
         return ()
-    lengths = {min(leaf, steps)}
-    if steps % leaf and steps > leaf:
-        lengths.add(steps % leaf)
+    lengths = {min(block, steps)}
+    if steps % block and steps > block:
+        lengths.add(steps % block)
     return tuple(sorted(n for n in lengths if n > 1))
 
 

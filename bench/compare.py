@@ -49,7 +49,7 @@ import time
 from common import (BENCH_DIR, add_cell_arguments, fmt_bytes, harness_path, machine_notes, replay_device_bytes,
                     run_limited, save_json, save_text)
 
-SCHEDULE_K, SCHEDULE_LEAF = 32, 10
+SCHEDULE_K, SCHEDULE_BLOCK = 32, 10
 
 
 def state_bound(T: int, k: int = SCHEDULE_K) -> int:
@@ -58,14 +58,14 @@ def state_bound(T: int, k: int = SCHEDULE_K) -> int:
 
 
 def schedule(T: int) -> str:
-    """metagrad's schedule at T: binomial checkpointing (Budget) with k*log_k(T) states, fused leaves."""
-    return f"revolve:{state_bound(T)}:{SCHEDULE_LEAF}"
+    """metagrad's schedule at T: binomial checkpointing (Budget) with k*log_k(T) states, fused blocks."""
+    return f"revolve:{state_bound(T)}:{SCHEDULE_BLOCK}"
 
 
 JAX_ROWS = ("jax_train", "scan_storeall", "scan_checkpoint", "python_replay")
 LABELS = {
     "train": "training (runtime)",
-    "metagrad_enzyme": f"metagrad, Enzyme (Budget {SCHEDULE_K} log_{SCHEDULE_K} T states, leaf {SCHEDULE_LEAF})",
+    "metagrad_enzyme": f"metagrad, Enzyme (Budget {SCHEDULE_K} log_{SCHEDULE_K} T states, block {SCHEDULE_BLOCK})",
     "metagrad_jax": "metagrad, JAX reverse (same schedule)",
     "jax_train": "JAX train (lax.scan)",
     "scan_storeall": "JAX scan store-all",
@@ -133,7 +133,7 @@ def metagrad_row(out: dict) -> dict:
 
 def prepare(kind: str, backend: str, directory: str, timeout: float) -> None:
     command = [sys.executable, os.path.join(BENCH_DIR, "save_task.py"), kind, "--steps", "100", "--backend", backend,
-               "--leaf", str(SCHEDULE_LEAF), "--out", directory]
+               "--block", str(SCHEDULE_BLOCK), "--out", directory]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"saving {kind}/{backend} failed:\n{done.stderr[-2000:]}")

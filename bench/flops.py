@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import metagrad
 from tasks import make_task
 
-LEAF = 10
+BLOCK = 10
 
 
 def _flops(fn, *args) -> float:
@@ -34,10 +34,10 @@ def _flops(fn, *args) -> float:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def step_costs(kind: str, leaf: int = LEAF) -> dict:
-    """FLOPs of one step, one step's reverse, and a fused ``leaf``-step reverse per step (straight-line code,
+def step_costs(kind: str, block: int = BLOCK) -> dict:
+    """FLOPs of one step, one step's reverse, and a fused ``block``-step reverse per step (straight-line code,
     as the runtime's programs are)."""
-    task, z = make_task(kind, leaf)
+    task, z = make_task(kind, block)
     state = task.init(z, task.data)
     t0 = jnp.int32(3)
 
@@ -52,18 +52,18 @@ def step_costs(kind: str, leaf: int = LEAF) -> dict:
 
     return {"F": _flops(lambda s, z, t: run(s, z, t, 1), state, z, t0),
             "V1": _flops(lambda s, z, c, t: reverse(s, z, c, t, 1), state, z, state, t0),
-            "VL": _flops(lambda s, z, c, t: reverse(s, z, c, t, leaf), state, z, state, t0) / leaf}
+            "VL": _flops(lambda s, z, c, t: reverse(s, z, c, t, block), state, z, state, t0) / block}
 
 
-def schedule_flops(plan, T: int, costs: dict, leaf: int = LEAF) -> float:
+def schedule_flops(plan, T: int, costs: dict, block: int = BLOCK) -> float:
     """FLOPs of a plan: its forward steps plus its reverses, single (``V1``) or fused (``VL``)."""
     total = plan.stats(T)["forward_steps"] * costs["F"]
     for action in plan:
         if action.kind == "reverse":
             if action.count == 1:
                 total += costs["V1"]
-            elif action.count == leaf:
-                total += leaf * costs["VL"]
+            elif action.count == block:
+                total += block * costs["VL"]
             else:
                 raise ValueError(f"no cost for a fused reverse of {action.count} steps")
     return total
@@ -77,8 +77,8 @@ def schedules(T: int):
         ("Budget(k=4), the default", metagrad.Budget(k=4)),
         ("Replay(k=4)", metagrad.Replay(k=4)),
         ("Budget, 32 log_32 T states", metagrad.Budget(states=bound)),
-        (f"Budget, 32 log_32 T states, leaf {LEAF}", metagrad.Budget(states=bound, leaf=LEAF)),
-        (f"Periodic(every=T, leaf={LEAF}): T/{LEAF} states", metagrad.Periodic(every=T, leaf=LEAF)),
+        (f"Budget, 32 log_32 T states, block {BLOCK}", metagrad.Budget(states=bound, block=BLOCK)),
+        (f"Periodic(every=T, block={BLOCK}): T/{BLOCK} states", metagrad.Periodic(every=T, block=BLOCK)),
         ("StoreAll: T states", metagrad.StoreAll()),
     ]
 
@@ -92,13 +92,13 @@ def main() -> None:
     for kind in args.kinds.split(","):
         c = step_costs(kind)
         print(f"{kind}: step F = {c['F'] / 1e6:.2f} MFLOP; reverse V1 = {c['V1'] / c['F']:.2f} F; "
-              f"fused reverse of {LEAF}, per step, V{LEAF} = {c['VL'] / c['F']:.2f} F")
+              f"fused reverse of {BLOCK}, per step, V{BLOCK} = {c['VL'] / c['F']:.2f} F")
         print(f"  {'schedule':48s} " + " ".join(f"{'T=' + str(T):>8s}" for T in steps))
         by_steps = {T: schedules(T) for T in steps}
         for i, (name, _) in enumerate(by_steps[steps[0]]):
             ratios = [schedule_flops(by_steps[T][i][1].plan(T), T, c) / (T * c["F"]) for T in steps]
             print(f"  {name:48s} " + " ".join(f"{r:7.2f}x" for r in ratios))
-        print(f"  {'JAX scan + checkpoint (estimate: 1 + V' + str(LEAF) + '/F)':48s} "
+        print(f"  {'JAX scan + checkpoint (estimate: 1 + V' + str(BLOCK) + '/F)':48s} "
               + " ".join(f"{1 + c['VL'] / c['F']:7.2f}x" for _ in steps))
 
 

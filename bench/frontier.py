@@ -26,8 +26,8 @@ only that cell), for each task and T:
   of an earlier result file, or ``--budgets`` names them, so these cells can run
   alone (``--skip`` the rest);
 * metagrad: ``compiled.metagradient(z, schedule=...)`` for fixed schedules
-  (``Budget(states=s, leaf=l)``, ``Replay(k)``, ``StoreAll()``,
-  ``Periodic(every, leaf)``), the default ``metagradient(z)``, and the planner
+  (``Budget(states=s, block=l)``, ``Replay(k)``, ``StoreAll()``,
+  ``Periodic(every, block)``), the default ``metagradient(z)``, and the planner
   ``Auto(memory=B)`` at budgets B taken from the peers' measured memory (each
   peer's device bytes; the planner's budget counts the data and z, as the
   peers' do) and below the smallest of them;
@@ -104,7 +104,7 @@ from common import (add_cell_arguments, flat_leaves, fmt_bytes, machine_notes, r
 PEERS = ("jax_storeall", "jax_checkpoint", "python_replay", "equinox")
 TRAINING = ("train_runtime", "train_runtime_scan", "train_jax")
 RUNTIME_TRAINING = {"train_runtime": "default compile", "train_runtime_scan": "loop='scan'"}  # method: its compile
-LEAF = 10  # the fused reverse block length of the leaf > 1 schedules (saved with each task)
+BLOCK = 10  # the fused reverse block length of the block > 1 schedules (saved with each task)
 TARGET_PEER, TARGET_BELOW_CHECKPOINT, TARGET_DEFAULT = 1.0, 0.8, 1.1
 
 
@@ -123,12 +123,12 @@ def merge_runs(parts) -> dict:
 
 def fixed_schedules(T: int) -> list[dict]:
     """metagrad's fixed schedules at T, as ``{"name": class name, "args": keyword arguments}``."""
-    every = max(LEAF, round(math.sqrt(T) / LEAF) * LEAF)
-    out = [{"name": "Budget", "args": {"states": s, "leaf": 1}} for s in (8, 32, 128, 512) if s < T]
-    out += [{"name": "Budget", "args": {"states": s, "leaf": LEAF}} for s in (4, 8, 16, 32, 64, 256, 512)
-            if s < T // LEAF]
+    every = max(BLOCK, round(math.sqrt(T) / BLOCK) * BLOCK)
+    out = [{"name": "Budget", "args": {"states": s, "block": 1}} for s in (8, 32, 128, 512) if s < T]
+    out += [{"name": "Budget", "args": {"states": s, "block": BLOCK}} for s in (4, 8, 16, 32, 64, 256, 512)
+            if s < T // BLOCK]
     out += [{"name": "Replay", "args": {"k": k}} for k in (4, 32)]
-    out += [{"name": "Periodic", "args": {"every": every, "leaf": leaf}} for leaf in (1, LEAF)]
+    out += [{"name": "Periodic", "args": {"every": every, "block": block}} for block in (1, BLOCK)]
     out += [{"name": "StoreAll", "args": {}}, {"name": "default", "args": {}}]
     return out
 
@@ -198,7 +198,7 @@ def _tree_bytes(tree) -> int:
 
 
 def prepare(spec: dict) -> dict:
-    """Compile the task as a user would (``task.compile(z)``), with the fused LEAF-step reverse, and save it;
+    """Compile the task as a user would (``task.compile(z)``), with the fused BLOCK-step reverse, and save it;
     with ``spec["loop"] == "scan"``: ``task.compile(z, loop="scan")`` with every reverse ``Auto()`` considers."""
     import metagrad
     from tasks import make_task
@@ -206,7 +206,7 @@ def prepare(spec: dict) -> dict:
     task, z = make_task(spec["kind"], spec["steps"])
     t0 = time.perf_counter()
     compiled = task.compile(z, loop=spec.get("loop", "unroll"))
-    compiled.prepare(metagrad.Auto() if spec.get("loop") == "scan" else metagrad.Budget(states=2, leaf=LEAF))
+    compiled.prepare(metagrad.Auto() if spec.get("loop") == "scan" else metagrad.Budget(states=2, block=BLOCK))
     seconds = time.perf_counter() - t0
     compiled.save(spec["task_dir"])
     return {"compile_seconds": seconds, "state_bytes": int(compiled.layout.state_bytes),

@@ -23,7 +23,7 @@ Reverse, per step (one forward recomputation and one reverse each, as both
 sides do them):
 
 * runtime ``n = 1``: the reverse phase of ``StoreAll`` / T (T executions of ``step_vjp``);
-* runtime ``n > 1``: the reverse phase of ``Periodic(every=T, leaf=n)`` / T
+* runtime ``n > 1``: the reverse phase of ``Periodic(every=T, block=n)`` / T
   (T/n executions of the fused ``segment_vjp_n``); with ``--forms`` also its
   scan form (JAX differentiates the loop, Enzyme each step);
 * JAX: ``jax.jit`` of the vjp of an n-step ``lax.scan`` (``n = 1``: one step),
@@ -125,7 +125,7 @@ def run_kind(kind: str, args) -> dict:
             jax.block_until_ready(z_acc)
         entries[f"jax n={n}"] = run_jax
         if n > 1:
-            schedule = metagrad.Periodic(every=T, leaf=n)
+            schedule = metagrad.Periodic(every=T, block=n)
             entries[f"runtime n={n}"] = lambda s=schedule: _reverse_seconds(c10.prepare(s), z, s)
             if s10 is not None:
                 entries[f"runtime n={n}, loop='scan'"] = lambda s=schedule: _reverse_seconds(s10.prepare(s), z, s)

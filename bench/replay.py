@@ -9,11 +9,11 @@ metagradient time / training time (same process), forward steps (first pass
 included), executions, peak saved states and bytes, and the largest temporary
 buffer of the reverse programs it runs (a fused block's residuals live there).
 
-Schedules: Replay(k) for k in 2..32 with leaf 1 and with leaf 10 (fused
+Schedules: Replay(k) for k in 2..32 with blocks of 1 and of 10 steps (fused
 reverse of 10 steps), revolve (Budget) with the same number of states as
 Replay(4), revolve with 32*log_32(T) states on blocks of 10 (compare.py's
 choice), and, where T states fit in --storeall-limit-mb, StoreAll and
-Periodic(every=T, leaf=10) (every block start saved: no replay, the fastest
+Periodic(every=T, block=10) (every block start saved: no replay, the fastest
 any schedule can be). ``bound`` is k*log_k(T), the paper's state count.
 """
 
@@ -32,18 +32,18 @@ from common import RESULTS_DIR, machine_notes, run_harness, save_json, save_task
 import metagrad
 from tasks import make_task
 
-LEAF = 10
+BLOCK = 10
 
 
 def schedules(T: int, state_bytes: int, storeall_limit: int):
     """(harness spec, k or None) for each schedule measured at T."""
     out = [(f"replay:{k}", k) for k in (2, 4, 8, 16, 32)]
-    out += [(f"replay:{k}:{LEAF}", k) for k in (4, 16, 32)]
+    out += [(f"replay:{k}:{BLOCK}", k) for k in (4, 16, 32)]
     peak4 = metagrad.Replay(k=4).plan(T).stats(T)["peak_saved"]
     bound32 = math.floor(32 * math.log(T) / math.log(32))
-    out += [(f"revolve:{peak4}", None), (f"revolve:{bound32}:{LEAF}", 32)]
+    out += [(f"revolve:{peak4}", None), (f"revolve:{bound32}:{BLOCK}", 32)]
     if T * state_bytes <= storeall_limit:
-        out += [("storeall", None), (f"periodic:{T}:{LEAF}", None)]
+        out += [("storeall", None), (f"periodic:{T}:{BLOCK}", None)]
     return out
 
 
@@ -54,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=0, help="0: 5 at T <= 100, 3 at T <= 1000, else 1")
     parser.add_argument("--no-fused-forward", action="store_true")
     parser.add_argument("--storeall-limit-mb", type=float, default=2048)
-    parser.add_argument("--task-dir", help="reuse a directory written by bench/save_task.py (mlp, --leaf 10)")
+    parser.add_argument("--task-dir", help="reuse a directory written by bench/save_task.py (mlp, --block 10)")
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
 
@@ -63,7 +63,7 @@ def main(argv=None):
         task_dir = tempfile.mkdtemp(prefix="metagrad-replay-")
         t0 = time.perf_counter()
         task, z = make_task("mlp", 100)
-        save_task(task.compile(z, backend=args.backend, fuse_forward=LEAF), task_dir, leaves=(LEAF,))
+        save_task(task.compile(z, backend=args.backend, fuse_forward=BLOCK), task_dir, blocks=(BLOCK,))
         print(f"compiled and saved the task in {time.perf_counter() - t0:.1f} s ({task_dir})", file=sys.stderr)
     with open(os.path.join(task_dir, "manifest.json")) as f:
         state_bytes = sum(math.prod(leaf["shape"]) * 4 for leaf in json.load(f)["state"])

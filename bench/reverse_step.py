@@ -1,6 +1,6 @@
 """Enzyme's reverse step vs JAX's, and the cost of lowering + compiling a task.
 
-    python bench/reverse_step.py [--kinds mlp,cnn] [--steps 200] [--leaf 10] [--repeat 5]
+    python bench/reverse_step.py [--kinds mlp,cnn] [--steps 200] [--block 10] [--repeat 5]
 
 For each task (bench/tasks.py) and each backend (Enzyme, JAX autodiff), all
 measured in this one process, side by side:
@@ -12,7 +12,7 @@ measured in this one process, side by side:
 * reverse step: the runtime's reverse phase of ``StoreAll`` divided by T --
   T executions of ``step_vjp`` (each recomputes its step's forward, then runs
   the reverse) back to back, nothing else;
-* fused reverse: the reverse phase of ``Periodic(every=T, leaf=L)`` divided by
+* fused reverse: the reverse phase of ``Periodic(every=T, block=L)`` divided by
   T -- T/L executions of ``segment_vjp_L`` (L steps recomputed and reversed in
   one program);
 * jax.jit reverse: the same step vjp as one ``jax.jit`` function called T
@@ -67,13 +67,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="mlp,cnn")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--leaf", type=int, default=10)
+    parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    T, L = args.steps, args.leaf
+    T, L = args.steps, args.block
     if T % L:
-        parser.error("--steps must be a multiple of --leaf")
-    results = {"machine": machine_notes(), "steps": T, "leaf": L, "tasks": {}}
+        parser.error("--steps must be a multiple of --block")
+    results = {"machine": machine_notes(), "steps": T, "block": L, "tasks": {}}
     for kind in args.kinds.split(","):
         task, z = make_task(kind, T)
         row = {}
@@ -84,7 +84,7 @@ def main(argv=None):
             compiled[backend] = task.compile(z, backend=backend, fuse_forward=1)  # forward step = one execution
             row[backend] = {"compile_s": time.perf_counter() - t0}
             t0 = time.perf_counter()
-            compiled[backend].metagradient(z, metagrad.Periodic(every=T, leaf=L))  # lowers + compiles segment_vjp_L
+            compiled[backend].metagradient(z, metagrad.Periodic(every=T, block=L))  # lowers + compiles segment_vjp_L
             row[backend]["segment_compile_s"] = time.perf_counter() - t0
         samples = {b: {"forward": [], "reverse": [], "fused": []} for b in compiled}
         samples["jax.jit"] = {"reverse": []}
@@ -95,14 +95,14 @@ def main(argv=None):
                 samples[backend]["forward"].append((time.perf_counter() - t0) / T)
                 _, _, report = c.metagradient(z, metagrad.StoreAll(), report=True)
                 samples[backend]["reverse"].append(report.seconds_reverse / T)
-                _, _, report = c.metagradient(z, metagrad.Periodic(every=T, leaf=L), report=True)
+                _, _, report = c.metagradient(z, metagrad.Periodic(every=T, block=L), report=True)
                 samples[backend]["fused"].append(report.seconds_reverse / T)
             samples["jax.jit"]["reverse"].append(jax_reverse_per_step(task, z, T))
         for backend, s in samples.items():
             row.setdefault(backend, {}).update({f"{k}_us": statistics.median(v) * 1e6 for k, v in s.items()})
         results["tasks"][kind] = row
         e, j = row["enzyme"], row["jax"]
-        print(f"\n{kind} (T={T}, leaf={L}; median of {args.repeat}, per step)")
+        print(f"\n{kind} (T={T}, block={L}; median of {args.repeat}, per step)")
         print(f"  {'':22s} {'enzyme':>10s} {'jax':>10s} {'enzyme/jax':>10s}")
         for key, label in (("forward_us", "forward step (us)"), ("reverse_us", "reverse step (us)"),
                            ("fused_us", f"fused reverse/{L} (us)"), ("compile_s", "lower+compile (s)"),

@@ -1,10 +1,10 @@
 """Compile a bench task and save it for metagrad-bench (the C++ harness).
 
-    python bench/save_task.py mlp --steps 1000 --leaf 10 --out /tmp/mlp1000
+    python bench/save_task.py mlp --steps 1000 --block 10 --out /tmp/mlp1000
     metagrad-bench /tmp/mlp1000 --schedule replay:4,replay:16:10,storeall
 
 Writes the task's programs (init, step, output, output_vjp, step_vjp,
-init_vjp, all_finite), the fused reverses ``segment_vjp_n`` that ``--leaf``
+init_vjp, all_finite), the fused reverses ``segment_vjp_n`` that ``--block``
 needs, and ``advance_<n>`` (n steps in one execution, used by the harness to
 separate per-execution cost from compute).
 """
@@ -23,7 +23,7 @@ def main(argv=None):
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--backend", default="auto", choices=("auto", "enzyme", "jax"))
-    parser.add_argument("--leaf", type=int, action="append", default=[],
+    parser.add_argument("--block", type=int, action="append", default=[],
                         help="fused reverse block length to include (repeatable)")
     parser.add_argument("--advance", type=int, default=10,
                         help="steps of the fused forward program advance_<n> (1: none)")
@@ -32,8 +32,8 @@ def main(argv=None):
     task, z = make_task(args.kind, args.steps)
     t0 = time.perf_counter()
     compiled = task.compile(z, backend=args.backend, fuse_forward=args.advance)
-    lengths = sorted({n for leaf in args.leaf for n in fused_lengths(args.steps, leaf)})
-    save_task(compiled, args.out, leaves=args.leaf)
+    lengths = sorted({n for block in args.block for n in fused_lengths(args.steps, block)})
+    save_task(compiled, args.out, blocks=args.block)
     print(f"saved {args.kind} T={args.steps} ({args.backend}; fused {lengths or 'none'}) to {args.out} "
           f"in {time.perf_counter() - t0:.1f} s")
 

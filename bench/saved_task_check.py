@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("steps", type=int)
     parser.add_argument("task_dir")
-    parser.add_argument("--schedule", help="Budget:STATES:LEAF, Replay:K or StoreAll (default: the planner's)")
+    parser.add_argument("--schedule", help="Budget:STATES:BLOCK, Replay:K or StoreAll (default: the planner's)")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest relative difference of the gradients accepted (float32, and a GPU's "
                              "matrix products may round differently between the two programs)")
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     if args.schedule:
         name, *numbers = args.schedule.split(":")
         numbers = [int(n) for n in numbers]
-        kwargs["schedule"] = {"Budget": lambda s, leaf=1: metagrad.Budget(states=s, leaf=leaf),
+        kwargs["schedule"] = {"Budget": lambda s, block=1: metagrad.Budget(states=s, block=block),
                               "Replay": lambda k: metagrad.Replay(k), "StoreAll": metagrad.StoreAll}[name](*numbers)
     value, grad, report = compiled.metagradient(z, report=True, **kwargs)
     t0 = time.perf_counter()

@@ -139,14 +139,14 @@ def host_tier(task, z, repeat: int, runnable: list[dict]) -> dict:
     for n in sorted({1, max(r["devices"] for r in runnable)}):
         compiled = task.compile(z, client=client, fuse_forward=10, sharding=None if n == 1 else
                                 sharding("data_parallel", n))
-        roomy = metagrad.Auto(memory=2**31, leaves=(1,), host_memory=2**31)
+        roomy = metagrad.Auto(memory=2**31, blocks=(1,), host_memory=2**31)
         _, _, device_report = compiled.metagradient(z, roomy, report=True)  # calibrates, with host copies
         costs = compiled.cost_table(z, roomy)
         try:
-            compiled.metagradient(z, metagrad.Auto(memory=1, leaves=(1,), host_memory=0))
+            compiled.metagradient(z, metagrad.Auto(memory=1, blocks=(1,), host_memory=0))
         except metagrad.DeviceMemoryError as error:
             minimum = int(str(error).rsplit("at least ", 1)[1].rstrip("."))
-        tight = metagrad.Auto(memory=minimum - 1, leaves=(1,), host_memory=2**31)
+        tight = metagrad.Auto(memory=minimum - 1, blocks=(1,), host_memory=2**31)
         _, _, host_report = compiled.metagradient(z, tight, report=True)
         times = {name: median_seconds(lambda a=auto: compiled.metagradient(z, a), repeat)
                  for name, auto in (("device_only", roomy), ("host_tier", tight))}
@@ -206,7 +206,7 @@ def markdown(result: dict) -> list[str]:
                      f"{r['data_bytes'] / 2**10:.1f} KiB | {r['peak_device_bytes'] / 2**20:.2f} MiB | "
                      f"{r['step_bytes'] / 2**10:.1f} KiB | {r['step_s'] * 1e6:.0f} us | "
                      f"{r['train_s']:.3f} s | {r['metagradient_s']:.3f} s | {r['grad_rel_error']:.1e} |")
-    lines += ["", "Host tier (Auto(leaves=(1,)); `device_only`: a budget that holds every state; `host_tier`: one "
+    lines += ["", "Host tier (Auto(blocks=(1,)); `device_only`: a budget that holds every state; `host_tier`: one "
               "byte below the least any device-only plan needs):", "",
               "| devices | run | plan | device peak | host peak | to host | from host | forward steps | predicted "
               "| measured |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -44,7 +44,7 @@ def memory(steps: int) -> list[dict]:
     import metagrad
     from tasks import make_task
 
-    schedule = metagrad.Budget(states=32, leaf=10)
+    schedule = metagrad.Budget(states=32, block=10)
     rows = []
     for times in (1, 10):
         train = _tiled(times)
@@ -159,7 +159,7 @@ def plot(payload: dict, path: str) -> None:
             left.plot(*zip(*points), marker=marker, label="streamed" if streamed else "resident")
     left.set_xlabel("training rows (MiB)")
     left.set_ylabel("device bytes of the run (MiB)")
-    left.set_title("digits MLP, T = 1000, Budget(states=32, leaf=10)")
+    left.set_title("digits MLP, T = 1000, Budget(states=32, block=10)")
     left.legend()
     rows = payload.get("speed", [])
     kinds = [r["kind"] for r in rows]

@@ -167,7 +167,7 @@ def test_loaded_task_builds_new_fused_programs_from_its_exports(tmp_path):
     compiled.save(str(tmp_path / "small"))
     loaded = metagrad.load(str(tmp_path / "small"))
     assert "segment_vjp_4" not in loaded.programs
-    schedule = metagrad.Replay(k=2, leaf=4)  # 10 steps = blocks of 4, 4 and 2
+    schedule = metagrad.Replay(k=2, block=4)  # 10 steps = blocks of 4, 4 and 2
     value, grad = loaded.metagradient(z10, schedule)
     assert {"segment_vjp_2", "segment_vjp_4"} <= set(loaded.programs)
     want_value, want_grad = compiled.metagradient(z10, schedule)

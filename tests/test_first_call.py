@@ -53,17 +53,17 @@ def test_auto_runs_single_step_reverses_until_the_fused_ones_built_in_the_backgr
     assert set(compiled.programs) == set(compiled_lib.FIRST_PROGRAMS)
 
     value, grad, first = compiled.metagradient(z, report=True)
-    assert "Budget(states=40, leaf=1)" in first.schedule and "first call" in first.schedule
+    assert "Budget(states=40, block=1)" in first.schedule and "first call" in first.schedule
     assert first.predicted_seconds == 0  # one block length on one tier: nothing to calibrate
     assert first.executions == 1 + STEPS + 1 + STEPS + 1  # init, steps, output_vjp, step_vjps, init_vjp
     assert set(compiled.programs) == set(compiled_lib.FIRST_PROGRAMS)  # nothing more was built
 
     value2, grad2, second = compiled.metagradient(z, report=True)  # starts the build, does not wait for it
-    assert "leaf=1)" in second.schedule and "build in the background" in second.schedule
+    assert "block=1)" in second.schedule and "build in the background" in second.schedule
     assert second.setup_seconds == {}
 
     value3, grad3, adopted, _ = calls_until_built(compiled, z)
-    assert "leaf=10" in adopted.schedule and "first call" not in adopted.schedule
+    assert "block=10" in adopted.schedule and "first call" not in adopted.schedule
     assert {"segment_vjp_10", "advance_10"} <= set(compiled.programs)
     assert adopted.setup_seconds["calibrate"] > 0 and adopted.executions < first.executions
     assert compiled.setup.compile_seconds["segment_vjp_10"] > 0  # the build's time, gathered by the task
@@ -105,15 +105,15 @@ def test_an_exit_during_a_background_build_ends_it_cleanly(cold_cache, tmp_path)
     assert not any(program.fallback for program in compiled.programs.values())
 
 
-def test_auto_with_explicit_leaves_and_prepared_tasks_plan_over_fused_reverses_at_once(cold_cache):
+def test_auto_with_explicit_blocks_and_prepared_tasks_plan_over_fused_reverses_at_once(cold_cache):
     task, z = make_task("weights", "sgdm", steps=STEPS)
     compiled = task.compile(z)
-    _, _, report = compiled.metagradient(z, metagrad.Auto(leaves=(1, 10)), report=True)
-    assert "leaf=10" in report.schedule and "first call" not in report.schedule
+    _, _, report = compiled.metagradient(z, metagrad.Auto(blocks=(1, 10)), report=True)
+    assert "block=10" in report.schedule and "first call" not in report.schedule
 
     other = make_task("weights", "sgdm", steps=STEPS)[0].compile(z).prepare(metagrad.Auto())
     _, _, report = other.metagradient(z, report=True)
-    assert "leaf=10" in report.schedule and "first call" not in report.schedule
+    assert "block=10" in report.schedule and "first call" not in report.schedule
 
 
 def test_lazy_programs_are_built_where_they_are_needed(cold_cache, tmp_path):
@@ -191,7 +191,7 @@ def test_a_loaded_task_without_enzyme_plans_over_single_step_reverses(cold_cache
     want_value, want_grad = loaded.metagradient(z, metagrad.StoreAll())
     assert value == want_value and relative_error(grad, want_grad) == 0
     with pytest.raises(ModuleNotFoundError):  # lengths the user named are built or the call fails
-        loaded.metagradient(z, metagrad.Auto(leaves=(1, 10)))
+        loaded.metagradient(z, metagrad.Auto(blocks=(1, 10)))
 
 
 def test_reading_the_kept_arguments_leaves_enzymes_reverse_unchanged(monkeypatch):

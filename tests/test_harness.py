@@ -19,8 +19,8 @@ SCHEDULES = {  # harness spelling -> the Python API's schedule
     "revolve:4": metagrad.Budget(states=4),
     "periodic:6": metagrad.Periodic(every=6),
     "storeall": metagrad.StoreAll(),
-    "replay:2:4": metagrad.Replay(k=2, leaf=4),
-    "revolve:3:4": metagrad.Budget(states=3, leaf=4),
+    "replay:2:4": metagrad.Replay(k=2, block=4),
+    "revolve:3:4": metagrad.Budget(states=3, block=4),
 }
 
 

@@ -100,7 +100,7 @@ def test_auto_falls_back_to_jax_with_one_line_of_warning():
 
 def test_auto_asks_enzyme_for_the_reverses_of_the_step_alone():
     task, z = make_task("weights", "sgdm", steps=6)
-    compiled = task.compile(z, backend="auto").prepare(metagrad.Budget(states=2, leaf=3))
+    compiled = task.compile(z, backend="auto").prepare(metagrad.Budget(states=2, block=3))
     assert {name: compiled.programs[name].backend for name in ("step_vjp", "segment_vjp_3", "output_vjp",
                                                                 "init_vjp")} == {
         "step_vjp": "enzyme", "segment_vjp_3": "enzyme", "output_vjp": "jax", "init_vjp": "jax"}

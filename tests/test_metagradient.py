@@ -63,7 +63,7 @@ def test_jax_backend_matches_enzyme_backend(compiled_tasks):
 
 
 POLICIES = [metagrad.StoreAll(), metagrad.Periodic(every=16), metagrad.Replay(k=2), metagrad.Replay(k=7),
-            metagrad.Budget(states=3), metagrad.Replay(k=3, leaf=8), metagrad.Periodic(every=24, leaf=8)]
+            metagrad.Budget(states=3), metagrad.Replay(k=3, block=8), metagrad.Periodic(every=24, block=8)]
 
 
 def test_every_policy_gives_the_same_metagradient(compiled_tasks):
@@ -74,7 +74,7 @@ def test_every_policy_gives_the_same_metagradient(compiled_tasks):
         value, grad, report = compiled.metagradient(z, policy, report=True)
         assert value == reference_value, policy
         # Same programs on the same states: bit-equal except fused segments (other fusion).
-        tolerance = 0 if getattr(policy, "leaf", 1) == 1 else 1e-5
+        tolerance = 0 if getattr(policy, "block", 1) == 1 else 1e-5
         assert relative_error(grad, reference) <= tolerance, policy
         stats = policy.plan(STEPS).stats(STEPS)
         assert report.forward_steps == stats["forward_steps"]
@@ -202,7 +202,7 @@ def test_scan_form_of_fused_programs_gives_the_same_metagradient(compiled_tasks)
     task, z0, single = compiled_tasks("lr", "sgdm")
     scanned = task.compile(z0, backend="enzyme", fuse_forward=8, loop="scan")
     z = perturbed(z0, seed=5)
-    value, grad, report = scanned.metagradient(z, metagrad.Replay(k=4, leaf=10), report=True)
+    value, grad, report = scanned.metagradient(z, metagrad.Replay(k=4, block=10), report=True)
     want_value, want_grad = single.metagradient(z, metagrad.Replay(k=4))
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     assert relative_error(grad, want_grad) < 1e-5
@@ -221,7 +221,7 @@ def test_scan_form_runs_100_step_forward_programs_by_default(compiled_tasks):
     for got, want in zip(jax.tree_util.tree_leaves(scanned.train(z)), jax.tree_util.tree_leaves(single.train(z))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert {"advance_10", "advance_100"} <= set(scanned.programs)
-    schedule = metagrad.Periodic(every=100, leaf=10)
+    schedule = metagrad.Periodic(every=100, block=10)
     value, grad, report = scanned.metagradient(z, schedule, report=True)
     _, _, report_10 = only_10.metagradient(z, schedule, report=True)
     want_value, want_grad = single.metagradient(z, metagrad.Replay(k=4))

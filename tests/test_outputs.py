@@ -31,7 +31,7 @@ def tasks():
 def test_m_outputs_at_once_equal_m_separate_metagradients(tasks, backend):
     vector, singles, z = tasks
     compiled = vector.compile(z, backend=backend)
-    for schedule in (metagrad.Replay(k=3), metagrad.Budget(states=4, leaf=5)):
+    for schedule in (metagrad.Replay(k=3), metagrad.Budget(states=4, block=5)):
         values, jacobian, report = compiled.metagradient(z, schedule, report=True)
         assert values.shape == (M,) and jacobian.shape == (M, z.size)
         assert report.reversed_steps == STEPS  # one traversal for all m outputs

@@ -29,7 +29,7 @@ def test_auto_fits_its_budget_and_predicts_the_peak_it_measures(compiled):
     _, z, c = compiled
     state = c.layout.state_bytes
     for budget in (c.data_bytes + 6 * state, c.data_bytes + 12 * state, c.data_bytes + 60 * state, None):
-        _, _, report = c.metagradient(z, metagrad.Auto(memory=budget, leaves=(1, 4)), report=True)
+        _, _, report = c.metagradient(z, metagrad.Auto(memory=budget, blocks=(1, 4)), report=True)
         assert report.peak_device_bytes + report.data_bytes <= report.budget_bytes, report
         assert report.predicted_peak_device_bytes == report.peak_device_bytes, report
         assert report.predicted_seconds > 0
@@ -38,13 +38,13 @@ def test_auto_fits_its_budget_and_predicts_the_peak_it_measures(compiled):
 
 def test_the_cost_table_is_what_auto_predicts_from(compiled):
     _, z, c = compiled
-    auto = metagrad.Auto(memory=c.data_bytes + 12 * c.layout.state_bytes, leaves=(1,))
+    auto = metagrad.Auto(memory=c.data_bytes + 12 * c.layout.state_bytes, blocks=(1,))
     _, _, report = c.metagradient(z, auto, report=True)
     table = c.cost_table(z, auto)
     assert table.state_bytes == report.state_bytes and table.programs["step"].seconds > 0 and table.programs["step_vjp"].seconds > 0
     plan = schedules.Budget(states=report.peak_saved_states).plan(STEPS)
     predicted = schedules.simulate_plan(plan, table)
-    assert report.schedule.endswith(f"-> Budget(states={report.peak_saved_states}, leaf=1)")
+    assert report.schedule.endswith(f"-> Budget(states={report.peak_saved_states}, block=1)")
     assert predicted["peak_bytes"] == report.predicted_peak_device_bytes
     assert predicted["seconds"] == pytest.approx(report.predicted_seconds)
     with pytest.raises(TypeError, match="cost_table takes an Auto schedule"):
@@ -52,8 +52,8 @@ def test_the_cost_table_is_what_auto_predicts_from(compiled):
 
 
 @pytest.mark.parametrize("schedule", [
-    metagrad.StoreAll(), metagrad.Periodic(every=8), metagrad.Periodic(every=8, leaf=4), metagrad.Replay(k=3),
-    metagrad.Replay(k=2, leaf=4), metagrad.Budget(states=5), metagrad.Budget(states=3, leaf=4)],
+    metagrad.StoreAll(), metagrad.Periodic(every=8), metagrad.Periodic(every=8, block=4), metagrad.Replay(k=3),
+    metagrad.Replay(k=2, block=4), metagrad.Budget(states=5), metagrad.Budget(states=3, block=4)],
     ids=str)
 def test_prediction_and_run_walk_the_plan_alike(compiled, schedule):
     """The planner's prediction and the runner's run are one walk of the plan: equal peaks and executions.
@@ -61,7 +61,7 @@ def test_prediction_and_run_walk_the_plan_alike(compiled, schedule):
     into other programs, would differ here."""
     _, z, c = compiled
     _, _, report = c.metagradient(z, schedule, report=True)
-    table = c.cost_table(z, metagrad.Auto(leaves=(1, 4)))  # the same executables: fused forward 4, fused reverse 4
+    table = c.cost_table(z, metagrad.Auto(blocks=(1, 4)))  # the same executables: fused forward 4, fused reverse 4
     predicted = schedules.simulate_plan(schedule.plan(STEPS), table)
     assert predicted["peak_bytes"] == report.peak_device_bytes > 0
     assert predicted["executions"] == report.executions
@@ -70,7 +70,7 @@ def test_prediction_and_run_walk_the_plan_alike(compiled, schedule):
 
 def test_the_calibration_times_every_program_auto_weighs(compiled):
     _, z, c = compiled
-    auto = metagrad.Auto(leaves=(1, 4))
+    auto = metagrad.Auto(blocks=(1, 4))
     costs = c.calibrate(z, auto, repeats=2)
     table = c.cost_table(z, auto)
     assert set(costs) == set(table.programs) == {"init", "step", "advance_4", "output_vjp", "step_vjp",
@@ -87,7 +87,7 @@ def test_more_memory_never_means_more_recomputation(compiled):
     forward = []
     for states in (6, 12, 30):
         _, _, report = c.metagradient(z, metagrad.Auto(memory=c.data_bytes + states * c.layout.state_bytes,
-                                                       leaves=(1,)), report=True)
+                                                       blocks=(1,)), report=True)
         forward.append(report.forward_steps)
     assert forward == sorted(forward, reverse=True) and forward[-1] < forward[0]
 
@@ -95,8 +95,8 @@ def test_more_memory_never_means_more_recomputation(compiled):
 def test_auto_gives_the_metagradient_of_every_fixed_schedule(compiled):
     _, z, c = compiled
     value, grad = c.metagradient(z)  # Auto() with its default budget
-    for schedule in (metagrad.Replay(k=3), metagrad.StoreAll(), metagrad.Budget(states=5, leaf=4),
-                     metagrad.Periodic(every=8, leaf=4)):
+    for schedule in (metagrad.Replay(k=3), metagrad.StoreAll(), metagrad.Budget(states=5, block=4),
+                     metagrad.Periodic(every=8, block=4)):
         v, g = c.metagradient(z, schedule)
         np.testing.assert_allclose(v, value, rtol=1e-6)
         np.testing.assert_allclose(g, grad, rtol=1e-4, atol=1e-6 * np.abs(grad).max())
@@ -135,9 +135,9 @@ def _fused_reverses(table) -> set:
 def test_fused_blocks_are_chosen_only_where_their_memory_fits():
     table = _table(fused_bytes=5000, fused_seconds=5.0)  # 10 steps reversed for 5 s instead of 20 s
     roomy = schedules.choose(table, 100, (1, 10), budget=20_000, data_bytes=0)
-    assert roomy.schedule.leaf == 10
+    assert roomy.schedule.block == 10
     tight = schedules.choose(table, 100, (1, 10), budget=4_000, data_bytes=0)
-    assert tight.schedule.leaf == 1
+    assert tight.schedule.block == 1
     assert tight.peak_bytes <= 4_000 and roomy.peak_bytes <= 20_000
     for choice in (roomy, tight):
         assert schedules.simulate_plan(choice.plan, table)["peak_bytes"] == choice.peak_bytes
@@ -164,7 +164,7 @@ def test_with_host_memory_the_minimum_named_is_the_least_any_state_count_needs()
 def test_a_near_tie_goes_to_the_plan_with_fewer_executions():
     def plans(fused_seconds):
         table = _table(fused_bytes=500, fused_seconds=fused_seconds)
-        single, fused = (schedules.simulate_plan(metagrad.Budget(states=100, leaf=leaf).plan(100), table)
+        single, fused = (schedules.simulate_plan(metagrad.Budget(states=100, block=leaf).plan(100), table)
                          for leaf in (1, 10))
         return table, single, fused
 
@@ -173,21 +173,21 @@ def test_a_near_tie_goes_to_the_plan_with_fewer_executions():
     assert single["seconds"] < fused["seconds"] < (1 + schedules.NEAR_TIE) * single["seconds"]
     assert fused["executions"] < single["executions"]
     near = schedules.choose(table, 100, (1, 10), budget=20_000, data_bytes=0)
-    assert (near.schedule.leaf, near.seconds, near.executions) == (10, fused["seconds"], fused["executions"])
+    assert (near.schedule.block, near.seconds, near.executions) == (10, fused["seconds"], fused["executions"])
     # 26 s per block: beyond the tie, so the faster prediction wins.
     table, single, fused = plans(26.0)
     assert fused["seconds"] > (1 + schedules.NEAR_TIE) * single["seconds"]
     far = schedules.choose(table, 100, (1, 10), budget=20_000, data_bytes=0)
-    assert (far.schedule.leaf, far.seconds) == (1, single["seconds"])
+    assert (far.schedule.block, far.seconds) == (1, single["seconds"])
 
 
 def test_the_lengths_between_are_tried_only_below_the_longest_and_within_t():
-    assert planner.gap_leaves("unroll", 1, (1, 10), 1000) == (3,)
-    assert planner.gap_leaves("unroll", 10, (1, 10), 1000) == ()
-    assert planner.gap_leaves("scan", 1, (1, 10, 100), 1000) == (3, 30)
-    assert planner.gap_leaves("scan", 10, (1, 10, 100), 1000) == (30,)
-    assert planner.gap_leaves("scan", 1, (1, 10, 100), 20) == (3,)  # 100 is capped at T = 20
-    assert planner.gap_leaves("unroll", 1, (1, 10), 3) == ()
+    assert planner.gap_blocks("unroll", 1, (1, 10), 1000) == (3,)
+    assert planner.gap_blocks("unroll", 10, (1, 10), 1000) == ()
+    assert planner.gap_blocks("scan", 1, (1, 10, 100), 1000) == (3, 30)
+    assert planner.gap_blocks("scan", 10, (1, 10, 100), 1000) == (30,)
+    assert planner.gap_blocks("scan", 1, (1, 10, 100), 20) == (3,)  # 100 is capped at T = 20
+    assert planner.gap_blocks("unroll", 1, (1, 10), 3) == ()
 
 
 def test_a_length_between_replaces_the_choice_only_where_predicted_faster():
@@ -198,7 +198,7 @@ def test_a_length_between_replaces_the_choice_only_where_predicted_faster():
 
     # 3 steps reversed in 4 s instead of 6: faster, and it fits where 10 steps do not.
     faster = schedules.choose_with_gaps(table(4.0), 100, (1, 10), (3,), budget=4_000, data_bytes=0)
-    assert faster.schedule.leaf == 3 and faster.peak_bytes <= 4_000
+    assert faster.schedule.block == 3 and faster.peak_bytes <= 4_000
     # In 8 s: its plan is predicted slower, though within the near tie and with fewer executions,
     # which choose() over all the lengths would take; the lengths between do not get that tie.
     slower = table(8.0)
@@ -206,9 +206,9 @@ def test_a_length_between_replaces_the_choice_only_where_predicted_faster():
     gap = schedules.choose(slower, 100, (3,), budget=4_000, data_bytes=0)
     assert first.seconds < gap.seconds < (1 + schedules.NEAR_TIE) * first.seconds
     assert gap.executions < first.executions
-    assert schedules.choose(slower, 100, (1, 3, 10), budget=4_000, data_bytes=0).schedule.leaf == 3
+    assert schedules.choose(slower, 100, (1, 3, 10), budget=4_000, data_bytes=0).schedule.block == 3
     kept = schedules.choose_with_gaps(slower, 100, (1, 10), (3,), budget=4_000, data_bytes=0)
-    assert (kept.schedule, kept.seconds) == (first.schedule, first.seconds) and kept.schedule.leaf == 1
+    assert (kept.schedule, kept.seconds) == (first.schedule, first.seconds) and kept.schedule.block == 1
 
 
 def test_a_tight_budget_builds_the_lengths_between_and_gives_the_same_metagradient(monkeypatch):
@@ -222,7 +222,7 @@ def test_a_tight_budget_builds_the_lengths_between_and_gives_the_same_metagradie
     def no_enzyme(*args, **kwargs):
         raise ModuleNotFoundError("No module named 'enzyme_ad'")
 
-    c.prepare(metagrad.Auto(leaves=(1, 10)))  # the default lengths built, not those between
+    c.prepare(metagrad.Auto(blocks=(1, 10)))  # the default lengths built, not those between
     with monkeypatch.context() as patch:  # a loaded task where enzyme-ad is not installed
         patch.setattr(lowering, "lower", no_enzyme)
         with pytest.warns(UserWarning, match=r"Auto: the fused reverses of 3 steps, which may run faster within "
@@ -232,13 +232,13 @@ def test_a_tight_budget_builds_the_lengths_between_and_gives_the_same_metagradie
                 v, g, report = c.metagradient(z, metagrad.Auto(memory=minimum), report=True)
                 if "build in the background" not in report.schedule:
                     break
-    assert report.schedule.endswith("leaf=1)") and "segment_vjp_3" not in c.programs
-    results = [(v, g), c.metagradient(z, metagrad.Budget(states=4, leaf=3))]
+    assert report.schedule.endswith("block=1)") and "segment_vjp_3" not in c.programs
+    results = [(v, g), c.metagradient(z, metagrad.Budget(states=4, block=3))]
     c = task.compile(z, backend="jax", fuse_forward=4)  # where they can be built (a task plans without them
     # from its failed build on)
     # the 10-step reverse fits neither budget; 3-step plans fit the second, where timing decides
     for budget in (minimum + 1, c.data_bytes + 14 * c.layout.state_bytes):
-        given = metagrad.Auto(memory=budget, leaves=(1, 10))  # the default lengths, named: no others tried
+        given = metagrad.Auto(memory=budget, blocks=(1, 10))  # the default lengths, named: no others tried
         c.metagradient(z, given)
         assert _fused_reverses(c.cost_table(z, given)) == {"segment_vjp_10"}
         auto = metagrad.Auto(memory=budget)
@@ -270,8 +270,8 @@ def test_auto_is_not_a_plan_of_its_own():
         metagrad.Auto(memory=0)
     with pytest.raises(TypeError, match=r"Auto: host_memory \(bytes\) must be an int, got float 1.5"):
         metagrad.Auto(host_memory=1.5)
-    with pytest.raises(ValueError, match="leaves must be a non-empty tuple"):
-        metagrad.Auto(leaves=(0,))
+    with pytest.raises(ValueError, match="blocks must be a non-empty tuple"):
+        metagrad.Auto(blocks=(0,))
 
 
 OVERSIZED = """

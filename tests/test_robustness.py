@@ -98,10 +98,10 @@ PLANNER_LIMITS = """
 import sys
 import metagrad
 from metagrad.schedules import Action, Plan
-plan = metagrad.Budget(states=3, leaf=sys.maxsize).plan(10)
+plan = metagrad.Budget(states=3, block=sys.maxsize).plan(10)
 print("LEAF", plan.stats(10)["fused_lengths"])
 for make in (lambda: metagrad.Replay().plan(10**12), lambda: metagrad.Budget(states=2).plan(2**31),
-             lambda: metagrad.Replay(k=4, leaf=2**70), lambda: metagrad.Budget(states=2**40)):
+             lambda: metagrad.Replay(k=4, block=2**70), lambda: metagrad.Budget(states=2**40)):
     try:
         make()
         print("NO ERROR")
@@ -121,7 +121,7 @@ def test_planner_integers_are_range_checked_and_never_crash():
     assert lines[0] == "LEAF [10]"
     assert [line.split(" ")[0] for line in lines[1:5]] == ["REFUSED"] * 4
     assert "steps must be in [1, 2147483647], got 1000000000000" in lines[1]
-    assert "leaf must be in [1, 9223372036854775807]" in lines[3]
+    assert "block must be in [1, 9223372036854775807]" in lines[3]
     assert "slot 2147483647 is beyond the plan's 1 actions" in lines[5]
 
 

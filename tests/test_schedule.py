@@ -16,7 +16,7 @@ from metagrad.schedules import Action, Budget, Periodic, Plan, PlanError, Replay
 
 T_VALUES = (1, 2, 3, 7, 16, 100, 1000, 1023, 1025)
 K_VALUES = (2, 3, 4, 10, 32)
-LEAVES = (1, 4, 16)
+BLOCKS = (1, 4, 16)
 
 
 def ceil_log(k: int, n: int) -> int:
@@ -27,23 +27,23 @@ def ceil_log(k: int, n: int) -> int:
     return d
 
 
-def units(T: int, leaf: int) -> int:
-    return -(-T // leaf)
+def units(T: int, block: int) -> int:
+    return -(-T // block)
 
 
-def block_lengths(T: int, leaf: int) -> list[int]:
-    return sorted({min(leaf, T)} | ({T % leaf} if T % leaf else set()))
+def block_lengths(T: int, block: int) -> list[int]:
+    return sorted({min(block, T)} | ({T % block} if T % block else set()))
 
 
-def check_structure(plan: Plan, T: int, leaf: int) -> dict:
+def check_structure(plan: Plan, T: int, block: int) -> dict:
     """CheckPlan, plus what it cannot know: block-aligned reverses, small slot numbers."""
     stats = plan.stats(T)
     assert stats["reversed_steps"] == T
     assert stats["num_actions"] == len(plan)
-    assert stats["fused_lengths"] == block_lengths(T, leaf)
+    assert stats["fused_lengths"] == block_lengths(T, block)
     reverses = [a for a in plan if a.kind == "reverse"]
-    assert len(reverses) == units(T, leaf)
-    assert [a.step for a in reverses] == [u * leaf for u in reversed(range(units(T, leaf)))]
+    assert len(reverses) == units(T, block)
+    assert [a.step for a in reverses] == [u * block for u in reversed(range(units(T, block)))]
     slots = {a.slot for a in plan if a.kind in ("save", "restore", "free")}
     assert slots == set(range(stats["peak_saved"]))
     return stats
@@ -60,42 +60,42 @@ def as_tuples(plan: Plan) -> list[tuple]:
 # --- every policy yields a valid plan ----------------------------------------
 
 
-@pytest.mark.parametrize("leaf", LEAVES)
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("T", T_VALUES)
-def test_replay_valid_and_within_bounds(T, leaf):
-    n = units(T, leaf)
+def test_replay_valid_and_within_bounds(T, block):
+    n = units(T, block)
     for k in K_VALUES:
-        stats = check_structure(Replay(k=k, leaf=leaf).plan(T), T, leaf)
+        stats = check_structure(Replay(k=k, block=block).plan(T), T, block)
         depth = ceil_log(k, n)
-        assert stats["peak_saved"] <= max(1, k * depth), (T, k, leaf)
-        assert stats["peak_saved"] <= 1 + (k - 1) * depth, (T, k, leaf)
+        assert stats["peak_saved"] <= max(1, k * depth), (T, k, block)
+        assert stats["peak_saved"] <= 1 + (k - 1) * depth, (T, k, block)
         if n == k**depth:
-            assert stats["peak_saved"] == 1 + (k - 1) * depth, (T, k, leaf)
+            assert stats["peak_saved"] == 1 + (k - 1) * depth, (T, k, block)
         # Forward steps: the first pass, then at most one replay of everything per level below the top.
-        assert T <= stats["forward_steps"] <= T * max(1, depth), (T, k, leaf)
+        assert T <= stats["forward_steps"] <= T * max(1, depth), (T, k, block)
         if n <= k:
             assert stats["forward_steps"] == T
 
 
-@pytest.mark.parametrize("leaf", LEAVES)
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("T", T_VALUES)
-def test_other_policies_valid(T, leaf):
-    n = units(T, leaf)
-    if leaf == 1:
+def test_other_policies_valid(T, block):
+    n = units(T, block)
+    if block == 1:
         stats = check_structure(StoreAll().plan(T), T, 1)
         assert (stats["peak_saved"], stats["forward_steps"]) == (T, T)
-    for every in {leaf, 3 * leaf, 10 * leaf, max(leaf, math.isqrt(T) // leaf * leaf)}:
-        stats = check_structure(Periodic(every=every, leaf=leaf).plan(T), T, leaf)
-        e = every // leaf
+    for every in {block, 3 * block, 10 * block, max(block, math.isqrt(T) // block * block)}:
+        stats = check_structure(Periodic(every=every, block=block).plan(T), T, block)
+        e = every // block
         assert stats["peak_saved"] <= units(n, e) + e - 1
         assert T <= stats["forward_steps"] < 2 * T or T == 1
     for slots in (1, 2, 3, 5, 17, n, n + 5):
-        stats = check_structure(Budget(states=slots, leaf=leaf).plan(T), T, leaf)
+        stats = check_structure(Budget(states=slots, block=block).plan(T), T, block)
         assert stats["peak_saved"] <= slots
-        if leaf == 1:
+        if block == 1:
             assert stats["forward_steps"] == revolve_forward_steps(T, slots)
     if n >= 2:
-        assert check_structure(Budget(states=1, leaf=leaf).plan(T), T, leaf)["peak_saved"] == 1
+        assert check_structure(Budget(states=1, block=block).plan(T), T, block)["peak_saved"] == 1
 
 
 def test_known_numbers():
@@ -129,11 +129,11 @@ def test_revolve_beats_or_ties_replay_at_equal_memory(T, k):
 @pytest.mark.parametrize("T", (7, 100, 1023, 1025))
 @pytest.mark.parametrize("k", (2, 3, 4, 10))
 def test_revolve_never_worse_than_replay(T, k):
-    for leaf in (1, 4):
-        replay = Replay(k=k, leaf=leaf).plan(T).stats(T)
-        revolve = Budget(states=replay["peak_saved"], leaf=leaf).plan(T).stats(T)
-        assert revolve["forward_steps"] <= replay["forward_steps"], (T, k, leaf)
-        assert Budget(k=k, leaf=leaf).plan(T).stats(T) == revolve, (T, k, leaf)
+    for block in (1, 4):
+        replay = Replay(k=k, block=block).plan(T).stats(T)
+        revolve = Budget(states=replay["peak_saved"], block=block).plan(T).stats(T)
+        assert revolve["forward_steps"] <= replay["forward_steps"], (T, k, block)
+        assert Budget(k=k, block=block).plan(T).stats(T) == revolve, (T, k, block)
 
 
 def test_budget_k_is_the_default_and_takes_replays_memory():
@@ -175,8 +175,8 @@ def test_replay_by_hand():
 
 
 def test_replay_fused_by_hand():
-    # T=10, leaf=4: blocks [0,4) [4,8) [8,10); k=2 splits them 2 + 1.
-    plan = Replay(k=2, leaf=4).plan(10)
+    # T=10, block=4: blocks [0,4) [4,8) [8,10); k=2 splits them 2 + 1.
+    plan = Replay(k=2, block=4).plan(10)
     assert as_tuples(plan) == [
         ("save", 0, 0, 0), ("advance", 0, 8, -1), ("save", 8, 0, 1), ("advance", 8, 2, -1), ("output", 10, 0, -1),
         ("restore", 8, 0, 1), ("reverse", 8, 2, -1), ("free", 8, 0, 1),
@@ -375,9 +375,9 @@ def test_plan_object():
 
 @pytest.mark.parametrize("make,message", [
     (lambda: Replay(k=1), r"Replay: k must be in \[2, 2147483647\], got 1"),
-    (lambda: Replay(k=4, leaf=0), r"Replay: leaf must be in \[1, 9223372036854775807\], got 0"),
+    (lambda: Replay(k=4, block=0), r"Replay: block must be in \[1, 9223372036854775807\], got 0"),
     (lambda: Periodic(every=0), r"Periodic: every must be in \[1, 9223372036854775807\], got 0"),
-    (lambda: Periodic(every=6, leaf=4), r"every \(6\) must be a multiple of leaf \(4\)"),
+    (lambda: Periodic(every=6, block=4), r"every \(6\) must be a multiple of block \(4\)"),
     (lambda: Budget(), "exactly one of states=, bytes= or k="),
     (lambda: Budget(states=2, bytes=100), "exactly one of states=, bytes= or k="),
     (lambda: Budget(states=2, k=4), "exactly one of states=, bytes= or k="),
@@ -390,9 +390,9 @@ def test_plan_object():
     (lambda: StoreAll().plan(-3), r"steps must be in \[1, 2147483647\], got -3"),
     (lambda: schedules.plan_replay(10, 1), r"REPLAY needs k >= 2"),
     (lambda: schedules.plan_revolve(10, 0), r"revolve needs slots >= 1"),
-    (lambda: schedules.plan_periodic(10, 6, 4), r"every \(6\) must be a multiple of leaf \(4\)"),
+    (lambda: schedules.plan_periodic(10, 6, 4), r"every \(6\) must be a multiple of block \(4\)"),
     (lambda: schedules.plan_store_all(0), r"T >= 1"),
-    (lambda: schedules.plan_replay(10, 2, 0), r"leaf must be >= 1"),
+    (lambda: schedules.plan_replay(10, 2, 0), r"block must be >= 1"),
     (lambda: Action("jump", 0), r"unknown action kind 'jump'"),
     (lambda: Plan([]).stats(0), r"T >= 1"),
 ])

@@ -170,10 +170,10 @@ def test_the_saved_sharded_task_runs_in_the_harness(tmp_path):
 def test_a_short_device_budget_puts_saved_states_in_host_memory():
     compiled, z = _compiled("mlp", "data_parallel")
     with pytest.raises(metagrad.DeviceMemoryError, match="to at least") as info:
-        compiled.metagradient(z, metagrad.Auto(memory=1, leaves=(1,), host_memory=0))
+        compiled.metagradient(z, metagrad.Auto(memory=1, blocks=(1,), host_memory=0))
     device_only = int(re.search(r"at least (\d+)", str(info.value)).group(1))
     budget = device_only - 1  # no plan fits with every saved state on the device
-    value, grad, report = compiled.metagradient(z, metagrad.Auto(memory=budget, leaves=(1,), host_memory=2**30),
+    value, grad, report = compiled.metagradient(z, metagrad.Auto(memory=budget, blocks=(1,), host_memory=2**30),
                                                 report=True)
     expected_value, expected = compiled.metagradient(z, metagrad.StoreAll())
     assert value == expected_value

@@ -88,7 +88,7 @@ def assert_close(got, want_tree):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7)
 
 
-SCHEDULES = [schedules.StoreAll(), schedules.Budget(states=3), schedules.Budget(states=3, leaf=4),
+SCHEDULES = [schedules.StoreAll(), schedules.Budget(states=3), schedules.Budget(states=3, block=4),
              schedules.Periodic(every=7), schedules.Replay(k=3), None]
 
 
@@ -104,7 +104,7 @@ def test_streamed_metagradient_matches_jax_grad_for_every_schedule(compiled, wan
 
 def test_fused_scan_programs_take_their_steps_batches_stacked(compiled, want):
     task = compiled["scan"]
-    _, grad, report = task.metagradient(Z, schedules.Budget(states=3, leaf=4), report=True)
+    _, grad, report = task.metagradient(Z, schedules.Budget(states=3, block=4), report=True)
     for name in ("advance_4", "segment_vjp_4"):
         batch = tuple(task.programs[name].inputs[6:10])  # after the state (2), z (2) and data (2) leaves
         assert batch == (((4, B, D), "float32"), ((4, B), "float32"), ((4, B), "int32"), ((), "int32"))
@@ -114,7 +114,7 @@ def test_fused_scan_programs_take_their_steps_batches_stacked(compiled, want):
 
 def test_streamed_equals_the_same_task_with_its_data_resident(compiled):
     resident = _resident_task().compile(Z, fuse_forward=4)
-    schedule = schedules.Budget(states=4, leaf=4)
+    schedule = schedules.Budget(states=4, block=4)
     _, want_grad = resident.metagradient(Z, schedule)
     _, grad = compiled["unroll"].metagradient(Z, schedule)
     assert_close(grad, want_grad)
@@ -224,7 +224,7 @@ def test_a_sharded_task_streams_each_device_its_share_of_each_batch(want, split)
     task = streamed_task().compile(Z, fuse_forward=4, sharding=sharding,
                                    client=metagrad.runtime.get_client(cpu_device_count=4))
     assert task._task_layout.batch[0].shape == [B // 2 if split else B, D]
-    for schedule in (schedules.Budget(states=3, leaf=4), schedules.StoreAll()):
+    for schedule in (schedules.Budget(states=3, block=4), schedules.StoreAll()):
         value, grad, report = task.metagradient(Z, schedule, report=True)
         np.testing.assert_allclose(value, want[0], rtol=1e-5)  # the devices' sums round in another order
         assert_close(grad, want[1])
@@ -277,7 +277,7 @@ def test_a_saved_streamed_task_references_its_file_and_runs_in_the_harness(want,
     """Rows read from a file are referenced by its path; rows in memory are carried in the directory."""
     path = _rows_file(tmp_path, X)
     task = streamed_task(x=np.load(path, mmap_mode="r")).compile(Z, fuse_forward=4)
-    schedule = schedules.Budget(states=3, leaf=4)
+    schedule = schedules.Budget(states=3, block=4)
     task.prepare(schedule).save(str(tmp_path / "task"))
     rows = json.loads((tmp_path / "task" / "manifest.json").read_text())["stream"]["rows"]
     assert rows == [{"file": str(path), "offset": 128, "rows": N, "bytes": path.stat().st_size,
@@ -320,9 +320,9 @@ def test_saved_states_in_host_memory_with_streamed_batches(compiled):
 
     task = compiled["unroll"]
     with pytest.raises(metagrad.DeviceMemoryError, match="to at least") as info:
-        task.metagradient(Z, metagrad.Auto(memory=1, leaves=(1,), host_memory=0))
+        task.metagradient(Z, metagrad.Auto(memory=1, blocks=(1,), host_memory=0))
     budget = int(re.search(r"at least (\d+)", str(info.value)).group(1)) - 1  # too little with every state on it
-    value, grad, report = task.metagradient(Z, metagrad.Auto(memory=budget, leaves=(1,), host_memory=2**30),
+    value, grad, report = task.metagradient(Z, metagrad.Auto(memory=budget, blocks=(1,), host_memory=2**30),
                                             report=True)
     want_value, want_grad = task.metagradient(Z, schedules.StoreAll())
     assert "in host memory" in report.schedule and report.peak_host_bytes > 0
@@ -343,7 +343,7 @@ def _resident_task():
 
 def test_mgd_over_per_example_weights_of_a_streamed_dataset(compiled):
     def descend(task):
-        return metagrad.mgd.run(lambda z: task.metagradient(z, schedules.Budget(states=4, leaf=4)), Z, steps=4,
+        return metagrad.mgd.run(lambda z: task.metagradient(z, schedules.Budget(states=4, block=4)), Z, steps=4,
                                 direction="minimize", step_rule=metagrad.mgd.sign_step(0.02),
                                 projection=metagrad.mgd.leafwise({"weights": metagrad.mgd.box(0.0, 2.0),
                                                                   "lr": metagrad.mgd.box(0.05, 0.05)}),  # lr held
@@ -361,7 +361,7 @@ def test_calls_on_two_threads_share_the_stream_one_at_a_time(compiled, want):
     from concurrent.futures import ThreadPoolExecutor
 
     task = compiled["unroll"]
-    plans = [schedules.Budget(states=3, leaf=4), schedules.Replay(k=3), schedules.StoreAll()] * 2
+    plans = [schedules.Budget(states=3, block=4), schedules.Replay(k=3), schedules.StoreAll()] * 2
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda s: task.metagradient(Z, s, report=True), plans))
     for value, grad, report in results:
@@ -377,7 +377,7 @@ def test_a_saved_sharded_streamed_task_runs_in_load_and_the_harness(want, tmp_pa
     client = metagrad.runtime.get_client(cpu_device_count=4)
     task = streamed_task().compile(Z, fuse_forward=4, client=client,
                                    sharding=metagrad.Sharding(mesh={"batch": 2}, batch=P("batch")))
-    schedule = schedules.Budget(states=3, leaf=4)
+    schedule = schedules.Budget(states=3, block=4)
     task.prepare(schedule).save(str(tmp_path / "task"))
     value, grad = metagrad.load(str(tmp_path / "task"), client=client).metagradient(Z, schedule)
     np.testing.assert_allclose(value, want[0], rtol=1e-5)

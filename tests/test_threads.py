@@ -9,8 +9,8 @@ import metagrad
 from models import make_task
 
 STEPS = 30
-SCHEDULES = [metagrad.StoreAll(), metagrad.Replay(k=3), metagrad.Budget(states=4, leaf=5),
-             metagrad.Replay(k=2, leaf=10)]
+SCHEDULES = [metagrad.StoreAll(), metagrad.Replay(k=3), metagrad.Budget(states=4, block=5),
+             metagrad.Replay(k=2, block=10)]
 
 
 def test_threads_sharing_a_compiled_task_get_the_single_threaded_results():

@@ -63,10 +63,10 @@ void PrintUsage(std::ostream& out) {
          "options:\n"
          "  --plugin PATH         PJRT plugin (default: $METAGRAD_PJRT_PLUGIN, else the CPU plugin of the\n"
          "                        xla-cpu-pjrt package installed beside this program)\n"
-         "  --schedule LIST       comma-separated schedules, each KIND[:ARG[:LEAF]]:\n"
+         "  --schedule LIST       comma-separated schedules, each KIND[:ARG[:BLOCK]]:\n"
          "                          replay:K  revolve:SLOTS  periodic:EVERY  storeall  none (training only)\n"
          "                        default replay:4\n"
-         "  --leaf N              fused reverse block length for schedules without their own (default 1)\n"
+         "  --block N             steps per fused reverse block, for schedules without their own (default 1)\n"
          "  --steps T             run T training steps instead of the manifest's (the programs do not\n"
          "                        depend on T unless the task's z or data do)\n"
          "  --repeat N            timed repetitions of training and of each schedule (default 3)\n"
@@ -83,11 +83,11 @@ void PrintUsage(std::ostream& out) {
 struct ScheduleSpec {
   std::string kind;
   int64_t arg = 0;
-  int64_t leaf = 1;
+  int64_t block = 1;
   std::string Name() const {
     std::string name = kind;
     if (kind != "storeall") name += ":" + std::to_string(arg);
-    if (leaf != 1) name += " leaf=" + std::to_string(leaf);
+    if (block != 1) name += " block=" + std::to_string(block);
     return name;
   }
 };
@@ -111,28 +111,28 @@ std::vector<std::string> Split(const std::string& text, char sep) {
   return parts;
 }
 
-std::vector<ScheduleSpec> ParseSchedules(const std::string& text, int64_t default_leaf) {
+std::vector<ScheduleSpec> ParseSchedules(const std::string& text, int64_t default_block) {
   std::vector<ScheduleSpec> specs;
   for (const std::string& item : Split(text, ',')) {
     const std::vector<std::string> parts = Split(item, ':');
     ScheduleSpec spec;
     spec.kind = parts.empty() ? "" : parts[0];
-    spec.leaf = default_leaf;
+    spec.block = default_block;
     if (spec.kind == "none") continue;
     if (spec.kind == "storeall") {
       if (parts.size() != 1) throw std::invalid_argument("storeall takes no argument: '" + item + "'");
     } else if (spec.kind == "replay" || spec.kind == "revolve" || spec.kind == "periodic") {
       if (parts.size() < 2 || parts.size() > 3) {
         throw std::invalid_argument("schedule '" + item + "' must be " + spec.kind + ":N or " + spec.kind +
-                                    ":N:LEAF");
+                                    ":N:BLOCK");
       }
       spec.arg = ParseInt(parts[1], "the argument of '" + item + "'");
-      if (parts.size() == 3) spec.leaf = ParseInt(parts[2], "the leaf of '" + item + "'");
+      if (parts.size() == 3) spec.block = ParseInt(parts[2], "the block length of '" + item + "'");
     } else {
       throw std::invalid_argument("unknown schedule '" + item +
                                   "': use replay:K, revolve:SLOTS, periodic:EVERY, storeall or none");
     }
-    if (spec.leaf < 1) throw std::invalid_argument("leaf must be >= 1 in '" + item + "'");
+    if (spec.block < 1) throw std::invalid_argument("the block length must be >= 1 in '" + item + "'");
     specs.push_back(spec);
   }
   return specs;
@@ -141,17 +141,17 @@ std::vector<ScheduleSpec> ParseSchedules(const std::string& text, int64_t defaul
 Plan MakePlan(const ScheduleSpec& spec, int64_t steps) {
   if (spec.kind == "replay") {
     if (spec.arg < 2 || spec.arg > INT32_MAX) throw std::invalid_argument("replay:K needs K >= 2");
-    return PlanReplay(steps, static_cast<int>(spec.arg), spec.leaf);
+    return PlanReplay(steps, static_cast<int>(spec.arg), spec.block);
   }
   if (spec.kind == "revolve") {
     if (spec.arg < 1 || spec.arg > INT32_MAX) throw std::invalid_argument("revolve:SLOTS needs SLOTS >= 1");
-    return PlanRevolve(steps, static_cast<int>(spec.arg), spec.leaf);
+    return PlanRevolve(steps, static_cast<int>(spec.arg), spec.block);
   }
   if (spec.kind == "periodic") {
-    if (spec.arg < 1 || spec.arg % spec.leaf != 0) {
-      throw std::invalid_argument("periodic:EVERY needs EVERY >= 1 and a multiple of the leaf");
+    if (spec.arg < 1 || spec.arg % spec.block != 0) {
+      throw std::invalid_argument("periodic:EVERY needs EVERY >= 1 and a multiple of the block length");
     }
-    return PlanPeriodic(steps, spec.arg, spec.leaf);
+    return PlanPeriodic(steps, spec.arg, spec.block);
   }
   return PlanStoreAll(steps);
 }
@@ -173,7 +173,7 @@ struct Options {
 Options ParseArgs(int argc, char** argv) {
   Options o;
   std::string schedules = "replay:4";
-  int64_t leaf = 1;
+  int64_t block = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -187,8 +187,8 @@ Options ParseArgs(int argc, char** argv) {
       o.plugin = value();
     } else if (arg == "--schedule") {
       schedules = value();
-    } else if (arg == "--leaf") {
-      leaf = ParseInt(value(), "--leaf");
+    } else if (arg == "--block") {
+      block = ParseInt(value(), "--block");
     } else if (arg == "--steps") {
       o.steps = ParseInt(value(), "--steps");
       if (o.steps < 1) throw std::invalid_argument("--steps must be >= 1");
@@ -218,8 +218,8 @@ Options ParseArgs(int argc, char** argv) {
   if (o.repeat < 1 || o.warmup < 0 || o.dispatch_iters < 0 || o.determinism_stride < 0) {
     throw std::invalid_argument("--repeat must be >= 1; --warmup, --dispatch-iters, --check-determinism >= 0");
   }
-  if (leaf < 1) throw std::invalid_argument("--leaf must be >= 1");
-  o.schedules = ParseSchedules(schedules, leaf);
+  if (block < 1) throw std::invalid_argument("--block must be >= 1");
+  o.schedules = ParseSchedules(schedules, block);
   return o;
 }
 
@@ -659,7 +659,7 @@ Obj DescribeCase(const Manifest& m, const Case& c, const Stat& train, std::ostri
   const double value = ScalarValue(c.value);
   const double grad_norm = L2Norm(GradArrays(m, c.grad));
   Obj s;
-  s.Str("schedule", c.spec.Name()).Str("kind", c.spec.kind).Int("arg", c.spec.arg).Int("leaf", c.spec.leaf);
+  s.Str("schedule", c.spec.Name()).Str("kind", c.spec.kind).Int("arg", c.spec.arg).Int("block", c.spec.block);
   s.StatOf("seconds", total).StatOf("seconds_forward", forward).StatOf("seconds_reverse", reverse);
   s.Double("ratio_to_train", ratio);
   s.Child("report", ReportJson(c.report));

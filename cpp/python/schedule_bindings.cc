@@ -88,13 +88,13 @@ void BindSchedule(nb::module_& m) {
   m.def("plan_store_all", [](int64_t T) { return Wrap(metagrad::PlanStoreAll(T)); }, "T"_a,
         "Save every state, output, reverse all. Peak T.");
   m.def("plan_periodic",
-        [](int64_t T, int64_t every, int64_t leaf) { return Wrap(metagrad::PlanPeriodic(T, every, leaf)); }, "T"_a,
-        "every"_a, "leaf"_a = 1,
-        "Two-level scheme: a checkpoint every `every` steps (a multiple of leaf), each segment stored in reverse.");
-  m.def("plan_replay", [](int64_t T, int k, int64_t leaf) { return Wrap(metagrad::PlanReplay(T, k, leaf)); }, "T"_a,
-        "k"_a, "leaf"_a = 1, "Recursive k-ary REPLAY: peak <= k*ceil(log_k(T/leaf)), about T*log_k(T/leaf) forward steps.");
-  m.def("plan_revolve", [](int64_t T, int slots, int64_t leaf) { return Wrap(metagrad::PlanRevolve(T, slots, leaf)); },
-        "T"_a, "slots"_a, "leaf"_a = 1,
+        [](int64_t T, int64_t every, int64_t block) { return Wrap(metagrad::PlanPeriodic(T, every, block)); }, "T"_a,
+        "every"_a, "block"_a = 1,
+        "Two-level scheme: a checkpoint every `every` steps (a multiple of block), each segment stored in reverse.");
+  m.def("plan_replay", [](int64_t T, int k, int64_t block) { return Wrap(metagrad::PlanReplay(T, k, block)); }, "T"_a,
+        "k"_a, "block"_a = 1, "Recursive k-ary REPLAY: peak <= k*ceil(log_k(T/block)), about T*log_k(T/block) forward steps.");
+  m.def("plan_revolve", [](int64_t T, int slots, int64_t block) { return Wrap(metagrad::PlanRevolve(T, slots, block)); },
+        "T"_a, "slots"_a, "block"_a = 1,
         "Binomial checkpointing (revolve): fewest forward steps with at most `slots` saved states.");
   nb::class_<metagrad::ProgramCost>(m, "ProgramCost", "Seconds and device bytes of one execution of a program.")
       .def(nb::init<>())

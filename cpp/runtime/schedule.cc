@@ -102,7 +102,7 @@ std::vector<int64_t> RevolveLevels(int64_t n, int64_t c) {
 // slots and the peak; slot numbers are the smallest free ones.
 class Builder {
  public:
-  Builder(int64_t T, int64_t leaf) : T_(T), leaf_(leaf), units_(T / leaf + (T % leaf != 0)) {}
+  Builder(int64_t T, int64_t block) : T_(T), block_(block), units_(T / block + (T % block != 0)) {}
 
   int64_t units() const { return units_; }
   int64_t pos() const { return pos_; }
@@ -147,23 +147,23 @@ class Builder {
   }
 
  private:
-  // unit * leaf_ saturates: with a huge leaf, every unit past 0 starts at T.
-  int64_t Start(int64_t unit) const { return unit == 0 ? 0 : unit > T_ / leaf_ ? T_ : std::min(unit * leaf_, T_); }
+  // unit * block_ saturates: with a huge block, every unit past 0 starts at T.
+  int64_t Start(int64_t unit) const { return unit == 0 ? 0 : unit > T_ / block_ ? T_ : std::min(unit * block_, T_); }
 
-  int64_t T_, leaf_, units_;
+  int64_t T_, block_, units_;
   int64_t pos_ = 0;
   Plan plan_;
   std::vector<int64_t> slot_unit_;
   std::set<int> free_;
 };
 
-void CheckCommon(int64_t T, int64_t leaf) {
+void CheckCommon(int64_t T, int64_t block) {
   if (T < 1) throw std::invalid_argument("a plan needs T >= 1 steps, got T = " + std::to_string(T));
   if (T > kMaxSteps) {
     throw std::invalid_argument("a plan has at most 2^31-1 steps (the step index is an int32), got T = " +
                                 std::to_string(T));
   }
-  if (leaf < 1) throw std::invalid_argument("leaf must be >= 1 steps, got leaf = " + std::to_string(leaf));
+  if (block < 1) throw std::invalid_argument("block must be >= 1 steps, got block = " + std::to_string(block));
 }
 
 // Reverses blocks [lo, hi) (the state at lo saved in slot_lo) by saving every
@@ -244,16 +244,16 @@ Plan PlanStoreAll(int64_t T) {
   return b.Take();
 }
 
-Plan PlanPeriodic(int64_t T, int64_t every, int64_t leaf) {
-  CheckCommon(T, leaf);
+Plan PlanPeriodic(int64_t T, int64_t every, int64_t block) {
+  CheckCommon(T, block);
   if (every < 1) throw std::invalid_argument("every must be >= 1 steps, got every = " + std::to_string(every));
-  if (every % leaf != 0) {
-    throw std::invalid_argument("every (" + std::to_string(every) + ") must be a multiple of leaf (" +
-                                std::to_string(leaf) + ")");
+  if (every % block != 0) {
+    throw std::invalid_argument("every (" + std::to_string(every) + ") must be a multiple of block (" +
+                                std::to_string(block) + ")");
   }
-  Builder b(T, leaf);
+  Builder b(T, block);
   const int64_t n = b.units();
-  const int64_t e = every / leaf;
+  const int64_t e = every / block;
   std::vector<int> starts;  // slot of each segment's first state
   for (int64_t lo = 0; lo < n; lo += e) {
     b.AdvanceTo(lo);
@@ -266,10 +266,10 @@ Plan PlanPeriodic(int64_t T, int64_t every, int64_t leaf) {
   return b.Take();
 }
 
-Plan PlanReplay(int64_t T, int k, int64_t leaf) {
-  CheckCommon(T, leaf);
+Plan PlanReplay(int64_t T, int k, int64_t block) {
+  CheckCommon(T, block);
   if (k < 2) throw std::invalid_argument("REPLAY needs k >= 2 segments per level, got k = " + std::to_string(k));
-  Builder b(T, leaf);
+  Builder b(T, block);
   struct Task {
     int64_t lo, hi;  // blocks [lo, hi)
     int slot;        // holds the state at lo; -1: it is the current state
@@ -317,13 +317,13 @@ int64_t RevolveForwardSteps(int64_t units, int64_t slots) {
   return total;
 }
 
-Plan PlanRevolve(int64_t T, int slots, int64_t leaf) {
-  CheckCommon(T, leaf);
+Plan PlanRevolve(int64_t T, int slots, int64_t block) {
+  CheckCommon(T, block);
   if (slots < 1) {
     throw std::invalid_argument("revolve needs slots >= 1 (state_0 takes one), got slots = " +
                                 std::to_string(slots));
   }
-  Builder b(T, leaf);
+  Builder b(T, block);
   const int64_t n = b.units();
   const int64_t c = std::min<int64_t>(slots - 1, n - 1);
   const std::vector<int64_t> lengths = RevolveLevels(n, c);

@@ -27,8 +27,8 @@
 // restore from one copies it back to the device. Which slots go to the host
 // is the planner's choice (HostSlotOrder).
 //
-// Fused leaves: with leaf > 1 a policy works on blocks of `leaf` steps (the
-// last block has T % leaf steps when that is nonzero) and reverses each block
+// Fused blocks: with block > 1 a policy works on blocks of `block` steps (the
+// last block has T % block steps when that is nonzero) and reverses each block
 // with one kReverse of the block's length, so at most two fused lengths occur.
 #pragma once
 
@@ -69,10 +69,10 @@ Plan PlanStoreAll(int64_t T);
 // the way forward; then, per segment in reverse order, restores its start,
 // saves all its block starts and reverses them. The last segment's states are
 // saved during the first forward pass already. `every` counts steps and must
-// be a multiple of `leaf`. Peak about T/every + every/leaf, under 2T forward steps.
-Plan PlanPeriodic(int64_t T, int64_t every, int64_t leaf = 1);
+// be a multiple of `block`. Peak about T/every + every/block, under 2T forward steps.
+Plan PlanPeriodic(int64_t T, int64_t every, int64_t block = 1);
 
-// Recursive k-ary REPLAY on the n = ceil(T/leaf) blocks: split [a,b) into
+// Recursive k-ary REPLAY on the n = ceil(T/block) blocks: split [a,b) into
 // min(k, b-a) near-equal segments (longer ones first), advance through them
 // saving each segment's first state, then recurse into the segments in reverse
 // order; a one-block segment is reversed directly. The last segment of a
@@ -80,17 +80,17 @@ Plan PlanPeriodic(int64_t T, int64_t every, int64_t leaf = 1);
 // segment starts are saved on that same pass. Peak saved states
 // 1 + (k-1)*ceil(log_k n) <= k*ceil(log_k n); forward steps <= T*ceil(log_k n)
 // (T when n <= k). Throws std::invalid_argument if k < 2.
-Plan PlanReplay(int64_t T, int k, int64_t leaf = 1);
+Plan PlanReplay(int64_t T, int k, int64_t block = 1);
 
-// Binomial checkpointing (Griewank's revolve) on the n = ceil(T/leaf) blocks:
+// Binomial checkpointing (Griewank's revolve) on the n = ceil(T/block) blocks:
 // the fewest forward block-advances possible with at most `slots` saved states
 // at once (state_0's slot included), given that the forward pass must reach T
 // for the output before the first reverse. Throws std::invalid_argument if
 // slots < 1. Slots beyond n are not used.
-Plan PlanRevolve(int64_t T, int slots, int64_t leaf = 1);
+Plan PlanRevolve(int64_t T, int slots, int64_t block = 1);
 
 // Fewest forward block-advances a plan over `units` blocks with at most
-// `slots` saved states can have (what PlanRevolve achieves with leaf == 1);
+// `slots` saved states can have (what PlanRevolve achieves with block == 1);
 // saturates at INT64_MAX.
 int64_t RevolveForwardSteps(int64_t units, int64_t slots);
 

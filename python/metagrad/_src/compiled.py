@@ -248,7 +248,7 @@ class CompiledTask:
         auto = Auto() if schedule is None else schedule
         if not isinstance(auto, Auto):
             raise TypeError(f"calibrate takes an Auto schedule (its block lengths decide the programs), got {auto!r}")
-        runner = self._runner(self._planning.fused(self._planning.auto_leaves(auto)))
+        runner = self._runner(self._planning.fused(self._planning.auto_blocks(auto)))
         return runner.calibrate(self._z_buffers(z), repeats)
 
     def prepare(self, schedule) -> "CompiledTask":
@@ -261,10 +261,10 @@ class CompiledTask:
         and enzyme-ad).
         """
         if isinstance(schedule, Auto):
-            leaves = self._planning.auto_leaves(schedule)
-            if schedule.leaves is None:  # and the lengths between, which a tight budget may use
-                leaves += planner.gap_leaves(self.loop, 1, leaves, self.steps)
-            self._runner(self._planning.fused(leaves))
+            blocks = self._planning.auto_blocks(schedule)
+            if schedule.blocks is None:  # and the lengths between, which a tight budget may use
+                blocks += planner.gap_blocks(self.loop, 1, blocks, self.steps)
+            self._runner(self._planning.fused(blocks))
         else:
             self._runner(self._planning.plan(schedule, None).fused)
         return self

@@ -1,7 +1,7 @@
 """The planner: the fastest checkpointing plan that fits a device-memory budget.
 
 ``Auto(memory=...)`` (the default schedule of ``CompiledTask.metagradient``)
-chooses, for each fused reverse length ``leaf`` it may use, the binomial
+chooses, for each fused reverse length ``block`` it may use, the binomial
 (revolve) plan with the most saved states that fits the budget, predicts its
 time, and runs the fastest; plans predicted within ``NEAR_TIE`` of the fastest
 count as tied, and the tie goes to the fewest program executions. Predictions
@@ -52,10 +52,10 @@ HOST_MEMORY_KIND = "pinned_host"
 # Fused reverse lengths Auto considers: an unrolled program's compile time grows
 # with its length, a lax.scan's does not, and a long scan of dot-heavy steps
 # runs fastest per step.
-DEFAULT_LEAVES = {"unroll": (1, 10), "scan": (1, 10, 100)}
+DEFAULT_BLOCKS = {"unroll": (1, 10), "scan": (1, 10, 100)}
 # Lengths between those, compiled only where the budget rules out the longest: a short fused reverse
 # can hold no more memory than a single step's while it runs faster (bench/fused_lengths.py measures it).
-GAP_LEAVES = {"unroll": (3,), "scan": (3, 30)}
+GAP_BLOCKS = {"unroll": (3,), "scan": (3, 30)}
 # Plans predicted within this share of the fastest are a tie, which goes to the
 # fewest executions: the share is below the spread of a calibration from one
 # process to the next (bench/calibration_drift.py measures it), and every
@@ -82,11 +82,11 @@ class Auto:
     Attributes:
       memory: bytes the run may hold on each device, data and z included
         (default: 2 GiB on the CPU plugin, half the free memory of a GPU).
-      leaves: fused reverse block lengths to consider (default ``(1, 10)``, or
+      blocks: fused reverse block lengths to consider (default ``(1, 10)``, or
         ``(1, 10, 100)`` for a task compiled with ``loop="scan"``; capped at T);
         each length > 1 compiles one more reverse program. With the default,
         where the plan chosen has shorter blocks than the longest (a tight
-        budget), Auto also tries the lengths between (``GAP_LEAVES``: 3, and 30
+        budget), Auto also tries the lengths between (``GAP_BLOCKS``: 3, and 30
         for ``loop="scan"``), compiled then, and runs one only if its plan is
         predicted faster. With the default, no call waits for a fused reverse:
         the first call of a compiled task plans over single-step reverses, the
@@ -98,16 +98,16 @@ class Auto:
     """
 
     memory: int | None = None
-    leaves: tuple[int, ...] | None = None
+    blocks: tuple[int, ...] | None = None
     host_memory: int | None = None
 
     def __post_init__(self):
         for name, minimum in (("memory", 1), ("host_memory", 0)):
             if getattr(self, name) is not None:
                 _int(f"{name} (bytes)", getattr(self, name), minimum, 2**63 - 1, where="Auto: ")
-        if self.leaves is not None:
-            if not self.leaves or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.leaves):
-                raise ValueError(f"Auto: leaves must be a non-empty tuple of ints >= 1, got {self.leaves!r}")
+        if self.blocks is not None:
+            if not self.blocks or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.blocks):
+                raise ValueError(f"Auto: blocks must be a non-empty tuple of ints >= 1, got {self.blocks!r}")
 
     def plan(self, steps: int, state_bytes: int = 0):
         raise TypeError("Auto chooses its plan from the compiled task's costs: pass it to "
@@ -184,8 +184,8 @@ class Choice:
     executions: int = 0
 
 
-def _revolve(steps: int, states: int, leaf: int, table) -> tuple[object, dict]:
-    plan = plan_revolve(steps, states, leaf)
+def _revolve(steps: int, states: int, block: int, table) -> tuple[object, dict]:
+    plan = plan_revolve(steps, states, block)
     return plan, _runtime.simulate_plan(plan, table)
 
 
@@ -217,35 +217,35 @@ def _state_counts(blocks: int) -> list[int]:
     return sorted(counts)
 
 
-def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:
-    """The fastest revolve plan over ``leaves`` whose device peak plus data fits
+def choose(table, steps: int, blocks, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:
+    """The fastest revolve plan over ``blocks`` whose device peak plus data fits
     ``budget`` (per device), with some of its slots in host memory where
     ``host_budget`` (per device) allows; of plans within ``NEAR_TIE`` of the
     fastest prediction, the one with the fewest executions."""
     candidates, minimum = [], None
-    for leaf in sorted(set(min(n, steps) for n in leaves)):
-        blocks = -(-steps // leaf)
-        plan, cost = _revolve(steps, 1, leaf, table)
+    for block in sorted(set(min(n, steps) for n in blocks)):
+        units = -(-steps // block)
+        plan, cost = _revolve(steps, 1, block, table)
         need = cost["peak_bytes"] + data_bytes
         minimum = need if minimum is None else min(minimum, need)
         if need <= budget:
-            lo, hi = 1, blocks  # the most states that fit: peak grows with them, time falls
+            lo, hi = 1, units  # the most states that fit: peak grows with them, time falls
             chosen = (1, plan, cost)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                plan, cost = _revolve(steps, mid, leaf, table)
+                plan, cost = _revolve(steps, mid, block, table)
                 if cost["peak_bytes"] + data_bytes <= budget:
                     lo, chosen = mid, (mid, plan, cost)
                 else:
                     hi = mid - 1
             states, plan, cost = chosen
-            candidates.append(Choice(Budget(states=states, leaf=leaf), plan, cost["seconds"], cost["peak_bytes"],
+            candidates.append(Choice(Budget(states=states, block=block), plan, cost["seconds"], cost["peak_bytes"],
                                      executions=cost["executions"]))
         if host_budget <= 0:
             continue
         # More states than the device holds, some in host memory: fewer replays, more copies.
-        for states in _state_counts(blocks):
-            plan = plan_revolve(steps, states, leaf)
+        for states in _state_counts(units):
+            plan = plan_revolve(steps, states, block)
             # The least device memory this plan runs in: every slot in host memory. Any count of states
             # can be the smallest (one state replays with the fused forward programs, whose temporaries
             # can outweigh the reverse's), so the minimum is taken over all of them.
@@ -256,7 +256,7 @@ def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget:
             if fit is None or not fit[0] or fit[1]["peak_host_bytes"] > host_budget:
                 continue
             slots, cost = fit
-            candidates.append(Choice(Budget(states=states, leaf=leaf), plan, cost["seconds"], cost["peak_bytes"],
+            candidates.append(Choice(Budget(states=states, block=block), plan, cost["seconds"], cost["peak_bytes"],
                                      slots, cost["peak_host_bytes"], cost["executions"]))
     if not candidates:
         where = ("one saved state, the current state" if host_budget <= 0 else
@@ -270,19 +270,19 @@ def choose(table, steps: int, leaves, budget: int, data_bytes: int, host_budget:
                key=lambda choice: (choice.executions, choice.seconds))
 
 
-def gap_leaves(loop: str, chosen: int, leaves, steps: int) -> tuple[int, ...]:
-    """The lengths of ``GAP_LEAVES`` worth a try after ``choose`` over ``leaves`` chose blocks of
-    ``chosen`` steps: those between it and the longest of ``leaves`` (capped at T)."""
-    longest = min(max(leaves), steps)
-    return tuple(n for n in GAP_LEAVES[loop] if chosen < n < longest)
+def gap_blocks(loop: str, chosen: int, blocks, steps: int) -> tuple[int, ...]:
+    """The lengths of ``GAP_BLOCKS`` worth a try after ``choose`` over ``blocks`` chose blocks of
+    ``chosen`` steps: those between it and the longest of ``blocks`` (capped at T)."""
+    longest = min(max(blocks), steps)
+    return tuple(n for n in GAP_BLOCKS[loop] if chosen < n < longest)
 
 
-def choose_with_gaps(table, steps: int, leaves, gaps, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:
-    """``choose`` over ``leaves``, unless the best plan over the ``gaps`` lengths is predicted faster.
+def choose_with_gaps(table, steps: int, blocks, gaps, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:
+    """``choose`` over ``blocks``, unless the best plan over the ``gaps`` lengths is predicted faster.
     The near tie, which goes to fewer executions, does not carry a gap length in (longer blocks mostly
     have fewer): searched with the others, the wide MLP's 30-step blocks with 6 states were taken over
     10-step ones with 16, and ran 7% slower (bench/fused_lengths.py)."""
-    choice = choose(table, steps, leaves, budget, data_bytes, host_budget)
+    choice = choose(table, steps, blocks, budget, data_bytes, host_budget)
     try:
         gap = choose(table, steps, gaps, budget, data_bytes, host_budget)
     except DeviceMemoryError:
@@ -306,9 +306,9 @@ def check_fits(client, predicted_peak: int, data_bytes: int, what: str, suggesti
             f"), the device has {_bytes(available)} available. {suggestion}")
 
 
-def fused_lengths(steps: int, leaf: int) -> tuple[int, ...]:
-    """The fused reverse lengths a plan over blocks of ``leaf`` steps uses (the last block may be shorter)."""
-    lengths = {min(leaf, steps)}
-    if steps % leaf and steps > leaf:
-        lengths.add(steps % leaf)
+def fused_lengths(steps: int, block: int) -> tuple[int, ...]:
+    """The fused reverse lengths a plan over blocks of ``block`` steps uses (the last block may be shorter)."""
+    lengths = {min(block, steps)}
+    if steps % block and steps > block:
+        lengths.add(steps % block)
     return tuple(sorted(n for n in lengths if n > 1))

@@ -10,7 +10,7 @@ memory alone whether any plan over them fits, calibrates them (once per set of
 programs, kept in the disk cache so that another process makes the same
 choice) and searches (``planner.choose``); where that choice has shorter blocks
 than the longest, the lengths between are built the same way and tried.
-Explicit lengths (``Auto(leaves=...)``), ``prepare`` and the cost queries build
+Explicit lengths (``Auto(blocks=...)``), ``prepare`` and the cost queries build
 what they need at once. Any plan, fixed or chosen, is predicted
 (``simulate_plan``) and checked against the device's memory before it runs.
 ``CompiledTask`` owns one ``Planning``; it asks the task for runners and
@@ -70,7 +70,7 @@ class Planning:
     def __init__(self, task):
         self.task = task
         self._calibrations: dict = {}  # program costs by the set of program names calibrated
-        self._choices: dict = {}  # Auto's final (choice, costs) by (Auto.leaves, budgets)
+        self._choices: dict = {}  # Auto's final (choice, costs) by (Auto.blocks, budgets)
         self._builds: dict = {}  # background builds by the fused reverse lengths they build
         self._unbuildable: set = set()  # fused reverse lengths whose build failed: planned without
         self._lock = threading.Lock()  # one thread plans at a time
@@ -80,13 +80,13 @@ class Planning:
         kinds = self.task.client.devices[self.task.devices[0]].memory_kinds
         return planner.HOST_MEMORY_KIND if planner.HOST_MEMORY_KIND in kinds else None
 
-    def auto_leaves(self, auto: Auto) -> tuple[int, ...]:
+    def auto_blocks(self, auto: Auto) -> tuple[int, ...]:
         """The fused reverse lengths Auto considers first."""
-        return tuple(auto.leaves or planner.DEFAULT_LEAVES[self.task.loop])
+        return tuple(auto.blocks or planner.DEFAULT_BLOCKS[self.task.loop])
 
-    def fused(self, leaves) -> tuple[int, ...]:
-        """The segment programs plans over blocks of ``leaves`` need."""
-        return tuple(sorted({n for leaf in leaves for n in planner.fused_lengths(self.task.steps, leaf)}))
+    def fused(self, blocks) -> tuple[int, ...]:
+        """The segment programs plans over blocks of the lengths ``blocks`` need."""
+        return tuple(sorted({n for block in blocks for n in planner.fused_lengths(self.task.steps, block)}))
 
     def _budgets(self, auto: Auto) -> tuple[int, int, str | None]:
         """Auto's device budget, its host budget per device, and the host memory kind (None: none)."""
@@ -155,19 +155,19 @@ class Planning:
         it was chosen from and a note for the report; None while (without ``wait``) its fused
         reverses are built in the background. While the lengths between are, the choice without
         them (and a note that says so)."""
-        leaves = self.auto_leaves(auto)
+        blocks = self.auto_blocks(auto)
         budget, host_budget, host_kind = self._budgets(auto)
-        key = (auto.leaves, budget, host_budget)  # leaves=None also tries GAP_LEAVES: not the same as the defaults
+        key = (auto.blocks, budget, host_budget)  # blocks=None also tries GAP_BLOCKS: not the same as the defaults
         if key not in self._choices:
-            first = self.fused(leaves)
+            first = self.fused(blocks)
             if not self._built(first, wait, f"the fused reverses of {_steps(first)} steps"):
                 return None
-            costs = self._costs(self.task._runner(first), leaves, budget, host_budget, host_kind, z_buffers)
+            costs = self._costs(self.task._runner(first), blocks, budget, host_budget, host_kind, z_buffers)
             table = planner.cost_table(self.task._task_layout, costs)
-            choice = planner.choose(table, self.task.steps, leaves, budget, self.task.data_bytes, host_budget)
-            gaps = () if auto.leaves else planner.gap_leaves(self.task.loop, choice.schedule.leaf, leaves, self.task.steps)
+            choice = planner.choose(table, self.task.steps, blocks, budget, self.task.data_bytes, host_budget)
+            gaps = () if auto.blocks else planner.gap_blocks(self.task.loop, choice.schedule.block, blocks, self.task.steps)
             if gaps:
-                both = self.fused(leaves + gaps)
+                both = self.fused(blocks + gaps)
                 what = f"the fused reverses of {_steps(gaps)} steps, which may run faster within this budget,"
                 try:
                     built = self._built(both, wait, what)
@@ -175,24 +175,24 @@ class Planning:
                     self._unbuilt(both, what, error)
                     built = False
                 if built:
-                    costs = self._costs(self.task._runner(both), leaves, budget, host_budget, host_kind, z_buffers)
+                    costs = self._costs(self.task._runner(both), blocks, budget, host_budget, host_kind, z_buffers)
                     choice = planner.choose_with_gaps(planner.cost_table(self.task._task_layout, costs), self.task.steps,
-                                                      leaves, gaps, budget, self.task.data_bytes, host_budget)
+                                                      blocks, gaps, budget, self.task.data_bytes, host_budget)
                 elif both not in self._unbuildable:  # until they are built, the choice without them
                     return choice, budget, host_budget, costs, " (while the lengths between build in the background)"
             self._choices[key] = choice, costs
         choice, costs = self._choices[key]
         return choice, budget, host_budget, costs, ""
 
-    def _costs(self, runner, first_leaves, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
+    def _costs(self, runner, first_blocks, budget: int, host_budget: int, host_kind: str | None, z_buffers) -> dict:
         """The cost of each program of ``runner`` (and, with a host budget, of one state's copies).
-        Whether any plan over ``first_leaves`` fits is settled from the programs' compiled memory
+        Whether any plan over ``first_blocks`` fits is settled from the programs' compiled memory
         alone; only then are they calibrated (once per set of programs), which runs them."""
         sizes = runner.program_bytes()
         wanted = tuple(sorted(set(sizes) | ({"to_host", "from_host"} if host_budget else set())
                               | ({"stream"} if self.task.stream is not None else set())))
         if wanted not in self._calibrations:
-            planner.choose(planner.cost_table(self.task._task_layout, sizes), self.task.steps, first_leaves, budget,
+            planner.choose(planner.cost_table(self.task._task_layout, sizes), self.task.steps, first_blocks, budget,
                            self.task.data_bytes, host_budget)
             self._calibrations[wanted] = self._calibrate(runner, sizes, z_buffers, host_kind if host_budget else "")
         return {name: self._calibrations[wanted][name] for name in wanted}
@@ -224,12 +224,12 @@ class Planning:
     def _plan_auto(self, auto: Auto, z_buffers) -> Planned:
         """The plan ``auto`` runs now: its choice over the fused reverses built, or over
         single-step reverses before they are (see the module's docstring)."""
-        lengths = self.fused(self.auto_leaves(auto))
+        lengths = self.fused(self.auto_blocks(auto))
         chosen, forward, note = None, None, ""
-        if auto.leaves is None and self.calls == 0 and self.task._missing(self.task._runner_programs(lengths)):
+        if auto.blocks is None and self.calls == 0 and self.task._missing(self.task._runner_programs(lengths)):
             note = " (first call: single-step reverses; the next call starts building the fused ones)"
         else:
-            chosen = self._choose(auto, z_buffers, wait=auto.leaves is not None)
+            chosen = self._choose(auto, z_buffers, wait=auto.blocks is not None)
             if chosen is None:
                 note = (" (single-step reverses: the fused ones could not be built)" if lengths in self._unbuildable
                         else " (single-step reverses while the fused ones build in the background)")

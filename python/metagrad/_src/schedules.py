@@ -32,7 +32,7 @@ peak is REPLAY's, and ``Budget(states=peak)`` is given the same)::
 
 Revolve never does worse; it gains most where memory is tight (small ``k``).
 
-``leaf > 1`` fuses the last level: the policy works on blocks of ``leaf`` steps
+``block > 1`` fuses the last level: the policy works on blocks of ``block`` steps
 and reverses each block with one compiled reverse of the whole block (the
 block's residuals are held inside that program, on top of the saved states).
 Saved-state counts never include the current state.
@@ -84,18 +84,18 @@ class Replay:
     Splits the run into ``k`` near-equal segments, saves their first states on
     the way forward, then recurses into the segments in reverse order. Peak
     ``1 + (k-1) * ceil(log_k T)`` saved states; forward steps at most
-    ``T * ceil(log_k T)``. ``leaf``: steps per fused reverse block.
+    ``T * ceil(log_k T)``. ``block``: steps per fused reverse block.
     """
 
     k: int = 4
-    leaf: int = 1
+    block: int = 1
 
     def __post_init__(self):
         _int("k", self.k, 2, _INT32_MAX, "Replay: ")
-        _int("leaf", self.leaf, 1, _INT64_MAX, "Replay: ")
+        _int("block", self.block, 1, _INT64_MAX, "Replay: ")
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
-        return plan_replay(_steps(steps), self.k, self.leaf)
+        return plan_replay(_steps(steps), self.k, self.block)
 
 
 @dataclass(frozen=True)
@@ -111,21 +111,21 @@ class Periodic:
     """Two-level checkpointing: a checkpoint every ``every`` steps.
 
     Each segment, last first, is replayed from its checkpoint with all its
-    states saved, then reversed. ``every`` must be a multiple of ``leaf``.
-    Peak about ``T/every + every/leaf`` saved states.
+    states saved, then reversed. ``every`` must be a multiple of ``block``.
+    Peak about ``T/every + every/block`` saved states.
     """
 
     every: int
-    leaf: int = 1
+    block: int = 1
 
     def __post_init__(self):
         every = _int("every", self.every, 1, _INT64_MAX, "Periodic: ")
-        leaf = _int("leaf", self.leaf, 1, _INT64_MAX, "Periodic: ")
-        if every % leaf:
-            raise ValueError(f"Periodic: every ({every}) must be a multiple of leaf ({leaf})")
+        block = _int("block", self.block, 1, _INT64_MAX, "Periodic: ")
+        if every % block:
+            raise ValueError(f"Periodic: every ({every}) must be a multiple of block ({block})")
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
-        return plan_periodic(_steps(steps), self.every, self.leaf)
+        return plan_periodic(_steps(steps), self.every, self.block)
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class Budget:
 
     Give exactly one of ``states`` (saved states at once, state_0's included),
     ``bytes`` (turned into ``bytes // state_bytes`` states) or ``k`` (the peak
-    that ``Replay(k, leaf)`` would hold for the same ``T``: REPLAY's memory,
+    that ``Replay(k, block)`` would hold for the same ``T``: REPLAY's memory,
     with fewer forward steps; ``Budget(k=4)`` is the default schedule). The
     budget covers saved states only: the current state, the cotangents and a
     fused block's residuals come on top. At least one state is needed.
@@ -143,7 +143,7 @@ class Budget:
     states: int | None = None
     bytes: int | None = None
     k: int | None = None
-    leaf: int = 1
+    block: int = 1
 
     def __post_init__(self):
         given = [name for name in ("states", "bytes", "k") if getattr(self, name) is not None]
@@ -156,12 +156,12 @@ class Budget:
             _int("bytes", self.bytes, 1, _INT64_MAX, "Budget: ")
         else:
             _int("k", self.k, 2, _INT32_MAX, "Budget: ")
-        _int("leaf", self.leaf, 1, _INT64_MAX, "Budget: ")
+        _int("block", self.block, 1, _INT64_MAX, "Budget: ")
 
     def __repr__(self) -> str:
         given = ", ".join(f"{name}={getattr(self, name)}" for name in ("states", "bytes", "k")
                           if getattr(self, name) is not None)
-        return f"Budget({given}, leaf={self.leaf})"
+        return f"Budget({given}, block={self.block})"
 
     def slots(self, state_bytes: int = 0, steps: int | None = None) -> int:
         """The number of states the budget holds, for states of ``state_bytes`` bytes
@@ -172,7 +172,7 @@ class Budget:
             if steps is None:
                 raise ValueError("Budget(k=...): the number of states depends on steps; pass steps=")
             steps = _steps(steps)
-            return max(1, plan_replay(steps, self.k, self.leaf).stats(steps)["peak_saved"])
+            return max(1, plan_replay(steps, self.k, self.block).stats(steps)["peak_saved"])
         size = _int("state_bytes", state_bytes, 1, _INT64_MAX, "Budget(bytes=...): ")
         states = self.bytes // size
         if states < 1:
@@ -182,4 +182,4 @@ class Budget:
 
     def plan(self, steps: int, state_bytes: int = 0) -> Plan:
         steps = _steps(steps)
-        return plan_revolve(steps, self.slots(state_bytes, steps), self.leaf)
+        return plan_revolve(steps, self.slots(state_bytes, steps), self.block)
