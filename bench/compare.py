@@ -59,7 +59,7 @@ def state_bound(T: int, k: int = SCHEDULE_K) -> int:
 
 def schedule(T: int) -> str:
     """metagrad's schedule at T: binomial checkpointing (Budget) with k*log_k(T) states, fused blocks."""
-    return f"revolve:{state_bound(T)}:{SCHEDULE_BLOCK}"
+    return f"budget:{state_bound(T)}:{SCHEDULE_BLOCK}"
 
 
 JAX_ROWS = ("jax_train", "scan_storeall", "scan_checkpoint", "python_replay")

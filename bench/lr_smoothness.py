@@ -20,7 +20,7 @@ import argparse
 import numpy as np
 from scipy.stats import spearmanr
 
-from metagrad.applications import digits as D
+from metagrad.applications import digits
 from metagrad.applications import lr_schedule as L
 from metagrad.applications.common import Metagradient
 
@@ -49,14 +49,14 @@ def main() -> None:
     parser.add_argument("--engine", default="auto", choices=("auto", "metagrad", "jax"))
     args = parser.parse_args()
     p = dict(L.DEFAULTS)
-    split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
+    split = digits.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     print(f"lr-schedule task: {p['seeds']} seeds, T={p['train_steps']}, {p['knots']} knots; "
           f"{args.directions} random directions per row")
     print(f"{'momentum':>8} {'peak':>5} {'h':>5} {'pearson':>8} {'spearman':>9} {'signs':>6} "
           f"{'|pred|':>8} {'|real|':>8}")
     for momentum in (float(m) for m in args.momenta.split(",")):
         cfg = L.config(p).with_(momentum=momentum)
-        task = D.ensemble([D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="lr")
+        task = digits.ensemble([digits.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="lr")
                            for s in range(p["seeds"])])
         rng = np.random.default_rng(0)
         for peak in (float(x) for x in args.peaks.split(",")):

@@ -41,7 +41,7 @@ def schedules(T: int, state_bytes: int, storeall_limit: int):
     out += [(f"replay:{k}:{BLOCK}", k) for k in (4, 16, 32)]
     peak4 = metagrad.Replay(k=4).plan(T).stats(T)["peak_saved"]
     bound32 = math.floor(32 * math.log(T) / math.log(32))
-    out += [(f"revolve:{peak4}", None), (f"revolve:{bound32}:{BLOCK}", 32)]
+    out += [(f"budget:{peak4}", None), (f"budget:{bound32}:{BLOCK}", 32)]
     if T * state_bytes <= storeall_limit:
         out += [("storeall", None), (f"periodic:{T}:{BLOCK}", None)]
     return out

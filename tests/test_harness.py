@@ -16,11 +16,11 @@ from models import make_task
 
 SCHEDULES = {  # harness spelling -> the Python API's schedule
     "replay:3": metagrad.Replay(k=3),
-    "revolve:4": metagrad.Budget(states=4),
+    "budget:4": metagrad.Budget(states=4),
     "periodic:6": metagrad.Periodic(every=6),
     "storeall": metagrad.StoreAll(),
     "replay:2:4": metagrad.Replay(k=2, block=4),
-    "revolve:3:4": metagrad.Budget(states=3, block=4),
+    "budget:3:4": metagrad.Budget(states=3, block=4),
 }
 
 

@@ -286,7 +286,7 @@ def test_a_saved_streamed_task_references_its_file_and_runs_in_the_harness(want,
     loaded = metagrad.load(str(tmp_path / "task"))
     value, grad = loaded.metagradient(Z, schedule)
     assert_close(grad, want[1])
-    done = run_bench(tmp_path / "task", "--schedule", "revolve:3:4", "--repeat", "1", "--warmup", "0",
+    done = run_bench(tmp_path / "task", "--schedule", "budget:3:4", "--repeat", "1", "--warmup", "0",
                      "--dispatch-iters", "0", "--json", "--save-grad", str(tmp_path / "grads"))
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)["metagradient"][0]["report"]
@@ -382,7 +382,7 @@ def test_a_saved_sharded_streamed_task_runs_in_load_and_the_harness(want, tmp_pa
     value, grad = metagrad.load(str(tmp_path / "task"), client=client).metagradient(Z, schedule)
     np.testing.assert_allclose(value, want[0], rtol=1e-5)
     assert_close(grad, want[1])
-    done = run_bench(tmp_path / "task", "--schedule", "revolve:3:4", "--repeat", "1", "--warmup", "0",
+    done = run_bench(tmp_path / "task", "--schedule", "budget:3:4", "--repeat", "1", "--warmup", "0",
                      "--dispatch-iters", "0", "--json", "--save-grad", str(tmp_path / "grads"))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)

@@ -64,7 +64,7 @@ void PrintUsage(std::ostream& out) {
          "  --plugin PATH         PJRT plugin (default: $METAGRAD_PJRT_PLUGIN, else the CPU plugin of the\n"
          "                        xla-cpu-pjrt package installed beside this program)\n"
          "  --schedule LIST       comma-separated schedules, each KIND[:ARG[:BLOCK]]:\n"
-         "                          replay:K  revolve:SLOTS  periodic:EVERY  storeall  none (training only)\n"
+         "                          replay:K  budget:STATES  periodic:EVERY  storeall  none (training only)\n"
          "                        default replay:4\n"
          "  --block N             steps per fused reverse block, for schedules without their own (default 1)\n"
          "  --steps T             run T training steps instead of the manifest's (the programs do not\n"
@@ -121,7 +121,7 @@ std::vector<ScheduleSpec> ParseSchedules(const std::string& text, int64_t defaul
     if (spec.kind == "none") continue;
     if (spec.kind == "storeall") {
       if (parts.size() != 1) throw std::invalid_argument("storeall takes no argument: '" + item + "'");
-    } else if (spec.kind == "replay" || spec.kind == "revolve" || spec.kind == "periodic") {
+    } else if (spec.kind == "replay" || spec.kind == "budget" || spec.kind == "periodic") {
       if (parts.size() < 2 || parts.size() > 3) {
         throw std::invalid_argument("schedule '" + item + "' must be " + spec.kind + ":N or " + spec.kind +
                                     ":N:BLOCK");
@@ -130,7 +130,7 @@ std::vector<ScheduleSpec> ParseSchedules(const std::string& text, int64_t defaul
       if (parts.size() == 3) spec.block = ParseInt(parts[2], "the block length of '" + item + "'");
     } else {
       throw std::invalid_argument("unknown schedule '" + item +
-                                  "': use replay:K, revolve:SLOTS, periodic:EVERY, storeall or none");
+                                  "': use replay:K, budget:STATES, periodic:EVERY, storeall or none");
     }
     if (spec.block < 1) throw std::invalid_argument("the block length must be >= 1 in '" + item + "'");
     specs.push_back(spec);
@@ -143,8 +143,8 @@ Plan MakePlan(const ScheduleSpec& spec, int64_t steps) {
     if (spec.arg < 2 || spec.arg > INT32_MAX) throw std::invalid_argument("replay:K needs K >= 2");
     return PlanReplay(steps, static_cast<int>(spec.arg), spec.block);
   }
-  if (spec.kind == "revolve") {
-    if (spec.arg < 1 || spec.arg > INT32_MAX) throw std::invalid_argument("revolve:SLOTS needs SLOTS >= 1");
+  if (spec.kind == "budget") {  // Python's Budget(states=STATES, block=BLOCK): revolve with STATES slots
+    if (spec.arg < 1 || spec.arg > INT32_MAX) throw std::invalid_argument("budget:STATES needs STATES >= 1");
     return PlanRevolve(steps, static_cast<int>(spec.arg), spec.block);
   }
   if (spec.kind == "periodic") {

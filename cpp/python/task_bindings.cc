@@ -52,6 +52,7 @@ void BindTaskRunner(nb::module_& m) {
   m.attr("MANIFEST_VERSION") = kManifestVersion;
   m.attr("CALIBRATION_VERSION") = kCalibrationVersion;
   m.attr("PREFETCH_DEPTH") = kPrefetchDepth;
+  m.attr("HOST_MEMORY_KIND") = kHostMemoryKind;
   m.def("program_kinds", [] {
         nb::list kinds;
         for (const ProgramKind& kind : ProgramKinds()) kinds.append(KindDict(kind));
@@ -198,7 +199,7 @@ void BindTaskRunner(nb::module_& m) {
            },
            nb::arg("z"), nb::arg("plan"), nb::arg("determinism_stride") = 0, nb::arg("check_finite") = false,
            nb::arg("progress") = nb::none(), nb::arg("host_slots") = std::set<int>{},
-           nb::arg("host_memory_kind") = "pinned_host",
+           nb::arg("host_memory_kind") = kHostMemoryKind,
            "Run the plan (the states of `host_slots` in host memory); returns (phi buffer of partition 0, "
            "metagradient buffers leaf-major, report). progress(done, total): forward and reversed steps, called "
            "between executions at most every 50 ms.")

@@ -21,6 +21,10 @@
 
 namespace metagrad {
 
+// The memory kind of the host tier: host memory the device copies to and from
+// directly (PJRT's memory kinds; the CPU plugin and CUDA's both offer it).
+inline constexpr char kHostMemoryKind[] = "pinned_host";
+
 struct MetagradientOptions {
   // Compare replayed states with the first forward pass at every
   // `determinism_stride`-th position the run reaches anyway (0 disables),
@@ -32,7 +36,7 @@ struct MetagradientOptions {
   // Slots of the plan whose states live in host memory (memory kind
   // `host_memory_kind` of each shard's device).
   std::set<int> host_slots;
-  std::string host_memory_kind = "pinned_host";
+  std::string host_memory_kind = kHostMemoryKind;
 };
 
 // How TaskRunner::Calibrate measures: part of the key of a calibration kept in

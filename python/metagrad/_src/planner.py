@@ -48,7 +48,7 @@ from metagrad._src.schedules import Budget, _int, plan_revolve
 DEFAULT_CPU_BUDGET = 2 * 2**30
 GPU_BUDGET_SHARE = 0.5
 HOST_BUDGET_SHARE = 0.5  # of the host's available RAM, for saved states of a GPU's run
-HOST_MEMORY_KIND = "pinned_host"
+HOST_MEMORY_KIND = _runtime.HOST_MEMORY_KIND  # the host tier's memory kind
 # Fused reverse lengths Auto considers: an unrolled program's compile time grows
 # with its length, a lax.scan's does not, and a long scan of dot-heavy steps
 # runs fastest per step.

@@ -35,8 +35,8 @@ import os
 
 import numpy as np
 
-from metagrad.applications import attributors as A
-from metagrad.applications import digits as D
+from metagrad.applications import attributors
+from metagrad.applications import digits
 from metagrad.applications.common import (ArgumentError, Metagradient, Timer, bar, check_split, compare, log,
                                           merge_params, plot_comparison, plt, resolve_engine, seed_groups, spread,
                                           write_result)
@@ -69,18 +69,18 @@ def params(toy: bool = False, **kw) -> dict:
     return p
 
 
-def smooth_config(p: dict) -> D.TrainConfig:
-    return D.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
+def smooth_config(p: dict) -> digits.TrainConfig:
+    return digits.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
                          activation="gelu", logit_scale=1.0, momentum=0.9, weight_decay=5e-4,
                          warmup=max(1, p["train_steps"] // 4), decay="linear")
 
 
-def contrast_config(p: dict) -> D.TrainConfig:
-    return D.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
+def contrast_config(p: dict) -> digits.TrainConfig:
+    return digits.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
                          activation="relu", logit_scale=1.0, momentum=0.9, weight_decay=5e-4)
 
 
-def test_metagradients(cfg: D.TrainConfig, split: dict, test_idx, seed: int, engine: str):
+def test_metagradients(cfg: digits.TrainConfig, split: dict, test_idx, seed: int, engine: str):
     """``(values [m], grads [m, n])``: each test example's loss at ``z = 1`` under training seed ``seed``,
     and its metagradient with respect to the per-example weights.
 
@@ -91,12 +91,12 @@ def test_metagradients(cfg: D.TrainConfig, split: dict, test_idx, seed: int, eng
     m, n = len(test_idx), len(split["y_train"])
     x, y = split["x_test"][test_idx], split["y_test"][test_idx]
     if resolve_engine(engine) == "jax":  # jax.grad wants a scalar output: one task per example
-        tasks = [D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", output="weighted",
+        tasks = [digits.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", output="weighted",
                              x_out=x, y_out=y, out_w=np.eye(m)[j]) for j in range(m)]
         meta = Metagradient(tasks, np.ones(n, np.float32), engine=engine)
         rows = [meta.at(j, np.ones(n, np.float32)) for j in range(m)]
         return np.array([v for v, _ in rows]), np.stack([np.asarray(g, np.float64) for _, g in rows]), meta
-    task = D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", output="weighted",
+    task = digits.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", output="weighted",
                        x_out=x, y_out=y, out_w=np.eye(m))
     meta = Metagradient(task, np.ones(n, np.float32), engine=engine)
     values, grads = meta.at(0, np.ones(n, np.float32))
@@ -104,37 +104,38 @@ def test_metagradients(cfg: D.TrainConfig, split: dict, test_idx, seed: int, eng
 
 
 @functools.lru_cache(maxsize=None)
-def _model_fns(cfg: D.TrainConfig):
+def _model_fns(cfg: digits.TrainConfig):
     # one object per config, so the baselines' programs compile once per config
-    return (functools.partial(D.per_example_loss, cfg), functools.partial(D.margin, cfg),
-            functools.partial(D.train_loss, cfg))
+    return (functools.partial(digits.per_example_loss, cfg), functools.partial(digits.margin, cfg),
+            functools.partial(digits.train_loss, cfg))
 
 
-def baseline_scores(cfg: D.TrainConfig, split: dict, test_idx, seed: int, every: int, trak_dim: int) -> dict:
+def baseline_scores(cfg: digits.TrainConfig, split: dict, test_idx, seed: int, every: int, trak_dim: int) -> dict:
     """Every cheap method's (and hyperparameter's) scores ``[m, n]`` from training seed ``seed``'s run."""
-    task = D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights")
+    task = digits.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights")
     x_train, y_train = split["x_train"], split["y_train"]
     x_test, y_test = split["x_test"][test_idx], split["y_test"][test_idx]
-    traj = D.trajectory(task, np.ones(len(y_train), np.float32), every)
+    traj = digits.trajectory(task, np.ones(len(y_train), np.float32), every)
     checkpoints = [{k: v[c] for k, v in traj.items()} for c in range(cfg.steps // every)]
     final = checkpoints[-1]
     loss, margin, objective = _model_fns(cfg)
 
     def grads(fn, params):
-        return A.per_example_grads(fn, params, x_test, y_test), A.per_example_grads(fn, params, x_train, y_train)
+        return (attributors.per_example_grads(fn, params, x_test, y_test),
+                attributors.per_example_grads(fn, params, x_train, y_train))
 
     per_checkpoint = [grads(loss, c) for c in checkpoints]
     g_test, g_train = per_checkpoint[-1]
     # TracIn's weights: the learning rate summed over the steps each checkpoint closes
-    lrs = [float(np.sum(D.lr_at(cfg, np.arange(c * every, (c + 1) * every)))) for c in range(len(checkpoints))]
-    out = {"grad dot": A.grad_dot(g_test, g_train), "TracIn": A.tracin(per_checkpoint, lrs)}
+    lrs = [float(np.sum(digits.lr_at(cfg, np.arange(c * every, (c + 1) * every)))) for c in range(len(checkpoints))]
+    out = {"grad dot": attributors.grad_dot(g_test, g_train), "TracIn": attributors.tracin(per_checkpoint, lrs)}
     for d in DAMPINGS:
-        out[f"influence (damping {d:g})"] = A.influence(objective, final, g_test, g_train, damping=d,
+        out[f"influence (damping {d:g})"] = attributors.influence(objective, final, g_test, g_train, damping=d,
                                                         args=(x_train, y_train))
-    phi_test, phi_train = A.trak_features(*grads(margin, final), dim=trak_dim, seed=seed)
+    phi_test, phi_train = attributors.trak_features(*grads(margin, final), dim=trak_dim, seed=seed)
     p_train = np.exp(-np.asarray(loss(final, x_train, y_train)))
     for r in RIDGES:
-        out[f"TRAK (ridge {r:g})"] = A.trak(phi_test, phi_train, p_train, ridge=r)
+        out[f"TRAK (ridge {r:g})"] = attributors.trak(phi_test, phi_train, p_train, ridge=r)
     return out
 
 
@@ -142,7 +143,7 @@ def _family(name: str) -> str:
     return name.split(" (")[0]
 
 
-def study(cfg: D.TrainConfig, split: dict, test_idx, p: dict, engine: str, progress: bool, label: str) -> dict:
+def study(cfg: digits.TrainConfig, split: dict, test_idx, p: dict, engine: str, progress: bool, label: str) -> dict:
     """Every method's LDS under ``cfg``, on the same runs and on unseen seeds."""
     n = len(split["y_train"])
     fit_seeds, unseen_seeds = seed_groups(p)
@@ -156,10 +157,10 @@ def study(cfg: D.TrainConfig, split: dict, test_idx, p: dict, engine: str, progr
     zs_all = np.concatenate([np.ones((1, n), np.float32)] + list(subsets.values()))
     seeds = fit_seeds + unseen_seeds
     clock = Timer()
-    tasks = [D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="weights") for s in seeds]
+    tasks = [digits.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="weights") for s in seeds]
     x, y = split["x_test"][test_idx], split["y_test"][test_idx]
-    trained = D.train_grid(tasks, zs_all, progress=f"[{NAME}] {label} retraining" if progress else None)
-    losses = np.asarray(D.evaluate_grid_per_example(cfg, trained, x, y), np.float64)  # [1 + R*F, seeds, m]
+    trained = digits.train_grid(tasks, zs_all, progress=f"[{NAME}] {label} retraining" if progress else None)
+    losses = np.asarray(digits.evaluate_grid_per_example(cfg, trained, x, y), np.float64)  # [1 + R*F, seeds, m]
     changes = losses[1:] - losses[:1]
     retrain_seconds = clock()
 
@@ -211,7 +212,7 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
     p = params(toy, **kw)
     resolve_engine(engine)
     clock = Timer()
-    split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
+    split = digits.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     test_idx = np.random.default_rng(p["seed"]).choice(len(split["y_test"]), p["test_examples"], replace=False)
     fit_seeds, unseen_seeds = seed_groups(p)
     studies = {"smooth": study(smooth_config(p), split, test_idx, p, engine, progress, "smooth")}

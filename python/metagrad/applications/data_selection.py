@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from metagrad.applications import digits as D, weights
+from metagrad.applications import digits, weights
 from metagrad.applications.common import (ArgumentError, Timer, check_split, compare, log, merge_params,
                                           plot_comparison, plt, resolve_engine, seed_groups, write_result)
 from metagrad.applications.weights import MGD
@@ -71,8 +71,8 @@ def params(toy: bool = False, **kw) -> dict:
     return p
 
 
-def config(p: dict) -> D.TrainConfig:
-    return D.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.2,
+def config(p: dict) -> digits.TrainConfig:
+    return digits.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.2,
                          logit_scale=0.5, momentum=0.9, weight_decay=5e-4)
 
 
@@ -91,20 +91,21 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
     p = params(toy, **kw)
     resolve_engine(engine)
     clock = Timer()
-    split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
-    y_noisy, flipped = D.flip_labels(split["y_train"], p["noise"], seed=p["seed"])
+    split = digits.load_split(p["n_train"], p["n_val"], seed=p["seed"])
+    y_noisy, flipped = digits.flip_labels(split["y_train"], p["noise"], seed=p["seed"])
     cfg = config(p)
     fit_seeds, unseen_seeds = seed_groups(p)
     n = p["n_train"]
     k = int(round(p["keep"] * n))
 
     def evaluate(state, seed):
-        metrics = D.evaluate(cfg, state["params"], split["x_test"], split["y_test"])
+        metrics = digits.evaluate(cfg, state["params"], split["x_test"], split["y_test"])
         return {"test_acc": metrics["acc"], "test_loss": metrics["loss"]}
 
     task = weights.WeightedTask(
-        lambda seed: D.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights", y_train=y_noisy),
-        n, evaluate, lambda state, seed: D.per_example_loss(cfg, state["params"], split["x_train"], y_noisy))
+        lambda seed: digits.make_task(cfg.with_(init_seed=seed, batch_seed=seed), split, role="weights",
+                                      y_train=y_noisy),
+        n, evaluate, lambda state, seed: digits.per_example_loss(cfg, state["params"], split["x_train"], y_noisy))
     log(f"[{NAME}] n_train={n} flipped={int(flipped.sum())} keep={k} T={cfg.steps} MGD steps={p['steps']} on seeds "
         f"{fit_seeds}, reported on unseen seeds {unseen_seeds}", progress)
     aurocs = []

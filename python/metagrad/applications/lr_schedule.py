@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from metagrad import mgd
-from metagrad.applications import digits as D
+from metagrad.applications import digits
 from metagrad.applications.common import (ArgumentError, Metagradient, Timer, check_split, compare, log, merge_params,
                                           plot_comparison, plt, resolve_engine, seed_groups, spread, write_result)
 
@@ -82,11 +82,11 @@ def params(toy: bool = False, **kw) -> dict:
     return p
 
 
-def config(p: dict) -> D.TrainConfig:
+def config(p: dict) -> digits.TrainConfig:
     # soft gradient clipping: large rates stop diverging, so phi(z) has no cliff at the edge of stability;
     # momentum 0.5, not 0.9: with 0.9 the good schedules (peak rate near 1) are not metasmooth and the
     # metagradient does not predict phi there (bench/lr_smoothness.py)
-    return D.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
+    return digits.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
                          logit_scale=1.0, momentum=0.5, weight_decay=5e-4, clip=1.0)
 
 
@@ -112,16 +112,16 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
     p = params(toy, **kw)
     resolve_engine(engine)
     clock = Timer()
-    split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
+    split = digits.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     cfg = config(p)
     T = cfg.steps
     fit_seeds, unseen_seeds = seed_groups(p)
 
     def tasks_for(seeds):
-        return [D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="lr") for s in seeds]
+        return [digits.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="lr") for s in seeds]
 
     z0 = np.full(p["knots"], np.log(p["start_lr"]), np.float32)
-    meta = Metagradient(D.ensemble(tasks_for(fit_seeds)), z0, engine=engine)
+    meta = Metagradient(digits.ensemble(tasks_for(fit_seeds)), z0, engine=engine)
     log(f"[{NAME}] engine={meta.engine} T={T} knots={p['knots']} MGD steps={p['steps']} on the ensemble of seeds "
         f"{fit_seeds}, reported on unseen seeds {unseen_seeds}", progress)
     rate = optax.cosine_decay_schedule(p["lr"], max(p["steps"] - 1, 1), alpha=p["lr_decay"])
@@ -131,9 +131,9 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
 
     def losses(tasks, per_step_lrs, label=None):
         """``{"val", "test"}`` losses ``[schedules, seeds]`` (inf where training diverged)."""
-        trained = D.train_grid(tasks, np.log(np.stack(per_step_lrs)).astype(np.float32),
+        trained = digits.train_grid(tasks, np.log(np.stack(per_step_lrs)).astype(np.float32),
                                progress=label if progress else None)
-        out = {name: D.evaluate_grid(cfg, trained, split[f"x_{name}"], split[f"y_{name}"])["loss"]
+        out = {name: digits.evaluate_grid(cfg, trained, split[f"x_{name}"], split[f"y_{name}"])["loss"]
                for name in ("val", "test")}
         return {k: np.where(np.isfinite(v), v, np.inf) for k, v in out.items()}
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad.applications import digits as D, inputs
+from metagrad.applications import digits, inputs
 from metagrad.applications.common import (ArgumentError, Timer, bar, check_split, compare, log, merge_params,
                                           plot_comparison, plt, resolve_engine, seed_groups, write_result)
 from metagrad.applications.inputs import MGD
@@ -61,25 +61,25 @@ def params(toy: bool = False, **kw) -> dict:
     return p
 
 
-def config(p: dict) -> D.TrainConfig:
-    return D.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
+def config(p: dict) -> digits.TrainConfig:
+    return digits.TrainConfig(hidden=p["hidden"], steps=p["train_steps"], batch_size=p["batch_size"], lr=0.1,
                          logit_scale=1.0, momentum=0.9, weight_decay=5e-4)
 
 
-def most_confusing_labels(cfg: D.TrainConfig, clean_params: dict, images, labels) -> np.ndarray:
+def most_confusing_labels(cfg: digits.TrainConfig, clean_params: dict, images, labels) -> np.ndarray:
     """Each image's highest-scoring wrong class under a model trained on clean data."""
-    logits = np.array(D.apply(cfg, clean_params, jnp.asarray(images)))
+    logits = np.array(digits.apply(cfg, clean_params, jnp.asarray(images)))
     logits[np.arange(len(labels)), labels] = -np.inf
     return logits.argmax(axis=1).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=None)
-def _cancel_step(cfg: D.TrainConfig, lr: float):
+def _cancel_step(cfg: digits.TrainConfig, lr: float):
     opt = optax.adam(lr)
 
     def objective(z, target, x_rest, y):
         x = jnp.concatenate([z, x_rest], axis=0)
-        g = jax.grad(functools.partial(D.train_loss, cfg))(target, x, y)
+        g = jax.grad(functools.partial(digits.train_loss, cfg))(target, x, y)
         return sum(jnp.sum(v * v) for v in jax.tree_util.tree_leaves(g))
 
     def step(z, opt_state, target, x_rest, y):
@@ -90,7 +90,7 @@ def _cancel_step(cfg: D.TrainConfig, lr: float):
     return opt, jax.jit(step)
 
 
-def grad_cancel(cfg: D.TrainConfig, target: dict, z0, x_rest, y, steps: int, lr: float = 0.05) -> np.ndarray:
+def grad_cancel(cfg: digits.TrainConfig, target: dict, z0, x_rest, y, steps: int, lr: float = 0.05) -> np.ndarray:
     """Poison pixels in ``[0, 1]`` minimizing the squared norm of the poisoned training loss's gradient at
     ``target`` (Adam, ``steps`` projected steps from ``z0``), so that training is drawn to ``target``."""
     opt, step = _cancel_step(cfg, float(lr))
@@ -106,14 +106,14 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
     p = params(toy, **kw)
     resolve_engine(engine)
     clock = Timer()
-    split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
+    split = digits.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     n_poison = max(1, int(round(p["fraction"] * p["n_train"])))
     cfg = config(p)
     fit_seeds, unseen_seeds = seed_groups(p)
     y_train = np.asarray(split["y_train"], np.int32)
 
     def tasks_for(seeds, labels=y_train):
-        return [D.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="poison", y_train=labels)
+        return [digits.make_task(cfg.with_(init_seed=s, batch_seed=s), split, role="poison", y_train=labels)
                 for s in seeds]
 
     fit_tasks = tasks_for(fit_seeds)
@@ -123,20 +123,20 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
 
     def fit_val_loss(images):
         """phi on the fit seeds for each candidate poison (leading axis): GradCancel's tuning objective."""
-        trained = D.train_grid(fit_tasks, np.stack(images).astype(np.float32))
-        return D.evaluate_grid(cfg, trained, split["x_val"], split["y_val"])["loss"].mean(axis=1)
+        trained = digits.train_grid(fit_tasks, np.stack(images).astype(np.float32))
+        return digits.evaluate_grid(cfg, trained, split["x_val"], split["y_val"])["loss"].mean(axis=1)
 
     clock_base = Timer()
     # GradCancel: targets trained (fit seed 0) with a fraction of the labels flipped
-    clean_params = {k: v[0] for k, v in D.train_many(fit_tasks[0], z0[None]).items()}
+    clean_params = {k: v[0] for k, v in digits.train_many(fit_tasks[0], z0[None]).items()}
     cancel, cancel_targets = [], []
     for j, rho in enumerate(bar(TARGET_FLIPS, desc=f"[{NAME}] GradCancel", enabled=progress)):
-        y_bad, _ = D.flip_labels(y_train, rho, seed=p["seed"] + 17 + j)
-        bad_task = D.make_task(cfg.with_(init_seed=fit_seeds[0], batch_seed=fit_seeds[0]), split, role="poison",
+        y_bad, _ = digits.flip_labels(y_train, rho, seed=p["seed"] + 17 + j)
+        bad_task = digits.make_task(cfg.with_(init_seed=fit_seeds[0], batch_seed=fit_seeds[0]), split, role="poison",
                                y_train=y_bad)
-        target = {k: v[0] for k, v in D.train_many(bad_task, z0[None]).items()}
+        target = {k: v[0] for k, v in digits.train_many(bad_task, z0[None]).items()}
         cancel.append(grad_cancel(cfg, target, z0, split["x_train"][n_poison:], y_train, p["cancel_steps"]))
-        cancel_targets.append(D.evaluate(cfg, target, split["x_test"], split["y_test"])["acc"])
+        cancel_targets.append(digits.evaluate(cfg, target, split["x_test"], split["y_test"])["acc"])
     cancel_phi = fit_val_loss(cancel)
     best_cancel = int(np.argmax(cancel_phi))
     y_flip = y_train.copy()
@@ -147,7 +147,7 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
         return lambda seed: tasks_for([seed], labels)[0]
 
     def evaluate(state, seed):
-        return {"test_acc": D.evaluate(cfg, state["params"], split["x_test"], split["y_test"])["acc"]}
+        return {"test_acc": digits.evaluate(cfg, state["params"], split["x_test"], split["y_test"])["acc"]}
 
     attacked = inputs.attack(inputs.InputTask(make(y_train), z0, evaluate), box=(0.0, 1.0), fit_seeds=fit_seeds,
                              eval_seeds=unseen_seeds, primary="test_acc", steps=p["steps"], lr=p["lr"],

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from metagrad import Task
-from metagrad.applications import digits as D
+from metagrad.applications import digits
 from metagrad.applications.common import (ArgumentError, Metagradient, Timer, bar, check_split, log, merge_params, plt,
                                           resolve_engine, spearman, write_result)
 from metagrad.applications.weights import Runs
@@ -46,9 +46,9 @@ TOY = dict(h=0.05, sign_directions=1, directions=4, n_train=120, n_val=40, train
            cnn=False, groups="base,activation")
 
 
-def variants(p: dict) -> list[tuple[str, str, D.TrainConfig]]:
+def variants(p: dict) -> list[tuple[str, str, digits.TrainConfig]]:
     """``(group, name, config)`` rows of the table."""
-    base = D.TrainConfig(arch="mlp", hidden=128, activation="relu", logit_scale=1.0, steps=p["train_steps"],
+    base = digits.TrainConfig(arch="mlp", hidden=128, activation="relu", logit_scale=1.0, steps=p["train_steps"],
                          batch_size=p["batch_size"], lr=0.1, momentum=0.9, weight_decay=5e-4)
     adam = base.with_(optimizer="adam", lr=0.003, activation="gelu")
     cnn = base.with_(arch="cnn", hidden=16, activation="gelu")
@@ -140,20 +140,20 @@ def _floating(state):
     return [leaf for leaf in jax.tree_util.tree_leaves(state) if np.issubdtype(np.asarray(leaf).dtype, np.floating)]
 
 
-def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:
+def measure(cfg: digits.TrainConfig, split: dict, p: dict, engine: str) -> dict:
     n = len(split["y_train"])
     rng = np.random.default_rng(p["seed"] + 7)
     h = p["h"]
-    task = D.make_task(cfg, split, role="weights")
+    task = digits.make_task(cfg, split, role="weights")
     z = np.ones(n, np.float32)
     V = rng.choice([-1.0, 1.0], size=(p["sign_directions"], n)).astype(np.float32)
     U = rng.normal(size=(p["directions"], n)).astype(np.float32)
     zs = np.concatenate([z[None], z + h * V, z + 2 * h * V, z + h * U]).astype(np.float32)
     clock = Timer()
-    trained = D.train_many(task, zs)
+    trained = digits.train_many(task, zs)
     train_seconds = clock()
     take = lambda i: jax.tree_util.tree_map(lambda a: a[i], trained)  # noqa: E731
-    val = np.asarray(jax.vmap(lambda q: D.per_example_loss(cfg, q, split["x_val"], split["y_val"]))(trained))
+    val = np.asarray(jax.vmap(lambda q: digits.per_example_loss(cfg, q, split["x_val"], split["y_val"]))(trained))
     k = p["sign_directions"]
     s_params = [metasmoothness(take(0), take(1 + d), take(1 + k + d)) for d in range(k)]
     s_out = [sign_agreement(val[1 + d] - val[0], val[1 + k + d] - val[1 + d]) for d in range(k)]
@@ -172,7 +172,7 @@ def measure(cfg: D.TrainConfig, split: dict, p: dict, engine: str) -> dict:
             "pred_slope": (float(np.dot(predicted, actual) / np.dot(predicted, predicted))
                            if np.any(predicted) else None),
             "val_loss": float(phi[0]), "phi_from_metagradient": value,
-            "test_acc": D.evaluate(cfg, take(0), split["x_test"], split["y_test"])["acc"],
+            "test_acc": digits.evaluate(cfg, take(0), split["x_test"], split["y_test"])["acc"],
             "engine": meta.engine, "train_seconds": train_seconds, "metagradient_seconds": mg_seconds,
             "predicted": predicted.tolist(), "actual": actual.tolist()}
 
@@ -192,7 +192,7 @@ def run(*, out: str | None = None, engine: str = "auto", progress: bool = True, 
     p = params(toy, **kw)
     resolve_engine(engine)
     clock = Timer()
-    split = D.load_split(p["n_train"], p["n_val"], seed=p["seed"])
+    split = digits.load_split(p["n_train"], p["n_val"], seed=p["seed"])
     table = []
     for group, name, cfg in bar(variants(p), desc=f"[{NAME}] recipes", enabled=progress):
         row = {"group": group, "name": name, **measure(cfg, split, p, engine)}
