@@ -161,6 +161,25 @@ def test_with_host_memory_the_minimum_named_is_the_least_any_state_count_needs()
         schedules.choose(table, 100, (1, 10), budget=minimum - 1, data_bytes=0, host_budget=host)
 
 
+def test_the_lengths_between_are_built_only_where_the_budget_rules_out_the_longest_block(monkeypatch):
+    """Single-step blocks chosen for speed, not for memory, are no reason to build 3-step reverses."""
+    task, z = make_task("weights", "sgdm", steps=STEPS)
+    c = task.compile(z, backend="jax", fuse_forward=4)
+    real = planner.choose
+
+    def single_steps_first(table, steps, blocks, *args, **kwargs):  # as if single steps timed fastest
+        return real(table, steps, (1,) if 1 in blocks else blocks, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "choose", single_steps_first)
+    roomy = metagrad.Auto(memory=c.data_bytes + 1000 * c.layout.state_bytes)
+    assert _fused_reverses(c.cost_table(z, roomy)) == {"segment_vjp_10"}
+    value, grad, report = c.metagradient(z, roomy, report=True)
+    assert report.schedule.endswith("block=1)")  # settled: nothing more to build, so no note
+    want_value, want_grad = c.metagradient(z, metagrad.StoreAll())
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_a_near_tie_goes_to_the_plan_with_fewer_executions():
     def plans(fused_seconds):
         table = _table(fused_bytes=500, fused_seconds=fused_seconds)

@@ -85,8 +85,8 @@ class Auto:
       blocks: fused reverse block lengths to consider (default ``(1, 10)``, or
         ``(1, 10, 100)`` for a task compiled with ``loop="scan"``; capped at T);
         each length > 1 compiles one more reverse program. With the default,
-        where the plan chosen has shorter blocks than the longest (a tight
-        budget), Auto also tries the lengths between (``GAP_BLOCKS``: 3, and 30
+        where the budget rules out every plan over the longest block, Auto
+        also tries the lengths between (``GAP_BLOCKS``: 3, and 30
         for ``loop="scan"``), compiled then, and runs one only if its plan is
         predicted faster. With the default, no call waits for a fused reverse:
         the first call of a compiled task plans over single-step reverses, the
@@ -275,6 +275,15 @@ def gap_blocks(loop: str, chosen: int, blocks, steps: int) -> tuple[int, ...]:
     ``chosen`` steps: those between it and the longest of ``blocks`` (capped at T)."""
     longest = min(max(blocks), steps)
     return tuple(n for n in GAP_BLOCKS[loop] if chosen < n < longest)
+
+
+def fits(table, steps: int, block: int, budget: int, data_bytes: int, host_budget: int = 0) -> bool:
+    """Whether any plan over blocks of ``block`` steps fits the budgets (see ``choose``)."""
+    try:
+        choose(table, steps, (block,), budget, data_bytes, host_budget)
+    except DeviceMemoryError:
+        return False
+    return True
 
 
 def choose_with_gaps(table, steps: int, blocks, gaps, budget: int, data_bytes: int, host_budget: int = 0) -> Choice:

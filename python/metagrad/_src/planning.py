@@ -8,8 +8,8 @@ background (``background``), and every call plans over what is built. The
 first call after a build has finished settles from the new programs' compiled
 memory alone whether any plan over them fits, calibrates them (once per set of
 programs, kept in the disk cache so that another process makes the same
-choice) and searches (``planner.choose``); where that choice has shorter blocks
-than the longest, the lengths between are built the same way and tried.
+choice) and searches (``planner.choose``); where the budget rules out the
+longest block, the lengths between are built the same way and tried.
 Explicit lengths (``Auto(blocks=...)``), ``prepare`` and the cost queries build
 what they need at once. Any plan, fixed or chosen, is predicted
 (``simulate_plan``) and checked against the device's memory before it runs.
@@ -165,7 +165,10 @@ class Planning:
             costs = self._costs(self.task._runner(first), blocks, budget, host_budget, host_kind, z_buffers)
             table = planner.cost_table(self.task._task_layout, costs)
             choice = planner.choose(table, self.task.steps, blocks, budget, self.task.data_bytes, host_budget)
-            gaps = () if auto.blocks else planner.gap_blocks(self.task.loop, choice.schedule.block, blocks, self.task.steps)
+            longest = min(max(blocks), self.task.steps)
+            gaps = () if auto.blocks or planner.fits(table, self.task.steps, longest, budget, self.task.data_bytes,
+                                                     host_budget) else planner.gap_blocks(
+                self.task.loop, choice.schedule.block, blocks, self.task.steps)
             if gaps:
                 both = self.fused(blocks + gaps)
                 what = f"the fused reverses of {_steps(gaps)} steps, which may run faster within this budget,"
