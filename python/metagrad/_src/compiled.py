@@ -254,9 +254,10 @@ class CompiledTask:
     def prepare(self, schedule) -> "CompiledTask":
         """Compile now the fused forward and reverse programs ``schedule`` needs for this task.
 
-        ``metagradient`` does this on first use (with ``Auto()``, from its second
-        call: the first plans over single-step reverses); call it before timing,
-        or before :meth:`save` so that the saved task holds them (a loaded task
+        ``metagradient`` does this on first use (with ``Auto()``, in the background
+        from its second call, running single-step plans until they are built);
+        call it before timing, for calls that repeat bit for bit, or before
+        :meth:`save` so that the saved task holds them (a loaded task
         can also build them: it keeps the forward functions, but that needs jax
         and enzyme-ad).
         """
