@@ -93,7 +93,7 @@ def metagrad_first(rung: str, steps: int, calls: int = 1) -> dict:
     compile_setup_programs = set(compiled.setup.compile_seconds)
     value, grad, report = compiled.metagradient(z, report=True)
     seconds = time.perf_counter() - start
-    first_setup = {k: compiled.setup.seconds.get(k, 0.0) for k in compiled.setup.seconds}
+    first_setup = dict(compiled.setup.seconds)
     later, adopted = [], 0
     while len(later) < calls - 1 or (adopted == 0 and len(later) < LATER_CALLS_LIMIT and calls > 1):
         begin = time.perf_counter()  # Auto's next calls: the second starts the background build
@@ -190,7 +190,8 @@ def markdown(rows: list[dict], steps: int, rungs: str, load, repeat: int) -> lis
                    f"({'no steeper' if growth['metagrad'] <= growth['jax'] else 'steeper'})."]
     md += ["", f"Target: total / JAX <= {TARGET}x; warm cache <= {WARM_TARGET:.0%} of the cold process. The first "
                "call plans over single-step reverses (`Auto`'s first call); the second starts building the fused "
-               "reverses in the background (no call waits for them), which this table does not include. The warm total includes the first call's run, which "
+               "reverses in the background (no call waits for them), which this table does not include. The warm "
+               "total includes the first call's run, which "
                "no cache shortens; `warm compile / cold` compares `task.compile` alone."]
     return md
 

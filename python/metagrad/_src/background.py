@@ -60,15 +60,13 @@ class Build:
 
     def _run(self, work: Callable[[], Any]) -> None:
         try:
-            with setup_time.record() as spent:
+            with setup_time.record() as self.setup:  # filled as the build runs; read once it is done
                 if _STOP.is_set():
                     raise Stopped()
                 result = work()
         except BaseException as error:  # noqa: BLE001 (the caller re-raises it from result())
-            self.setup = spent
             self._future.set_exception(error)
         else:
-            self.setup = spent
             self._future.set_result(result)
         finally:
             with _THREADS_LOCK:
